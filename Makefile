@@ -1,0 +1,70 @@
+# onegpu: finetune an approved base LLM on one GPU in one day, serve it to HELM.
+# `make help` lists the targets. Variables can be set on the command line: make finetune MODEL=...
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PY       ?= python3
+VENV     ?= .venv
+PYTHON   := $(VENV)/bin/python
+# CPU machines get the CPU build (found locally or on PyPI); GPU machines may set TORCH=torch==<ver> for CUDA.
+TORCH    ?= torch==2.13.0
+STAMP    := $(VENV)/.installed
+
+MODEL    ?= tiny
+CHECKPOINT ?= checkpoints/$(MODEL)
+DATA     ?= data/generated/tiny/train.jsonl
+RUN      ?= out/finetune/lora-$(notdir $(MODEL))
+MERGED   ?= checkpoints/$(notdir $(MODEL))-lora
+CKPT     ?= $(MERGED)
+HOST     ?= 127.0.0.1
+PORT     ?= 8080
+ALLOW_UNLISTED ?= 0
+ARGS     ?=
+
+.PHONY: help setup tiny demo test download convert finetune merge serve models clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: MODEL=$(MODEL) CHECKPOINT=$(CHECKPOINT) DATA=$(DATA) RUN=$(RUN) CKPT=$(CKPT) HOST=$(HOST) PORT=$(PORT) ARGS='...'"
+
+setup: $(STAMP) ## create .venv with the pinned dependencies (quick when already done)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q "$(TORCH)"
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[test]"
+	@touch $(STAMP)
+
+tiny: $(STAMP) checkpoints/tiny/lit_model.pth ## build the embedded tiny model, tokenizer and data
+
+checkpoints/tiny/lit_model.pth: core/tiny.py core/configs.py core/tokenizer_training.py core/synthetic_tasks.py data/tiny_corpus.txt
+	$(PYTHON) -m core.tiny
+
+demo: setup tiny ## the whole pipeline on the tiny model: finetune, merge, serve, query (CPU, a few minutes)
+	$(PYTHON) -m scripts.demo $(ARGS)
+
+test: setup ## run the test suite
+	$(PYTHON) -m pytest -q $(ARGS)
+
+download: setup ## download + convert + verify an approved model: make download MODEL=mistralai/Mistral-7B-v0.1
+	$(PYTHON) -m core.hub download --repo_id $(MODEL) $(if $(filter 1 true yes,$(ALLOW_UNLISTED)),--allow_unlisted true) $(ARGS)
+
+convert: setup ## convert HF files already in CHECKPOINT: make convert CHECKPOINT=checkpoints/org/name ARGS='--model_name ...'
+	$(PYTHON) -m core.hub convert --checkpoint_dir $(CHECKPOINT) $(ARGS)
+
+finetune: setup ## LoRA-finetune CHECKPOINT on DATA into RUN (defaults: the tiny model)
+	@if [ "$(MODEL)" = tiny ]; then $(MAKE) --no-print-directory tiny; fi
+	$(PYTHON) -m finetune.lora --checkpoint_dir $(CHECKPOINT) --data.train_file $(DATA) --out_dir $(RUN) $(ARGS)
+
+merge: setup ## merge the LoRA adapter in RUN/final into MERGED
+	$(PYTHON) -m finetune.merge --checkpoint_dir $(RUN)/final --out_dir $(MERGED) $(ARGS)
+
+serve: setup ## serve CKPT on HOST:PORT (default 127.0.0.1:8080)
+	$(PYTHON) -m server --checkpoint_dir $(CKPT) --host $(HOST) --port $(PORT) $(ARGS)
+
+models: setup ## list the approved base models and whether they fit each track
+	@$(PYTHON) -m core.manifest
+
+clean: ## remove generated checkpoints, runs and data (keeps .venv)
+	rm -rf checkpoints out data/generated

@@ -1,0 +1,123 @@
+"""Checkpoint I/O in litgpt's converted format, shared by finetuning and serving.
+
+A checkpoint directory holds ``lit_model.pth`` (a plain state dict), ``model_config.yaml``
+(litgpt's ``Config``), the tokenizer files, and optionally ``prompt_style.yaml``. These helpers
+add what litgpt leaves out: errors that say which file is wrong, a verification that the weights
+really match the config, and a content hash that does not depend on how the file was pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import torch
+from litgpt import GPT, Config
+from litgpt.utils import save_config
+
+import core.configs  # noqa: F401  (registers our local configs with litgpt)
+
+WEIGHTS = "lit_model.pth"
+CONFIG = "model_config.yaml"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json")
+# Files worth carrying along with the weights when a checkpoint is copied or merged.
+SIDE_FILES = (*TOKENIZER_FILES, "prompt_style.yaml", "config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is incomplete or does not match its config."""
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """Hash of names, dtypes, shapes and values: equal for equal weights however they were saved."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy tokenizer, prompt-style and HF config files that exist in ``src`` to ``dst``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in SIDE_FILES:
+        if (src / name).is_file() and (src / name).resolve() != (dst / name).resolve():
+            shutil.copy2(src / name, dst / name)
+
+
+def save_checkpoint(state_dict: dict[str, torch.Tensor], config: Config, out_dir: Path, side_files_from: Path | None = None) -> Path:
+    """Write a complete checkpoint directory; returns the weights path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, out_dir / WEIGHTS)
+    save_config(config, out_dir)
+    if side_files_from is not None:
+        copy_side_files(side_files_from, out_dir)
+    return out_dir / WEIGHTS
+
+
+def missing_files(checkpoint_dir: Path, weights: str = WEIGHTS) -> list[str]:
+    missing = [name for name in (weights, CONFIG) if not (checkpoint_dir / name).is_file()]
+    if not any((checkpoint_dir / t).is_file() for t in ("tokenizer.json", "tokenizer.model")):
+        missing.append("tokenizer.json or tokenizer.model")
+    return missing
+
+
+def load_config(checkpoint_dir: Path) -> Config:
+    path = checkpoint_dir / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{checkpoint_dir}: missing {CONFIG}; is this a converted litgpt checkpoint?")
+    return Config.from_file(path)
+
+
+def verify_checkpoint(checkpoint_dir: Path) -> Config:
+    """Check that every file is there, the weights match the config exactly, and the tokenizer fits.
+
+    Returns the config. Raises CheckpointError naming the directory and what is wrong.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {checkpoint_dir} does not exist")
+    if missing := missing_files(checkpoint_dir):
+        raise CheckpointError(f"{checkpoint_dir}: missing {', '.join(missing)}")
+    config = load_config(checkpoint_dir)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    try:
+        weights = torch.load(checkpoint_dir / WEIGHTS, mmap=True, weights_only=True, map_location="cpu")
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointError(f"{checkpoint_dir / WEIGHTS}: cannot be read as a state dict ({e})") from None
+    weights = weights.get("model", weights)
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if absent := sorted(set(expected) - set(got)):
+        raise CheckpointError(f"{checkpoint_dir / WEIGHTS}: {len(absent)} tensors missing, e.g. {absent[:3]}")
+    if extra := sorted(set(got) - set(expected)):
+        raise CheckpointError(f"{checkpoint_dir / WEIGHTS}: {len(extra)} unexpected tensors, e.g. {extra[:3]}")
+    if wrong := [k for k in expected if expected[k] != got[k]]:
+        k = wrong[0]
+        raise CheckpointError(f"{checkpoint_dir / WEIGHTS}: {k} has shape {got[k]}, config expects {expected[k]}")
+
+    from litgpt import Tokenizer
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    if tokenizer.vocab_size > config.padded_vocab_size:
+        raise CheckpointError(
+            f"{checkpoint_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.padded_vocab_size}"
+        )
+    return config
+
+
+def load_model(checkpoint_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
+    """A ready-to-run GPT in eval mode from a (merged or base) checkpoint directory."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if missing := missing_files(checkpoint_dir):
+        raise CheckpointError(f"{checkpoint_dir}: missing {', '.join(missing)}")
+    config = load_config(checkpoint_dir)
+    with torch.device("meta"):
+        model = GPT(config)
+    state = torch.load(checkpoint_dir / WEIGHTS, mmap=True, weights_only=True, map_location="cpu")
+    model.load_state_dict(state.get("model", state), assign=True)
+    # The RoPE caches were built on the meta device; build them for real before moving.
+    model.cos, model.sin = model.rope_cache(device=torch.device(device))
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,42 @@
+"""``python -m server --checkpoint_dir ...``: serve a checkpoint over HTTP (what `make serve` runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import uvicorn
+
+from server.app import create_app
+from server.engine import SerialEngine
+from server.loading import load_generator
+
+
+def serve(
+    checkpoint_dir: Path = Path("checkpoints/tiny"),
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    device: str = "auto",
+    dtype: str | None = None,
+    use_template: bool = False,
+) -> None:
+    """Serve ``/process``, ``/tokenize``, ``/decode`` and ``/health``.
+
+    Args:
+        checkpoint_dir: a merged or base checkpoint in litgpt format.
+        host: interface to bind; the Docker image uses 0.0.0.0.
+        port: TCP port; the Docker image uses 80.
+        device: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N".
+        dtype: "bf16", "fp16" or "fp32"; default bf16 on GPUs that support it, fp32 on CPU.
+        use_template: wrap prompts in the template saved with the checkpoint (prompt_style.yaml).
+            Off by default because HELM sends complete few-shot prompts.
+    """
+    generator = load_generator(checkpoint_dir, device=device, dtype=dtype, use_template=use_template)
+    app = create_app(SerialEngine(generator), generator.codec, model_name=Path(checkpoint_dir).name)
+    print(f"serving {checkpoint_dir} on http://{host}:{port} ({generator.device}, {next(generator.model.parameters()).dtype})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(serve, as_positional=False)

@@ -1,0 +1,92 @@
+"""The HTTP contract: what HELM's ``neurips/local`` client and the starter kit send and read.
+
+Both request vocabularies are accepted: HELM's (``num_return_sequences``, ``top_k_per_token``,
+``stop_sequences``, ``top_p``, ``echo_prompt``) and the starter kit's (``num_samples``, ``top_k``,
+``seed``). Out-of-range values are answered with 422 naming the field. Unknown fields are ignored,
+so a newer client never breaks the eval.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_SEQUENCES = 16  # num_return_sequences / num_samples upper bound
+MAX_TOP_LOGPROBS = 50  # top_k_per_token upper bound
+GREEDY_TEMPERATURE = 1e-5  # at or below this, decoding is greedy (HELM sends 1e-7 for 0)
+
+
+class ProcessRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    max_new_tokens: int = Field(50, ge=0, description="0 with echo_prompt scores the prompt only")
+    temperature: float = Field(0.8, ge=0.0, description=f"<= {GREEDY_TEMPERATURE} means greedy")
+    top_k: int = Field(200, ge=0, description="sample from the k most likely tokens; 0 disables")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    num_samples: int = Field(1, ge=1, le=MAX_SEQUENCES, description="starter kit's name for num_return_sequences")
+    num_return_sequences: int | None = Field(None, ge=1, le=MAX_SEQUENCES, description="HELM's name; wins over num_samples")
+    seed: int | None = Field(None, description="makes sampling for this request deterministic")
+    echo_prompt: bool = Field(False, description="return the prompt's tokens and logprobs before the generated ones")
+    top_k_per_token: int = Field(1, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token in top_logprob")
+    stop_sequences: list[str] = Field(default_factory=list, description="generation stops and is cut before any of these")
+
+    @model_validator(mode="after")
+    def _check(self) -> ProcessRequest:
+        if not self.prompt and not self.echo_prompt:
+            raise ValueError("prompt: must not be empty (unless echo_prompt is true)")
+        if any(s == "" for s in self.stop_sequences):
+            raise ValueError("stop_sequences: empty strings are not allowed")
+        return self
+
+    @property
+    def n(self) -> int:
+        return self.num_return_sequences if self.num_return_sequences is not None else self.num_samples
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= GREEDY_TEMPERATURE
+
+
+class Token(BaseModel):
+    text: str
+    logprob: float
+    top_logprob: dict[str, float]
+
+
+class Completion(BaseModel):
+    text: str
+    tokens: list[Token]
+    logprob: float
+
+
+class ProcessResponse(BaseModel):
+    text: str
+    tokens: list[Token]
+    logprob: float
+    request_time: float
+    completions: list[Completion] = Field(description="every returned sequence; the top-level fields repeat the first")
+    truncated_prompt_tokens: int = Field(0, description="prompt tokens dropped from the left to fit the context")
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    text: str
+    truncation: bool = Field(True, description="keep only the first max_length tokens (BOS included)")
+    max_length: int = Field(2048, ge=1)
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    request_time: float
+
+
+class DecodeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    tokens: list[int]
+
+
+class DecodeResponse(BaseModel):
+    text: str
+    request_time: float

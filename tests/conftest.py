@@ -1,0 +1,94 @@
+"""Shared pytest fixtures. Keep each one generic (usable by any test file) and documented here.
+
+Fixtures
+--------
+make_tiny_hf_dir (session)
+    Factory ``make_tiny_hf_dir(arch="llama") -> Path``: a tiny Hugging Face checkpoint
+    (``config.json`` + ``model.safetensors`` in float32, plus a ``tokenizer.json`` /
+    ``tokenizer_config.json`` trained on ``data/tiny_corpus.txt``) whose architecture equals our
+    litgpt ``tiny`` config, so ``convert_hf_checkpoint(..., model_name="tiny")`` applies. ``arch`` is
+    ``"llama"`` (``LlamaForCausalLM``) or ``"mistral"`` (``MistralForCausalLM``, no sliding window).
+    Weights are random with ``torch.manual_seed(0)``; built once per arch per session, no network.
+tiny_hf_dir (session)
+    ``make_tiny_hf_dir("llama")``. Shared by the whole session: tests that convert it or otherwise
+    write into it must work on a copy (``shutil.copytree(tiny_hf_dir, tmp_path / "x")``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.configs import TINY
+from core.paths import DATA_DIR
+
+HF_ARCHS = ("llama", "mistral")
+
+
+def _hf_config_kwargs() -> dict:
+    """transformers config arguments equivalent to litgpt's ``tiny`` config (core.configs.TINY)."""
+    return dict(
+        hidden_size=TINY["n_embd"],
+        intermediate_size=TINY["intermediate_size"],
+        num_hidden_layers=TINY["n_layer"],
+        num_attention_heads=TINY["n_head"],
+        num_key_value_heads=TINY["n_query_groups"],
+        vocab_size=TINY["vocab_size"],
+        max_position_embeddings=TINY["block_size"],
+        rms_norm_eps=TINY["norm_eps"],
+        rope_theta=TINY["rope_base"],
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
+
+
+def write_tiny_hf_checkpoint(out_dir: Path, arch: str = "llama") -> Path:
+    """Write the tiny HF checkpoint described in this module's docstring into ``out_dir``."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    from core.tokenizer_training import train_hf_tokenizer
+
+    if arch == "llama":
+        config = LlamaConfig(**_hf_config_kwargs(), attention_bias=False, mlp_bias=False)
+        model_cls = LlamaForCausalLM
+    elif arch == "mistral":
+        config = MistralConfig(**_hf_config_kwargs(), sliding_window=None)
+        model_cls = MistralForCausalLM
+    else:
+        raise ValueError(f"arch must be one of {HF_ARCHS}, got {arch!r}")
+    rng_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        model = model_cls(config)
+    finally:
+        torch.random.set_rng_state(rng_state)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    lines = (DATA_DIR / "tiny_corpus.txt").read_text(encoding="utf-8").splitlines()
+    train_hf_tokenizer(lines, out_dir, vocab_size=TINY["vocab_size"], max_length=TINY["block_size"])
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def make_tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory for tiny HF checkpoints by architecture; see the module docstring."""
+    built: dict[str, Path] = {}
+
+    def make(arch: str = "llama") -> Path:
+        if arch not in built:
+            built[arch] = write_tiny_hf_checkpoint(tmp_path_factory.mktemp(f"tiny_hf_{arch}"), arch)
+        return built[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(make_tiny_hf_dir: Callable[..., Path]) -> Path:
+    """A tiny HF Llama checkpoint equivalent to litgpt's ``tiny`` (shared: copy before writing)."""
+    return make_tiny_hf_dir("llama")
