@@ -24,6 +24,7 @@ from core.manifest import UnlistedModelError, lookup
 from core.paths import CHECKPOINTS_DIR
 
 TINY = "tiny"
+SOCKET_TIMEOUT_S = 60.0  # seconds without a byte from the hub before giving up
 
 
 class HubUnreachableError(RuntimeError):
@@ -172,6 +173,10 @@ def download(
     config_from_name(model_name)  # fail on an unknown config before downloading gigabytes
     from litgpt.scripts.download import download_from_hub
 
+    # litgpt's repo_info call has no timeout: a hub that accepts the connection but never answers
+    # would hang forever. A socket default bounds every read (a stalled download included).
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(SOCKET_TIMEOUT_S)
     try:
         download_from_hub(
             repo_id,
@@ -184,6 +189,8 @@ def download(
         if _is_unreachable(e):
             raise HubUnreachableError(unreachable_message(repo_id, checkpoint_dir, model_name, e)) from e
         raise
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
     convert(out_dir, model_name, dtype)
     return out_dir
 

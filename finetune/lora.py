@@ -153,6 +153,8 @@ def main(fabric, checkpoint_dir, out_dir, lr, weight_decay, max_seconds, lora, d
 
     result = fit(fabric, model, optimizer, scheduler, train_loader, val_loader, train, eval, max_steps, max_seconds, on_save=save)
     final_dir = save("final")
+    for logger in fabric.loggers:
+        logger.finalize("success")  # flush metrics.csv
     fabric.print(
         f"done: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f}s "
         f"({result.tokens / max(result.seconds, 1e-9):,.0f} tok/s); final train loss {result.final_train_loss:.4f}"
