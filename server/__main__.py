@@ -17,7 +17,9 @@ def serve(
     port: int = 8080,
     device: str = "auto",
     dtype: str | None = None,
+    quantize: str | None = None,
     use_template: bool = False,
+    base_checkpoint_dir: Path | None = None,
 ) -> None:
     """Serve ``/process``, ``/tokenize``, ``/decode`` and ``/health``.
 
@@ -27,12 +29,20 @@ def serve(
         port: TCP port; the Docker image uses 80.
         device: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N".
         dtype: "bf16", "fp16" or "fp32"; default bf16 on GPUs that support it, fp32 on CPU.
+        quantize: bitsandbytes weights on a CUDA GPU: "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq" or "bnb.int8"
+            (dtype is then the compute dtype). Fits a 13B model on a 24 GB card.
         use_template: wrap prompts in the template saved with the checkpoint (prompt_style.yaml).
             Off by default because HELM sends complete few-shot prompts.
+        base_checkpoint_dir: for an unmerged LoRA output (lit_model.pth.lora only): the base model, if it
+            moved since training (default: as recorded in hyperparameters.yaml).
     """
-    generator = load_generator(checkpoint_dir, device=device, dtype=dtype, use_template=use_template)
+    try:
+        generator = load_generator(checkpoint_dir, device, dtype, quantize, use_template, base_checkpoint_dir)
+    except ValueError as e:  # includes CheckpointError: a clear one-line refusal, not a traceback
+        raise SystemExit(f"error: {e}") from None
     app = create_app(SerialEngine(generator), generator.codec, model_name=Path(checkpoint_dir).name)
-    print(f"serving {checkpoint_dir} on http://{host}:{port} ({generator.device}, {next(generator.model.parameters()).dtype})", flush=True)
+    mode = f"{quantize} ({generator.dtype} compute)" if quantize else str(generator.dtype)
+    print(f"serving {checkpoint_dir} on http://{host}:{port} ({generator.device}, {mode})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -96,6 +96,8 @@ class Generator:
         self.prompt_style = prompt_style
         self.use_template = use_template
         self.device = next(model.parameters()).device
+        # Compute dtype: the embeddings are never quantized, so they tell it even for bnb models.
+        self.dtype = model.transformer.wte.weight.dtype
         self.block_size = model.config.block_size
 
     def fit_prompt(self, ids: list[int], max_new_tokens: int) -> tuple[list[int], int]:
@@ -122,7 +124,7 @@ class Generator:
             return [Completion(text="", tokens=[], logprob=0.0) for _ in range(n)], dropped
 
         total = len(ids) + req.max_new_tokens
-        self.model.set_kv_cache(batch_size=n, max_seq_length=total, device=self.device)
+        self.model.set_kv_cache(batch_size=n, max_seq_length=total, device=self.device, dtype=self.dtype)
         try:
             prompt = torch.tensor([ids] * n, device=self.device)
             logits = self.model(prompt, input_pos=torch.arange(len(ids), device=self.device), input_pos_maxp1=len(ids))

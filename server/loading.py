@@ -1,17 +1,31 @@
-"""Load a checkpoint for serving: model on the right device and dtype, its codec and template."""
+"""Load a checkpoint for serving: merged or base+LoRA, in bf16/fp16/fp32 or bitsandbytes 4/8 bit.
+
+A directory with ``lit_model.pth`` is served as is (a base model or a merged finetune). A finetune
+output with only ``lit_model.pth.lora`` is served unmerged: litgpt's LoRA model over the base weights
+recorded in its ``hyperparameters.yaml`` (or ``base_checkpoint_dir``). Quantized loading follows
+litgpt's own generate script: Lightning's ``BitsandbytesPrecision`` swaps the linear layers.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
+import lightning as L
 import torch
+import yaml
+from litgpt import GPT, Config
+from lightning.fabric.plugins import BitsandbytesPrecision
 
-from core.checkpoints import load_model, verify_checkpoint
+from core.checkpoints import WEIGHTS, CheckpointError, load_config, verify_checkpoint
 from core.prompts import load_style
 from server.generate import Generator
 from server.text import Codec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FABRIC_PRECISION = {"bf16": "bf16-true", "fp16": "16-true", "fp32": "32-true"}
+QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8")
+ADAPTER = f"{WEIGHTS}.lora"
 
 
 def default_dtype(device: torch.device) -> str:
@@ -20,13 +34,86 @@ def default_dtype(device: torch.device) -> str:
     return "fp32"
 
 
-def load_generator(checkpoint_dir: Path, device: str = "auto", dtype: str | None = None, use_template: bool = False) -> Generator:
-    """A ready ``Generator`` for a merged (or base) checkpoint directory."""
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_quantize(quantize: str | None, device: torch.device) -> None:
+    """Refuse quantized modes that cannot work here, with the reason and the way out."""
+    if quantize is None:
+        return
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize: choose one of {list(QUANTIZE_MODES)}, got {quantize!r}")
+    if device.type != "cuda":
+        raise ValueError(
+            f"quantize: {quantize} uses bitsandbytes CUDA kernels and needs an NVIDIA GPU; this server runs on "
+            f"{device.type}. Drop --quantize to serve in bf16/fp16/fp32, or run on a GPU."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"quantize: {quantize} needs the bitsandbytes package: pip install 'bitsandbytes>=0.45.2,<0.50'")
+
+
+def adapter_parts(checkpoint_dir: Path, base_checkpoint_dir: Path | None) -> tuple[Path, dict]:
+    """For an unmerged LoRA output: the base checkpoint directory and the LoRA config entries."""
+    hparams_path = checkpoint_dir / "hyperparameters.yaml"
+    if not hparams_path.is_file():
+        raise CheckpointError(f"{checkpoint_dir}: has {ADAPTER} but no hyperparameters.yaml (which names its base model and LoRA config)")
+    hparams = yaml.safe_load(hparams_path.read_text())
+    lora = {k: v for k, v in hparams.items() if k.startswith("lora_")}
+    base = Path(base_checkpoint_dir or hparams.get("checkpoint_dir", ""))
+    if not (base / WEIGHTS).is_file():
+        raise CheckpointError(
+            f"{checkpoint_dir}: its base model {base} has no {WEIGHTS}; pass --base_checkpoint_dir if the base moved"
+        )
+    verify_checkpoint(base)
+    return base, lora
+
+
+def load_generator(
+    checkpoint_dir: Path,
+    device: str = "auto",
+    dtype: str | None = None,
+    quantize: str | None = None,
+    use_template: bool = False,
+    base_checkpoint_dir: Path | None = None,
+) -> Generator:
+    """A ready ``Generator`` for a merged, base or unmerged-LoRA checkpoint directory."""
     checkpoint_dir = Path(checkpoint_dir)
-    verify_checkpoint(checkpoint_dir)
-    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    torch_device = resolve_device(device)
     dtype = dtype or default_dtype(torch_device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype: choose one of {sorted(DTYPES)}, got {dtype!r}")
-    model = load_model(checkpoint_dir, device=torch_device, dtype=DTYPES[dtype])
+    check_quantize(quantize, torch_device)
+
+    unmerged = (checkpoint_dir / ADAPTER).is_file() and not (checkpoint_dir / WEIGHTS).is_file()
+    if unmerged:
+        base_dir, lora = adapter_parts(checkpoint_dir, base_checkpoint_dir)
+        from litgpt.lora import GPT as LoRAGPT
+        from litgpt.lora import Config as LoRAConfig
+
+        config, model_cls = LoRAConfig.from_file(base_dir / "model_config.yaml", **lora), LoRAGPT
+        weight_files = [base_dir / WEIGHTS, checkpoint_dir / ADAPTER]
+    else:
+        verify_checkpoint(checkpoint_dir)
+        config, model_cls = load_config(checkpoint_dir), GPT
+        weight_files = [checkpoint_dir / WEIGHTS]
+
+    plugins = BitsandbytesPrecision(quantize[4:], DTYPES[dtype]) if quantize else None
+    fabric = L.Fabric(
+        accelerator=torch_device.type,
+        devices=[torch_device.index or 0] if torch_device.type == "cuda" else 1,
+        precision=None if quantize else FABRIC_PRECISION[dtype],
+        plugins=plugins,
+    )
+    with fabric.init_module(empty_init=True):
+        model = model_cls(config)
+    model.eval()
+    model = fabric.setup_module(model)
+    state: dict = {}
+    for path in weight_files:  # base first, then the adapter; strict loading catches any gap
+        loaded = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        state.update(loaded.get("model", loaded))
+    model.load_state_dict(state, strict=True)
     return Generator(model, Codec(checkpoint_dir), prompt_style=load_style(checkpoint_dir), use_template=use_template)

@@ -8,7 +8,7 @@ so a newer client never breaks the eval.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_SEQUENCES = 16  # num_return_sequences / num_samples upper bound
 MAX_TOP_LOGPROBS = 50  # top_k_per_token upper bound
@@ -18,6 +18,8 @@ GREEDY_TEMPERATURE = 1e-5  # at or below this, decoding is greedy (HELM sends 1e
 class ProcessRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    # echo_prompt comes before prompt so that prompt's validator can see it.
+    echo_prompt: bool = Field(False, description="return the prompt's tokens and logprobs before the generated ones")
     prompt: str
     max_new_tokens: int = Field(50, ge=0, description="0 with echo_prompt scores the prompt only")
     temperature: float = Field(0.8, ge=0.0, description=f"<= {GREEDY_TEMPERATURE} means greedy")
@@ -26,17 +28,22 @@ class ProcessRequest(BaseModel):
     num_samples: int = Field(1, ge=1, le=MAX_SEQUENCES, description="starter kit's name for num_return_sequences")
     num_return_sequences: int | None = Field(None, ge=1, le=MAX_SEQUENCES, description="HELM's name; wins over num_samples")
     seed: int | None = Field(None, description="makes sampling for this request deterministic")
-    echo_prompt: bool = Field(False, description="return the prompt's tokens and logprobs before the generated ones")
     top_k_per_token: int = Field(1, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token in top_logprob")
     stop_sequences: list[str] = Field(default_factory=list, description="generation stops and is cut before any of these")
 
-    @model_validator(mode="after")
-    def _check(self) -> ProcessRequest:
-        if not self.prompt and not self.echo_prompt:
-            raise ValueError("prompt: must not be empty (unless echo_prompt is true)")
-        if any(s == "" for s in self.stop_sequences):
-            raise ValueError("stop_sequences: empty strings are not allowed")
-        return self
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_needed(cls, prompt: str, info: ValidationInfo) -> str:
+        if not prompt and not info.data.get("echo_prompt", False):
+            raise ValueError("must not be empty unless echo_prompt is true")
+        return prompt
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _no_empty_stop(cls, stops: list[str]) -> list[str]:
+        if any(s == "" for s in stops):
+            raise ValueError("empty strings are not allowed")
+        return stops
 
     @property
     def n(self) -> int:

@@ -12,6 +12,14 @@ make_tiny_hf_dir (session)
 tiny_hf_dir (session)
     ``make_tiny_hf_dir("llama")``. Shared by the whole session: tests that convert it or otherwise
     write into it must work on a copy (``shutil.copytree(tiny_hf_dir, tmp_path / "x")``).
+make_tiny_checkpoint (session)
+    Factory ``make_tiny_checkpoint(tokenizer="huggingface") -> Path``: our embedded ``tiny`` litgpt
+    checkpoint (``core.tiny.build_tiny``, seed 1337) with a ``tokenizer.json``, or with
+    ``tokenizer="sentencepiece"`` the same weights with a sentencepiece ``tokenizer.model`` trained on
+    the same text instead. Built once per kind per session; read-only for tests.
+serve (function)
+    Factory ``serve(checkpoint_dir, **load_generator_kwargs) -> TestClient``: the real FastAPI app
+    with the serial engine over that checkpoint, on CPU; closed at the end of the test.
 """
 
 from __future__ import annotations
@@ -92,3 +100,50 @@ def make_tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., 
 def tiny_hf_dir(make_tiny_hf_dir: Callable[..., Path]) -> Path:
     """A tiny HF Llama checkpoint equivalent to litgpt's ``tiny`` (shared: copy before writing)."""
     return make_tiny_hf_dir("llama")
+
+
+@pytest.fixture(scope="session")
+def make_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory for our tiny litgpt checkpoint with either tokenizer backend; see the module docstring."""
+    from core.synthetic_tasks import generate
+    from core.tiny import build_tiny, tokenizer_texts
+    from core.tokenizer_training import train_sentencepiece
+
+    built: dict[str, Path] = {}
+
+    def make(tokenizer: str = "huggingface") -> Path:
+        if tokenizer not in ("huggingface", "sentencepiece"):
+            raise ValueError(f"tokenizer must be 'huggingface' or 'sentencepiece', got {tokenizer!r}")
+        if tokenizer not in built:
+            root = tmp_path_factory.mktemp(f"tiny_{tokenizer}")
+            build_tiny(root / "tiny", root / "data")
+            if tokenizer == "sentencepiece":
+                (root / "tiny" / "tokenizer.json").unlink()
+                train_sentencepiece(tokenizer_texts(generate()[0]), root / "tiny", vocab_size=TINY["vocab_size"])
+            built[tokenizer] = root / "tiny"
+        return built[tokenizer]
+
+    return make
+
+
+@pytest.fixture
+def serve():
+    """Factory: a TestClient over the real app for a checkpoint; see the module docstring."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.engine import SerialEngine
+    from server.loading import load_generator
+
+    clients = []
+
+    def make(checkpoint_dir: Path, **kwargs) -> TestClient:
+        generator = load_generator(checkpoint_dir, device="cpu", **kwargs)
+        client = TestClient(create_app(SerialEngine(generator), generator.codec))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
