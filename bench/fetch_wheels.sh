@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Fetch the cp312 wheels the lent GPU machine lacks (it has torch, lightning, transformers, peft,
+# tokenizers, sentencepiece, httpx, pyyaml...) into .whl/, at the versions pinned in constraints.txt.
+# Then, in the device command:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+#     && export PYTHONPATH=/tmp/site:$PWD
+# Pass --no-bnb to leave bitsandbytes out (it is ~58 MB of the 64 MB a device call may carry).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+pin() { grep -i -E "^$1==" constraints.txt | head -1; }
+pkgs=(litgpt jsonargparse docstring_parser typeshed_client fastapi starlette uvicorn pydantic pydantic_core
+      annotated-types annotated-doc typing-inspection)
+specs=()
+for p in "${pkgs[@]}"; do
+  spec=$(pin "$p") || { echo "no pin for $p in constraints.txt" >&2; exit 1; }
+  specs+=("$spec")
+done
+[ "${1:-}" = "--no-bnb" ] || specs+=("bitsandbytes==0.49.2")
+mkdir -p .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+  -d .whl "${specs[@]}"
+du -sh .whl
