@@ -38,7 +38,7 @@ def tiny_modes(work: Path) -> dict:
     ref = load_generator(work / "tiny", device="cuda", dtype="bf16").run(_request(prompt, 8, True))[0][0]
     out = {}
     for mode in QUANTIZE_MODES:
-        gen = load_generator(work / "tiny", device="cuda", dtype="bf16", quantize=mode)
+        gen = load_generator(work / "tiny", device="cuda", quantize=mode)  # bf16 compute (int8: fp16)
         got = gen.run(_request(prompt, 8, True))[0][0]
         n_prompt = len(ref.tokens) - 8
         diffs = [abs(a.logprob - b.logprob) for a, b in zip(ref.tokens[:n_prompt], got.tokens[:n_prompt])]
@@ -76,7 +76,7 @@ def mistral_7b(work: Path, modes: list[str | None], new_tokens: int = 64) -> dic
     for mode in modes:
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        gen = load_generator(ckpt, device="cuda", dtype="bf16", quantize=mode)
+        gen = load_generator(ckpt, device="cuda", quantize=mode)
         load_s = time.perf_counter() - t0
         loaded_gib = torch.cuda.memory_allocated() / 2**30
         gen.run(_request(prompt, 4, False))  # warm-up

@@ -82,10 +82,14 @@ def load_generator(
     """A ready ``Generator`` for a merged, base or unmerged-LoRA checkpoint directory."""
     checkpoint_dir = Path(checkpoint_dir)
     torch_device = resolve_device(device)
+    check_quantize(quantize, torch_device)
+    if quantize == "bnb.int8":  # bitsandbytes' 8-bit matmul computes in fp16 only
+        if dtype not in (None, "fp16"):
+            raise ValueError(f"dtype: bnb.int8 computes in fp16 only; drop --dtype or pass fp16 (got {dtype!r})")
+        dtype = "fp16"
     dtype = dtype or default_dtype(torch_device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype: choose one of {sorted(DTYPES)}, got {dtype!r}")
-    check_quantize(quantize, torch_device)
 
     unmerged = (checkpoint_dir / ADAPTER).is_file() and not (checkpoint_dir / WEIGHTS).is_file()
     if unmerged:
