@@ -27,7 +27,8 @@ class ProcessRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     num_samples: int = Field(1, ge=1, le=MAX_SEQUENCES, description="starter kit's name for num_return_sequences")
     num_return_sequences: int | None = Field(None, ge=1, le=MAX_SEQUENCES, description="HELM's name; wins over num_samples")
-    seed: int | None = Field(None, description="makes sampling for this request deterministic")
+    # The range torch.Generator.manual_seed takes; outside it sampling would fail with a 500.
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="makes sampling for this request deterministic")
     top_k_per_token: int = Field(1, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token in top_logprob")
     stop_sequences: list[str] = Field(default_factory=list, description="generation stops and is cut before any of these")
 
