@@ -99,3 +99,21 @@ def test_serve_cli_refuses_quantize_on_cpu_without_traceback(make_tiny_checkpoin
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "error: quantize: bnb.nf4" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_use_template_applies_the_style_saved_at_training(lora_run):
+    base, _, merged = lora_run
+    from core.prompts import load_style
+
+    style = load_style(merged)
+    assert style is not None  # finetuning saved it next to the weights
+    templated = load_generator(merged, device="cpu", use_template=True)
+    raw = load_generator(merged, device="cpu")
+    question = "Is 4821 even or odd?"
+    a = _run(templated, question)
+    b = _run(raw, style.apply(question))
+    assert a.text == b.text == style.apply(question) + b.text[len(style.apply(question)) :]
+    assert [t.logprob for t in a.tokens] == pytest.approx([t.logprob for t in b.tokens], abs=1e-5)
+    assert _run(raw, question).text.startswith(question)  # off by default: HELM's prompt is sent as is
+    with pytest.raises(ValueError, match="use_template"):
+        load_generator(base, device="cpu", use_template=True)  # a base model has no template
