@@ -55,22 +55,11 @@ def tiny_modes(work: Path) -> dict:
 
 
 def mistral_7b(work: Path, modes: list[str | None], new_tokens: int = 64) -> dict:
-    from litgpt import GPT
-
-    from core.checkpoints import save_checkpoint
-    from core.configs import config_from_name
+    from bench.random_checkpoint import write_random_checkpoint
     from server.loading import load_generator
 
-    ckpt = work / "mistral-7b-random"
-    config = config_from_name("Mistral-7B-v0.1")
     t0 = time.perf_counter()
-    with torch.device("cuda"):
-        torch.manual_seed(0)
-        model = GPT(config).to(torch.bfloat16)
-    save_checkpoint({k: v.cpu() for k, v in model.state_dict().items()}, config, ckpt, side_files_from=work / "tiny")
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    ckpt = write_random_checkpoint("Mistral-7B-v0.1", work / "mistral-7b-random", tokenizer_dir=work / "tiny")
     out = {"write_checkpoint_s": round(time.perf_counter() - t0, 1)}
     prompt = "The capital of France is " * 40
     for mode in modes:

@@ -1,8 +1,12 @@
-"""Time budgets: the challenge allows 24 hours of finetuning on one GPU; runs must stop before that."""
+"""Time budgets: the challenge allows 24 hours of finetuning on one GPU; runs must stop before that.
+
+Also the learning-rate schedule, since the budget decides where it ends."""
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass, field
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -18,3 +22,76 @@ def parse_duration(text: str | int | float) -> float:
     if not parts or "".join(n + u for n, u in parts) != compact:
         raise ValueError(f"max_time: cannot read {text!r}; write e.g. '24h', '90m', '1h30m' or '45s'")
     return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+@dataclass
+class Schedule:
+    """Linear warmup then cosine decay to ``min_lr_ratio``; ``total_steps`` may shrink to fit the budget."""
+
+    total_steps: int
+    warmup_steps: int
+    min_lr_ratio: float = 0.0
+
+    def factor(self, step: int) -> float:
+        """LR multiplier for optimizer step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class BudgetPlanner:
+    """Measures the first steps, says what fits in the budget, and stops the run before the budget ends.
+
+    The first ``skip_steps`` (allocation, compilation, caches) are not measured. ``reserve_s`` is kept
+    for the final save. After the plan, the stop test uses a running average of the step time.
+    """
+
+    max_seconds: float
+    planned_steps: int
+    measure_steps: int = 10
+    skip_steps: int = 2
+    fit_schedule: bool = True
+    sec_per_step: float | None = None
+    _t_first: float | None = field(default=None, repr=False)
+    _t_last: float = field(default=0.0, repr=False)
+    _last_step_s: float = field(default=0.0, repr=False)
+
+    @property
+    def reserve_s(self) -> float:
+        return min(60.0, 0.02 * self.max_seconds) if math.isfinite(self.max_seconds) else 0.0
+
+    def observe(self, step: int, elapsed: float, tokens_per_step: float) -> int | None:
+        """Call after each optimizer step; once measured, returns the number of steps the run will do."""
+        self._last_step_s = elapsed - self._t_last
+        if step == self.skip_steps:
+            self._t_first = elapsed
+        if self.sec_per_step is not None:
+            self.sec_per_step = 0.9 * self.sec_per_step + 0.1 * (elapsed - self._t_last)
+        self._t_last = elapsed
+        if self.sec_per_step is not None or self._t_first is None or step != self.skip_steps + self.measure_steps:
+            return None
+        self.sec_per_step = (elapsed - self._t_first) / self.measure_steps
+        if not math.isfinite(self.max_seconds):
+            return self.planned_steps
+        fits = step + int((self.max_seconds - elapsed - self.reserve_s) / self.sec_per_step)
+        print(
+            f"budget plan: {self.sec_per_step:.3f} s/step ({tokens_per_step / self.sec_per_step:,.0f} tokens/s) -> "
+            f"{fits:,} steps ({fits * tokens_per_step:,.0f} tokens) fit in {self.max_seconds / 3600:.2f} h; "
+            f"planned {self.planned_steps:,} steps"
+        )
+        if fits >= self.planned_steps:
+            return self.planned_steps
+        print(
+            f"WARNING: the plan does not fit the budget: {self.planned_steps:,} planned steps need about "
+            f"{self.planned_steps * self.sec_per_step / 3600:.2f} h."
+            + (f" The LR schedule now ends at step {fits:,}." if self.fit_schedule else " The run will stop early.")
+        )
+        return max(step, fits) if self.fit_schedule else self.planned_steps
+
+    def out_of_time(self, elapsed: float) -> bool:
+        """True when one more step would run into the reserve for the final save."""
+        step_s = max(self.sec_per_step or 0.0, self._last_step_s)  # before the plan, the last step's time
+        return elapsed + step_s + self.reserve_s >= self.max_seconds

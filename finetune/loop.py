@@ -1,42 +1,61 @@
-"""The training-loop core shared by the finetune scripts: accumulate, clip, step, validate, stop on time.
+"""The training-loop core shared by every method: accumulate, clip, step, validate, log, save, stop on time.
 
-Method scripts (``lora.py``, ...) build the model, optimizer and data, then call ``fit``; saving is a
-callback so each method decides which weights to write.
+``run.py`` builds the model, optimizer and data and calls ``fit``. Everything the loop needs to
+continue exactly after an interruption lives in ``Progress`` (saved with each checkpoint).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 import lightning as L
 import torch
 from litgpt.args import EvalArgs, TrainArgs
-from litgpt.utils import CycleIterator, chunked_cross_entropy
+from litgpt.utils import chunked_cross_entropy
+from tqdm import tqdm
+
+from finetune.budget import BudgetPlanner, Schedule
 
 
 @dataclass
-class FitResult:
-    steps: int
-    tokens: int  # non-padding tokens seen
-    seconds: float
-    final_train_loss: float
+class Progress:
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # non-padding tokens trained on
+    elapsed_s: float = 0.0  # training time spent, across resumes (the budget counts all of it)
+    total_steps: int = 0  # where the LR schedule ends (may shrink to fit the budget)
+    last_loss: float = math.nan
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     stopped_by_time: bool = False
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+
+def clear_prefix_caches(model: torch.nn.Module) -> None:
+    """Drop litgpt adapter attention's cached prefix keys/values.
+
+    litgpt computes them once and keeps them (meant for inference). In training the prefix changes
+    every step, and a cache built under no_grad (validation) would silently stop its gradients.
+    """
+    for module in model.modules():
+        if getattr(module, "adapter_kv_cache", None) is not None:
+            module.adapter_kv_cache = None
 
 
 def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Next-token cross-entropy over the labelled (response) positions."""
+    clear_prefix_caches(model)
     logits = model(batch["input_ids"])
     return chunked_cross_entropy(logits[..., :-1, :], batch["labels"][..., 1:], chunk_size=0)
 
 
 @torch.no_grad()
-def validate(fabric: L.Fabric, model: torch.nn.Module, loader: Iterable, max_iters: int) -> float:
+def validate(model: torch.nn.Module, batches: list[dict]) -> float:
     model.eval()
-    losses = [batch_loss(model, batch).item() for _, batch in zip(range(max_iters), loader)]
+    losses = [batch_loss(model, b).item() for b in batches]
     model.train()
     return sum(losses) / max(len(losses), 1)
 
@@ -45,64 +64,67 @@ def fit(
     fabric: L.Fabric,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    train_loader: Iterable,
-    val_loader: Iterable | None,
+    next_batch: Callable[[], dict[str, torch.Tensor]],
+    schedule: Schedule,
+    base_lr: float,
+    planner: BudgetPlanner,
+    progress: Progress,
     train: TrainArgs,
     eval: EvalArgs,
-    max_steps: int,
-    max_seconds: float = math.inf,
-    on_save: Callable[[int], None] | None = None,
-) -> FitResult:
-    """Run optimizer steps until ``max_steps`` or ``max_seconds``, whichever comes first."""
+    val_batches: list[dict] | None = None,
+    on_save: Callable[[Progress], None] | None = None,
+    log: Callable[[dict], None] = lambda row: None,
+) -> Progress:
+    """Optimizer steps until ``schedule.total_steps`` or the budget, whichever comes first."""
     accumulate = train.gradient_accumulation_iters(devices=fabric.world_size, num_nodes=1)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    batches = CycleIterator(train_loader)
-    result = FitResult(steps=0, tokens=0, seconds=0.0, final_train_loss=math.nan)
-    start = last_log = time.perf_counter()
-    tokens_since_log = 0
+    started = time.perf_counter() - progress.elapsed_s
+    elapsed = lambda: time.perf_counter() - started  # noqa: E731
+    bar = tqdm(total=schedule.total_steps, initial=progress.step, unit="step", dynamic_ncols=True, disable=None)
     model.train()
-    while result.steps < max_steps:
-        if time.perf_counter() - start >= max_seconds:
-            result.stopped_by_time = True
-            fabric.print(f"Stopping at step {result.steps}: the time budget of {max_seconds:.0f}s is spent.")
+    while progress.step < schedule.total_steps:
+        if planner.out_of_time(elapsed()):
+            progress.stopped_by_time = True
+            fabric.print(f"\nStopping at step {progress.step}: the time budget of {planner.max_seconds:.0f}s is (nearly) spent.")
             break
+        for group in optimizer.param_groups:
+            group["lr"] = base_lr * schedule.factor(progress.step)
+        step_tokens = 0
         for micro in range(accumulate):
-            batch = next(batches)
+            batch = next_batch()
             with fabric.no_backward_sync(model, enabled=micro < accumulate - 1):
                 loss = batch_loss(model, batch)
                 fabric.backward(loss / accumulate)
-            n_tokens = int(batch["mask"].sum())
-            result.tokens += n_tokens
-            tokens_since_log += n_tokens
+            step_tokens += int(batch["mask"].sum())
         if train.max_norm is not None:
             fabric.clip_gradients(model, optimizer, max_norm=train.max_norm, error_if_nonfinite=False)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        result.steps += 1
-        result.final_train_loss = loss.item()
-        if not math.isfinite(result.final_train_loss):
-            raise FloatingPointError(f"training loss is {result.final_train_loss} at step {result.steps}; lower the learning rate")
+        progress.step += 1
+        progress.tokens += step_tokens
+        progress.last_loss = loss.item()
+        progress.elapsed_s = elapsed()
+        if not math.isfinite(progress.last_loss):
+            raise FloatingPointError(f"training loss is {progress.last_loss} at step {progress.step}; lower the learning rate")
+        if (new_total := planner.observe(progress.step, progress.elapsed_s, step_tokens)) is not None:
+            schedule.total_steps = progress.total_steps = new_total
+            bar.total = new_total
+        bar.update(1)
+        rate = progress.tokens / max(progress.elapsed_s, 1e-9)
+        bar.set_postfix(loss=f"{progress.last_loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
 
-        if result.steps % train.log_interval == 0 or result.steps == max_steps:
-            now = time.perf_counter()
-            rate = tokens_since_log / max(now - last_log, 1e-9)
-            metrics = {"step": result.steps, "loss": result.final_train_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate}
-            fabric.log_dict(metrics, step=result.steps)
-            elapsed = now - start
-            eta = elapsed / result.steps * (max_steps - result.steps)
+        row = {"step": progress.step, "loss": progress.last_loss, "lr": optimizer.param_groups[0]["lr"], "tokens": progress.tokens, "elapsed_s": progress.elapsed_s}
+        if val_batches and eval.interval and progress.step % eval.interval == 0:
+            row["val_loss"] = validate(model, val_batches)
+            progress.val_losses.append((progress.step, row["val_loss"]))
+        log(row)
+        if progress.step % train.log_interval == 0 or progress.step == schedule.total_steps or "val_loss" in row:
+            eta = planner.sec_per_step * (schedule.total_steps - progress.step) if planner.sec_per_step else math.nan
+            val = f" | val loss {row['val_loss']:.4f}" if "val_loss" in row else ""
             fabric.print(
-                f"step {result.steps:5d}/{max_steps} | loss {result.final_train_loss:.4f} | lr {metrics['lr']:.2e} | "
-                f"{rate:,.0f} tok/s | elapsed {elapsed:.0f}s | eta {eta:.0f}s"
+                f"step {progress.step:6d}/{schedule.total_steps} | loss {progress.last_loss:.4f}{val} | lr {row['lr']:.2e} | "
+                f"{rate:,.0f} tok/s | elapsed {progress.elapsed_s:.0f}s | eta {eta:.0f}s"
             )
-            last_log, tokens_since_log = now, 0
-        if val_loader is not None and eval.interval and result.steps % eval.interval == 0:
-            val = validate(fabric, model, val_loader, eval.max_iters)
-            result.val_losses.append((result.steps, val))
-            fabric.log_dict({"val_loss": val}, step=result.steps)
-            fabric.print(f"step {result.steps:5d} | val loss {val:.4f}")
-        if on_save is not None and train.save_interval and result.steps % train.save_interval == 0:
-            on_save(result.steps)
-    result.seconds = time.perf_counter() - start
-    return result
+        if on_save is not None and train.save_interval and progress.step % train.save_interval == 0:
+            on_save(progress)
+    bar.close()
+    return progress

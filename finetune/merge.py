@@ -1,5 +1,7 @@
 """Merge a LoRA adapter into its base model: a standalone checkpoint the server (or vLLM) can load.
 
+A full finetune is already standalone (copied as is); adapter methods cannot be merged (served unmerged).
+
     python -m finetune.merge --checkpoint_dir out/finetune/lora-tiny/final [--out_dir checkpoints/my-model]
 
 Uses litgpt's own ``merge_lora``; then verifies the result and, with ``--out_dir``, copies the merged
@@ -14,6 +16,7 @@ from pathlib import Path
 from litgpt.scripts.merge_lora import merge_lora
 
 from core.checkpoints import CONFIG, WEIGHTS, CheckpointError, copy_side_files, verify_checkpoint
+from core.methods import unmerged_method
 
 
 def merge(checkpoint_dir: Path, out_dir: Path | None = None, base_checkpoint_dir: Path | None = None) -> Path:
@@ -25,15 +28,28 @@ def merge(checkpoint_dir: Path, out_dir: Path | None = None, base_checkpoint_dir
         base_checkpoint_dir: the base model, if it moved since training (default: as recorded at training).
     """
     checkpoint_dir = Path(checkpoint_dir)
-    if not (checkpoint_dir / f"{WEIGHTS}.lora").is_file():
-        raise CheckpointError(f"{checkpoint_dir}: no {WEIGHTS}.lora here; point --checkpoint_dir at a LoRA output (e.g. out/finetune/<run>/final)")
+    files = {p.name for p in checkpoint_dir.iterdir()} if checkpoint_dir.is_dir() else set()
+    method = unmerged_method(files)
+    if method is None and WEIGHTS in files and f"{WEIGHTS}.lora" not in files:
+        verify_checkpoint(checkpoint_dir)  # already standalone (full finetune or base): just copy
+        return _copy_out(checkpoint_dir, out_dir) if out_dir is not None else checkpoint_dir
+    if method is not None and not method.mergeable:
+        raise CheckpointError(
+            f"{checkpoint_dir}: {method.name} adds attention prefixes that cannot be folded into the base weights; "
+            f"serve the run directory as it is (make serve CKPT={checkpoint_dir}), which loads base + {method.weights_file}"
+        )
+    if f"{WEIGHTS}.lora" not in files:
+        raise CheckpointError(f"{checkpoint_dir}: no finetuned weights here; point --checkpoint_dir at a run's final/ or step-*/ directory")
     merged, adapter = checkpoint_dir / WEIGHTS, checkpoint_dir / f"{WEIGHTS}.lora"
     if merged.is_file() and merged.stat().st_mtime < adapter.stat().st_mtime:
         merged.unlink()  # merged from an older adapter; litgpt would skip the merge and keep it
     merge_lora(checkpoint_dir, pretrained_checkpoint_dir=base_checkpoint_dir)
     verify_checkpoint(checkpoint_dir)
-    if out_dir is None:
-        return checkpoint_dir
+    return _copy_out(checkpoint_dir, out_dir) if out_dir is not None else checkpoint_dir
+
+
+def _copy_out(checkpoint_dir: Path, out_dir: Path) -> Path:
+    """Copy weights, config, tokenizer and prompt style to a clean serving directory."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (WEIGHTS, CONFIG):

@@ -1,8 +1,9 @@
 """Load a checkpoint for serving: merged or base+LoRA, in bf16/fp16/fp32 or bitsandbytes 4/8 bit.
 
-A directory with ``lit_model.pth`` is served as is (a base model or a merged finetune). A finetune
-output with only ``lit_model.pth.lora`` is served unmerged: litgpt's LoRA model over the base weights
-recorded in its ``hyperparameters.yaml`` (or ``base_checkpoint_dir``). Quantized loading follows
+A directory with ``lit_model.pth`` is served as is (a base model, a merged or a full finetune). A
+finetune output with only its method's weights (``lit_model.pth.lora``, ``.adapter``, ``.adapter_v2``)
+is served unmerged: the method's litgpt model over the base weights recorded in its
+``hyperparameters.yaml`` (or ``base_checkpoint_dir``). Quantized loading follows
 litgpt's own generate script: Lightning's ``BitsandbytesPrecision`` swaps the linear layers.
 """
 
@@ -18,6 +19,7 @@ from litgpt import GPT, Config
 from lightning.fabric.plugins import BitsandbytesPrecision
 
 from core.checkpoints import WEIGHTS, CheckpointError, load_config, verify_checkpoint
+from core.methods import unmerged_method
 from core.prompts import load_style
 from server.generate import Generator
 from server.text import Codec
@@ -25,7 +27,6 @@ from server.text import Codec
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FABRIC_PRECISION = {"bf16": "bf16-true", "fp16": "16-true", "fp32": "32-true"}
 QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8")
-ADAPTER = f"{WEIGHTS}.lora"
 
 
 def default_dtype(device: torch.device) -> str:
@@ -55,20 +56,17 @@ def check_quantize(quantize: str | None, device: torch.device) -> None:
         raise ValueError(f"quantize: {quantize} needs the bitsandbytes package: pip install 'bitsandbytes>=0.45.2,<0.50'")
 
 
-def adapter_parts(checkpoint_dir: Path, base_checkpoint_dir: Path | None) -> tuple[Path, dict]:
-    """For an unmerged LoRA output: the base checkpoint directory and the LoRA config entries."""
-    hparams_path = checkpoint_dir / "hyperparameters.yaml"
+def base_of(run_dir: Path, base_checkpoint_dir: Path | None) -> tuple[Path, dict]:
+    """For an unmerged finetune output: its base checkpoint directory and its hyperparameters."""
+    hparams_path = run_dir / "hyperparameters.yaml"
     if not hparams_path.is_file():
-        raise CheckpointError(f"{checkpoint_dir}: has {ADAPTER} but no hyperparameters.yaml (which names its base model and LoRA config)")
+        raise CheckpointError(f"{run_dir}: has finetuned weights but no hyperparameters.yaml (which names its base model and method config)")
     hparams = yaml.safe_load(hparams_path.read_text())
-    lora = {k: v for k, v in hparams.items() if k.startswith("lora_")}
     base = Path(base_checkpoint_dir or hparams.get("checkpoint_dir", ""))
     if not (base / WEIGHTS).is_file():
-        raise CheckpointError(
-            f"{checkpoint_dir}: its base model {base} has no {WEIGHTS}; pass --base_checkpoint_dir if the base moved"
-        )
+        raise CheckpointError(f"{run_dir}: its base model {base} has no {WEIGHTS}; pass --base_checkpoint_dir if the base moved")
     verify_checkpoint(base)
-    return base, lora
+    return base, hparams
 
 
 def load_generator(
@@ -91,14 +89,12 @@ def load_generator(
     if dtype not in DTYPES:
         raise ValueError(f"dtype: choose one of {sorted(DTYPES)}, got {dtype!r}")
 
-    unmerged = (checkpoint_dir / ADAPTER).is_file() and not (checkpoint_dir / WEIGHTS).is_file()
-    if unmerged:
-        base_dir, lora = adapter_parts(checkpoint_dir, base_checkpoint_dir)
-        from litgpt.lora import GPT as LoRAGPT
-        from litgpt.lora import Config as LoRAConfig
-
-        config, model_cls = LoRAConfig.from_file(base_dir / "model_config.yaml", **lora), LoRAGPT
-        weight_files = [base_dir / WEIGHTS, checkpoint_dir / ADAPTER]
+    method = unmerged_method({p.name for p in checkpoint_dir.iterdir()}) if checkpoint_dir.is_dir() else None
+    if method is not None:  # base weights + the method's small weights file, in the method's litgpt model
+        base_dir, hparams = base_of(checkpoint_dir, base_checkpoint_dir)
+        config = method.litgpt.Config.from_file(base_dir / "model_config.yaml", **method.config_kwargs(hparams))
+        model_cls = method.litgpt.GPT
+        weight_files = [base_dir / WEIGHTS, checkpoint_dir / method.weights_file]
     else:
         verify_checkpoint(checkpoint_dir)
         config, model_cls = load_config(checkpoint_dir), GPT

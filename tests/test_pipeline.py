@@ -49,8 +49,9 @@ def test_finetune_writes_a_complete_adapter(finetuned, tiny):
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # training moved B off zero
     assert (tiny / "run" / "step-000002" / f"{WEIGHTS}.lora").is_file()  # periodic save
     assert type(load_style(finetuned)).__name__ == "QA"
-    metrics = (tiny / "run" / "logs").rglob("metrics.csv")
-    assert any("loss" in p.read_text() for p in metrics)
+    metrics = (tiny / "run" / "metrics.csv").read_text().splitlines()
+    assert metrics[0].startswith("step,loss") and len(metrics) == 1 + 3  # header + one row per step
+    assert (tiny / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_merge_then_serve(finetuned, tiny):

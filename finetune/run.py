@@ -1,0 +1,261 @@
+"""What every finetune script shares: data, model for the method, optimizer, resume, saves, logs.
+
+The method scripts (``lora.py``, ``adapter.py``, ``adapter_v2.py``, ``full.py``) only declare their
+options and call ``run``. Output layout (``out_dir``):
+
+    step-000500/   servable weights of that step + training_state.pth (for --resume)
+    final/         servable weights, config, tokenizer, prompt_style.yaml, hyperparameters.yaml, data_card.json
+    metrics.csv    one row per step (loss, lr, tokens, elapsed_s, val_loss); loss.png at the end
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from litgpt import Tokenizer
+from litgpt.args import EvalArgs, TrainArgs
+from litgpt.utils import load_checkpoint, num_parameters
+from lightning.fabric.plugins import BitsandbytesPrecision
+
+from core.checkpoints import WEIGHTS, copy_side_files, load_config, verify_checkpoint
+from core.methods import Method
+from core.prompts import get_style, save_style
+from finetune.batching import EpochBatches
+from finetune.budget import BudgetPlanner, Schedule, parse_duration
+from finetune.data import Collate, encode_row, load_rows
+from finetune.loop import Progress, fit
+from finetune.plot import plot_metrics
+from finetune.state import find_resume_dir, load_state, save_state
+
+QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training")
+PRECISION_DTYPE = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "32-true": torch.float32}
+
+
+@dataclass
+class DataArgs:
+    """Where the instruction data comes from and how it is rendered."""
+
+    train_file: Path | None = Path("data/generated/tiny/train.jsonl")  # local JSON/JSONL
+    recipe: Path | None = None  # a data recipe YAML (data/recipes/); wins over train_file
+    val_file: Path | None = None  # None: hold out val_fraction of the training rows
+    val_fraction: float = 0.05
+    prompt_style: str = "qa"  # a recipe's own template wins
+    max_seq_length: int = 512
+    mask_prompt: bool = True  # loss on response tokens only
+
+
+def default_precision() -> str:
+    if torch.cuda.is_available():
+        return "bf16-true" if torch.cuda.is_bf16_supported() else "16-true"
+    return "32-true"
+
+
+def make_fabric(precision: str, quantize: str | None, method: Method, out_dir: Path) -> L.Fabric:
+    plugins = None
+    if quantize is not None:
+        if quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize: choose one of {list(QUANTIZE_MODES)}, got {quantize!r}")
+        if method.name == "full":
+            raise ValueError("quantize: full finetuning updates every weight and cannot train 4/8-bit weights; use lora (QLoRA)")
+        if not torch.cuda.is_available():
+            raise ValueError(f"quantize: {quantize} (QLoRA) uses bitsandbytes CUDA kernels and needs an NVIDIA GPU")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"quantize: {quantize} needs bitsandbytes: pip install 'bitsandbytes>=0.45.2,<0.50'")
+        if precision not in PRECISION_DTYPE:
+            raise ValueError(f"precision: quantization needs a '-true' precision ({list(PRECISION_DTYPE)}), got {precision!r}")
+        plugins, precision = BitsandbytesPrecision(quantize[4:], PRECISION_DTYPE[precision]), None
+    return L.Fabric(devices=1, precision=precision, plugins=plugins)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_training_rows(data: DataArgs, tokenizer: Tokenizer, seed: int) -> tuple[list[dict], list[dict], dict, str]:
+    """(train rows, val rows, data card, template name)."""
+    if data.recipe is not None:
+        from finetune.recipes import build, load_recipe
+
+        recipe = load_recipe(data.recipe)
+        rows, card = build(recipe, count_tokens=lambda text: len(tokenizer.encode(text)))
+        template = recipe.template
+    else:
+        if data.train_file is None:
+            raise ValueError("data: give --data.train_file or --data.recipe")
+        rows = load_rows(data.train_file)
+        card = {"train_file": str(data.train_file), "sha256": file_sha256(data.train_file), "rows": len(rows)}
+        template = data.prompt_style
+    if data.val_file is not None:
+        val_rows = load_rows(data.val_file)
+        card["val_file"] = {"path": str(data.val_file), "sha256": file_sha256(data.val_file), "rows": len(val_rows)}
+    else:
+        rows = list(rows)
+        random.Random(seed).shuffle(rows)
+        n_val = max(1, int(len(rows) * data.val_fraction))
+        val_rows, rows = rows[:n_val], rows[n_val:]
+        card["val_split"] = {"fraction": data.val_fraction, "rows": len(val_rows)}
+    return rows, val_rows, card, template
+
+
+class MetricsLog:
+    """Appends one CSV row per step (survives resume); mirrors to TensorBoard when it is installed."""
+
+    FIELDS = ("step", "loss", "lr", "tokens", "elapsed_s", "val_loss")
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / "metrics.csv"
+        self.tensorboard = None
+        if importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(out_dir / "tensorboard")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows logged after the checkpoint (they will be redone)."""
+        if self.path.is_file():
+            rows = [r for r in csv.DictReader(self.path.open()) if int(r["step"]) <= step]
+            self._write(rows, "w")
+
+    def __call__(self, row: dict) -> None:
+        self._write([row], "a")
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(key, value, row["step"])
+
+    def _write(self, rows: list[dict], mode: str) -> None:
+        new = mode == "w" or not self.path.is_file()
+        with self.path.open(mode, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+
+def save_servable(model, method: Method, save_dir: Path, base_dir: Path, template: str, hparams: dict, card: dict) -> None:
+    """The method's weights plus everything merge and serving need, in litgpt's layout."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items() if method.keep(k, v)}
+    torch.save(weights if method.name == "full" else {"model": weights}, save_dir / method.weights_file)
+    copy_side_files(base_dir, save_dir)
+    (save_dir / "model_config.yaml").write_text((base_dir / "model_config.yaml").read_text())
+    (save_dir / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
+    (save_dir / "data_card.json").write_text(json.dumps(card, indent=2))
+    save_style(template, save_dir)
+
+
+def build_model(fabric: L.Fabric, method: Method, method_config: dict, checkpoint_dir: Path, quantize: str | None):
+    """The method's litgpt model with the base weights loaded and only the method's parameters trainable."""
+    config = method.litgpt.Config(**{**dataclasses.asdict(load_config(checkpoint_dir)), **method_config})
+    with fabric.init_module(empty_init=quantize is not None):
+        model = method.litgpt.GPT(config)
+    method.freeze_all_but_trainable(model)
+    fabric.print(f"{method.name}: {num_parameters(model, requires_grad=True):,} trainable of {num_parameters(model):,} parameters")
+    model = fabric.setup_module(model)
+    load_checkpoint(fabric, model, checkpoint_dir / WEIGHTS, strict=method.name == "full")
+    return model
+
+
+def build_optimizer(fabric: L.Fabric, model, lr: float, weight_decay: float, quantize: str | None):
+    """AdamW over the trainable parameters; bitsandbytes' paged AdamW for quantized (QLoRA) runs."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if quantize is not None:
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.PagedAdamW(trainable, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    return fabric.setup_optimizers(optimizer)
+
+
+def run(
+    method: Method,
+    method_config: dict,
+    checkpoint_dir: Path,
+    out_dir: Path,
+    precision: str | None,
+    quantize: str | None,
+    seed: int,
+    lr: float,
+    weight_decay: float,
+    max_time: str,
+    resume: bool | str | Path,
+    data: DataArgs,
+    train: TrainArgs,
+    eval: EvalArgs,
+) -> Path:
+    """Finetune with ``method``; returns the ``final`` directory."""
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    precision = precision or default_precision()
+    verify_checkpoint(checkpoint_dir)
+    max_seconds = parse_duration(max_time)
+    fabric = make_fabric(precision, quantize, method, out_dir)
+    fabric.seed_everything(seed, verbose=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    rows, val_rows, card, template = load_training_rows(data, tokenizer, seed)
+    style = get_style(template)
+    encode = lambda r: encode_row(r, tokenizer, style, data.max_seq_length, data.mask_prompt)  # noqa: E731
+    train_set = [encode(r) for r in rows]
+    collate = Collate(pad_id=0)
+    to_device = lambda b: {k: v.to(fabric.device) for k, v in b.items()}  # noqa: E731
+    val_encoded = [encode(r) for r in val_rows]
+    mb = train.micro_batch_size
+    val_batches = [to_device(collate(val_encoded[i : i + mb])) for i in range(0, len(val_encoded), mb)][: eval.max_iters]
+
+    hparams = {
+        "method": method.name, "checkpoint_dir": str(checkpoint_dir), "out_dir": str(out_dir), "precision": precision,
+        "quantize": quantize, "seed": seed, "lr": lr, "weight_decay": weight_decay, "max_time": max_time, "template": template,
+        **method_config,
+        "data": _plain(dataclasses.asdict(data)), "train": _plain(dataclasses.asdict(train)), "eval": _plain(dataclasses.asdict(eval)),
+    }
+    model = build_model(fabric, method, method_config, checkpoint_dir, quantize)
+    optimizer = build_optimizer(fabric, model, lr, weight_decay, quantize)
+
+    batches = EpochBatches(len(train_set), mb, seed)
+    accumulate = train.gradient_accumulation_iters(devices=1)
+    planned = train.max_steps or max(1, math.ceil((train.epochs or 1) * batches.batches_per_epoch / accumulate))
+    progress = Progress(total_steps=planned)
+    metrics = MetricsLog(out_dir)
+    if (resume_dir := find_resume_dir(resume, out_dir)) is not None:
+        saved = load_state(fabric, resume_dir, model, optimizer)
+        batches.load_state_dict(saved.pop("batches"))
+        progress = Progress(**saved)
+        metrics.truncate_after(progress.step)
+        fabric.print(f"resumed from {resume_dir} at step {progress.step} ({progress.elapsed_s:.0f}s of budget used)")
+    schedule = Schedule(progress.total_steps, min(train.lr_warmup_steps or 0, planned - 1) or 1)
+    planner = BudgetPlanner(max_seconds, progress.total_steps)
+
+    def save(p: Progress) -> None:
+        step_dir = out_dir / f"step-{p.step:06d}"
+        save_servable(model, method, step_dir, checkpoint_dir, template, hparams, card)
+        save_state(fabric, step_dir, model, optimizer, {**p.state_dict(), "batches": batches.state_dict()}, method.keep)
+
+    next_batch = lambda: to_device(collate([train_set[i] for i in batches.next()]))  # noqa: E731
+    progress = fit(fabric, model, optimizer, next_batch, schedule, lr, planner, progress, train, eval, val_batches, save, metrics)
+    final_dir = out_dir / "final"
+    hparams["trained"] = {"steps": progress.step, "tokens": progress.tokens, "seconds": round(progress.elapsed_s, 1), "stopped_by_time": progress.stopped_by_time}
+    save_servable(model, method, final_dir, checkpoint_dir, template, hparams, card)
+    plot_metrics(metrics.path, out_dir / "loss.png")
+    fabric.print(
+        f"done: {progress.step} steps, {progress.tokens:,} tokens in {progress.elapsed_s:.1f}s "
+        f"({progress.tokens / max(progress.elapsed_s, 1e-9):,.0f} tok/s); final train loss {progress.last_loss:.4f}\n"
+        f"saved to {final_dir}" + ("" if method.name == "full" else f"; merge with: python -m finetune.merge --checkpoint_dir {final_dir}")
+    )
+    return final_dir
+
+
+def _plain(d: dict) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}

@@ -1,0 +1,161 @@
+"""Every finetuning method trains the intended parameters; resume is exact; the budget stops runs cleanly."""
+
+import csv
+import json
+import shutil
+
+import lightning as L
+import pytest
+import torch
+from litgpt.args import EvalArgs, TrainArgs
+
+from core.checkpoints import WEIGHTS
+from core.methods import METHODS
+from finetune import adapter, adapter_v2, full, lora
+from finetune.adapter_args import AdapterArgs
+from finetune.budget import BudgetPlanner, Schedule
+from finetune.data import Collate, encode_row, load_rows
+from finetune.loop import Progress, fit
+from finetune.merge import merge
+from finetune.run import DataArgs, build_model, build_optimizer
+from core.prompts import get_style
+from litgpt import Tokenizer
+from server.loading import load_generator
+from server.schemas import ProcessRequest
+
+METHOD_CONFIG = {
+    "lora": {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_query": True, "lora_key": True, "lora_value": True,
+             "lora_projection": True, "lora_mlp": True, "lora_head": True},
+    "adapter": AdapterArgs(prompt_length=4, start_layer=1).as_config(),
+    "adapter_v2": AdapterArgs(prompt_length=4, start_layer=1).as_config(),
+    "full": {},
+}
+LR = {"lora": 3e-3, "adapter": 5e-2, "adapter_v2": 5e-2, "full": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def tiny(make_tiny_checkpoint):
+    base = make_tiny_checkpoint()
+    return base, base.parent / "data" / "train.jsonl"
+
+
+def small_train(**overrides) -> TrainArgs:
+    args = dict(save_interval=None, log_interval=1, global_batch_size=8, micro_batch_size=8, lr_warmup_steps=2, max_steps=8, max_norm=1.0)
+    return TrainArgs(**{**args, **overrides})
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_each_method_lowers_the_loss_and_trains_only_its_parameters(tiny, name):
+    base_dir, train_file = tiny
+    method = METHODS[name]
+    fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
+    fabric.seed_everything(0, verbose=False)
+    model = build_model(fabric, method, METHOD_CONFIG[name], base_dir, quantize=None)
+    optimizer = build_optimizer(fabric, model, LR[name], 0.0, None)
+    tokenizer, style = Tokenizer(base_dir), get_style("qa")
+    rows = [encode_row(r, tokenizer, style, 64) for r in load_rows(train_file)[:64]]
+    fixed = Collate()(rows[:8])  # the same batch every step: its loss must fall
+    losses = []
+    fit(fabric, model, optimizer, lambda: fixed, Schedule(12, 2), LR[name], BudgetPlanner(float("inf"), 12), Progress(total_steps=12),
+        small_train(max_steps=12, log_interval=100), EvalArgs(interval=0), log=lambda row: losses.append(row["loss"]))
+    # A clear, steady fall (adapter v1 is slowest: a zero-init gate over 3k parameters).
+    assert losses[-1] < losses[0] - 0.3 and losses[-1] < losses[len(losses) // 2], f"{name}: {losses}"
+
+    base = torch.load(base_dir / WEIGHTS, weights_only=True)
+    trained = {k.replace(".linear.", "."): v for k, v in model.state_dict().items()}  # LoRA wraps linears
+    changed = {k for k, v in trained.items() if k in base and not torch.equal(v, base[k])}
+    extra = {k for k in trained if k not in base}  # the method's own new parameters
+    if name == "full":
+        assert changed == {k for k in base if k.endswith("weight")}  # every weight moved
+        assert not extra
+    else:
+        trainable = {n.replace(".linear.", ".") for n, p in model.module.named_parameters() if p.requires_grad}
+        # LoRA and adapter v1: base weights bit-identical; adapter v2 also tunes its bias/scale and the norms.
+        assert changed <= trainable
+        assert extra and extra <= trainable
+        if name in ("lora", "adapter"):
+            assert not changed, f"{name} changed base weights: {sorted(changed)[:3]}"
+        else:
+            assert all("norm" in k or k.startswith("transformer.ln_f") for k in changed), sorted(changed)
+
+
+def run_lora(tiny, out_dir, **kwargs):
+    base_dir, train_file = tiny
+    args = dict(
+        checkpoint_dir=base_dir, out_dir=out_dir, lr=3e-3,
+        lora=lora.LoRAArgs(r=4, alpha=8, dropout=0.1),  # dropout: resume must restore the RNG too
+        data=DataArgs(train_file=train_file, max_seq_length=64, val_fraction=0.2),
+        train=small_train(max_steps=12, save_interval=4, micro_batch_size=4, global_batch_size=8),
+        eval=EvalArgs(interval=4, max_iters=2),
+    )
+    return lora.setup(**{**args, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, tiny):
+    """40 rows: 8 batches of 4 per epoch, so 12 steps of 2 micro-batches cross epoch boundaries."""
+    path = tmp_path_factory.mktemp("small") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in load_rows(tiny[1])[:40]))
+    return tiny[0], path
+
+
+def test_resume_equals_an_uninterrupted_run(small_data, tmp_path):
+    full_run = run_lora(small_data, tmp_path / "a")
+    interrupted = tmp_path / "b"
+    interrupted.mkdir()
+    shutil.copytree(tmp_path / "a" / "step-000004", interrupted / "step-000004")  # "crashed" after step 4
+    resumed = run_lora(small_data, interrupted, resume="auto")
+
+    rows_a = list(csv.DictReader((tmp_path / "a" / "metrics.csv").open()))
+    rows_b = list(csv.DictReader((interrupted / "metrics.csv").open()))
+    assert [r["step"] for r in rows_b] == [str(s) for s in range(5, 13)]
+    for a, b in zip(rows_a[4:], rows_b):
+        assert (a["loss"], a["lr"], a["tokens"], a["val_loss"]) == (b["loss"], b["lr"], b["tokens"], b["val_loss"])
+    weights_a = torch.load(full_run / f"{WEIGHTS}.lora", weights_only=True)["model"]
+    weights_b = torch.load(resumed / f"{WEIGHTS}.lora", weights_only=True)["model"]
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_resume_auto_without_checkpoints_starts_fresh_and_true_requires_one(small_data, tmp_path):
+    run_lora(small_data, tmp_path / "fresh", resume="auto", train=small_train(max_steps=2, micro_batch_size=4, global_batch_size=8))
+    with pytest.raises(FileNotFoundError, match="resume"):
+        run_lora(small_data, tmp_path / "none", resume=True)
+
+
+def test_budget_stops_the_run_and_the_final_checkpoint_serves(small_data, tmp_path):
+    final = run_lora(small_data, tmp_path / "budget", max_time="4s", train=small_train(max_steps=100_000, micro_batch_size=4, global_batch_size=8, log_interval=50))
+    trained = __import__("yaml").safe_load((final / "hyperparameters.yaml").read_text())["trained"]
+    assert trained["stopped_by_time"] and 0 < trained["steps"] < 100_000 and trained["seconds"] < 4.5
+    merged = merge(final, out_dir=tmp_path / "merged")
+    request = ProcessRequest(prompt="Is 3 even or odd?\nAnswer:", temperature=0, max_new_tokens=3, echo_prompt=True)
+    assert load_generator(merged, device="cpu").run(request)[0][0].text.startswith(request.prompt)
+
+
+@pytest.mark.parametrize("script", [adapter, adapter_v2, full])
+def test_other_method_scripts_run_end_to_end_and_serve(tiny, tmp_path, script):
+    base_dir, train_file = tiny
+    final = script.setup(
+        checkpoint_dir=base_dir, out_dir=tmp_path / "run",
+        data=DataArgs(train_file=train_file, max_seq_length=64), train=small_train(max_steps=3), eval=EvalArgs(interval=0),
+        **({"adapter": AdapterArgs(prompt_length=4, start_layer=1)} if script is not full else {}),
+    )
+    method = METHODS[script.__name__.split(".")[-1]]
+    assert (final / method.weights_file).is_file() and (final / "prompt_style.yaml").is_file()
+    assert (final / "data_card.json").is_file() and (tmp_path / "run" / "loss.png").is_file()
+    generator = load_generator(final, device="cpu")  # unmerged adapters load base + adapter; full loads as is
+    assert type(generator.model._forward_module).__module__ == method.module
+    request = ProcessRequest(prompt="Is 3 even or odd?\nAnswer:", temperature=0, max_new_tokens=3, echo_prompt=True)
+    assert generator.run(request)[0][0].text.startswith(request.prompt)
+    if not method.mergeable:
+        with pytest.raises(ValueError, match="cannot be folded"):
+            merge(final)
+
+
+def test_quantize_is_refused_on_cpu_and_for_full(tiny, tmp_path):
+    with pytest.raises(ValueError, match="quantize: bnb.nf4 .*needs an NVIDIA GPU"):
+        run_lora(tiny, tmp_path / "q", quantize="bnb.nf4")
+    from finetune.run import make_fabric
+
+    with pytest.raises(ValueError, match="full finetuning"):
+        make_fabric("bf16-true", "bnb.nf4", METHODS["full"], tmp_path)
