@@ -13,20 +13,25 @@ STAMP    := $(VENV)/.installed
 
 MODEL    ?= tiny
 CHECKPOINT ?= checkpoints/$(MODEL)
+METHOD   ?= lora
 DATA     ?= data/generated/tiny/train.jsonl
-RUN      ?= out/finetune/lora-$(notdir $(MODEL))
-MERGED   ?= checkpoints/$(notdir $(MODEL))-lora
+RECIPE   ?=
+QUANTIZE ?=
+RUN      ?= out/finetune/$(METHOD)-$(notdir $(MODEL))
+MERGED   ?= checkpoints/$(notdir $(MODEL))-$(METHOD)
+EXPORT   ?= out/export/$(notdir $(MERGED))
 CKPT     ?= $(MERGED)
 HOST     ?= 127.0.0.1
 PORT     ?= 8080
 ALLOW_UNLISTED ?= 0
 ARGS     ?=
 
-.PHONY: help setup tiny demo test download convert finetune merge serve models clean
+.PHONY: help setup tiny demo test download convert finetune merge export serve models clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: MODEL=$(MODEL) CHECKPOINT=$(CHECKPOINT) DATA=$(DATA) RUN=$(RUN) CKPT=$(CKPT) HOST=$(HOST) PORT=$(PORT) ARGS='...'"
+	@echo "  variables: MODEL=$(MODEL) CHECKPOINT=$(CHECKPOINT) METHOD=$(METHOD) DATA=$(DATA) RECIPE=$(RECIPE) QUANTIZE=$(QUANTIZE)"
+	@echo "             RUN=$(RUN) MERGED=$(MERGED) CKPT=$(CKPT) HOST=$(HOST) PORT=$(PORT) ARGS='...'"
 
 setup: $(STAMP) ## create .venv with the pinned dependencies (quick when already done)
 
@@ -53,12 +58,16 @@ download: setup ## download + convert + verify an approved model: make download 
 convert: setup ## convert HF files already in CHECKPOINT: make convert CHECKPOINT=checkpoints/org/name ARGS='--model_name ...'
 	$(PYTHON) -m core.hub convert --checkpoint_dir $(CHECKPOINT) $(ARGS)
 
-finetune: setup ## LoRA-finetune CHECKPOINT on DATA into RUN (defaults: the tiny model)
+finetune: setup ## finetune CHECKPOINT with METHOD (lora|adapter|adapter_v2|full) on DATA or RECIPE into RUN
 	@if [ "$(MODEL)" = tiny ]; then $(MAKE) --no-print-directory tiny; fi
-	$(PYTHON) -m finetune.lora --checkpoint_dir $(CHECKPOINT) --data.train_file $(DATA) --out_dir $(RUN) $(ARGS)
+	$(PYTHON) -m finetune.$(METHOD) --checkpoint_dir $(CHECKPOINT) --out_dir $(RUN) \
+		$(if $(RECIPE),--data.recipe $(RECIPE),--data.train_file $(DATA)) $(if $(QUANTIZE),--quantize $(QUANTIZE)) $(ARGS)
 
-merge: setup ## merge the LoRA adapter in RUN/final into MERGED
+merge: setup ## merge RUN/final (LoRA; a full finetune is copied) into the standalone checkpoint MERGED
 	$(PYTHON) -m finetune.merge --checkpoint_dir $(RUN)/final --out_dir $(MERGED) $(ARGS)
+
+export: setup ## export the merged checkpoint MERGED to Hugging Face format in EXPORT (for vLLM etc.)
+	$(PYTHON) -m finetune.export_hf --checkpoint_dir $(MERGED) --out_dir $(EXPORT) $(ARGS)
 
 serve: setup ## serve CKPT on HOST:PORT (default 127.0.0.1:8080)
 	$(PYTHON) -m server --checkpoint_dir $(CKPT) --host $(HOST) --port $(PORT) $(ARGS)

@@ -235,7 +235,8 @@ def run(
         progress = Progress(**saved)
         metrics.truncate_after(progress.step)
         fabric.print(f"resumed from {resume_dir} at step {progress.step} ({progress.elapsed_s:.0f}s of budget used)")
-    schedule = Schedule(progress.total_steps, min(train.lr_warmup_steps or 0, planned - 1) or 1)
+    warmup = train.lr_warmup_steps or int((train.lr_warmup_fraction or 0.0) * planned)
+    schedule = Schedule(progress.total_steps, min(warmup, planned - 1) or 1)
     planner = BudgetPlanner(max_seconds, progress.total_steps)
 
     def save(p: Progress) -> None:
