@@ -118,11 +118,11 @@ def fit(
             progress.val_losses.append((progress.step, row["val_loss"]))
         log(row)
         if progress.step % train.log_interval == 0 or progress.step == schedule.total_steps or "val_loss" in row:
-            eta = planner.sec_per_step * (schedule.total_steps - progress.step) if planner.sec_per_step else math.nan
+            eta = f"{planner.sec_per_step * (schedule.total_steps - progress.step):.0f}s" if planner.sec_per_step else "?"
             val = f" | val loss {row['val_loss']:.4f}" if "val_loss" in row else ""
             fabric.print(
                 f"step {progress.step:6d}/{schedule.total_steps} | loss {progress.last_loss:.4f}{val} | lr {row['lr']:.2e} | "
-                f"{rate:,.0f} tok/s | elapsed {progress.elapsed_s:.0f}s | eta {eta:.0f}s"
+                f"{rate:,.0f} tok/s | elapsed {progress.elapsed_s:.0f}s | eta {eta}"
             )
         if on_save is not None and train.save_interval and progress.step % train.save_interval == 0:
             on_save(progress)

@@ -33,7 +33,7 @@ from core.methods import Method
 from core.prompts import get_style, save_style
 from finetune.batching import EpochBatches
 from finetune.budget import BudgetPlanner, Schedule, parse_duration
-from finetune.data import Collate, encode_row, load_rows
+from finetune.data import IGNORE_INDEX, Collate, encode_row, load_rows
 from finetune.loop import Progress, fit
 from finetune.plot import plot_metrics
 from finetune.state import find_resume_dir, load_state, save_state
@@ -106,6 +106,16 @@ def load_training_rows(data: DataArgs, tokenizer: Tokenizer, seed: int) -> tuple
         val_rows, rows = rows[:n_val], rows[n_val:]
         card["val_split"] = {"fraction": data.val_fraction, "rows": len(val_rows)}
     return rows, val_rows, card, template
+
+
+def keep_trainable(encoded: list[dict], max_seq_length: int, fabric: L.Fabric) -> list[dict]:
+    """Drop rows whose response was cut off entirely by ``max_seq_length`` (nothing to learn; NaN loss)."""
+    kept = [e for e in encoded if bool((e["labels"] != IGNORE_INDEX).any())]
+    if not kept and encoded:
+        raise ValueError(f"data.max_seq_length: {max_seq_length} tokens leave no response tokens in any row; raise it")
+    if dropped := len(encoded) - len(kept):
+        fabric.print(f"dropped {dropped} of {len(encoded)} rows: their prompt fills all {max_seq_length} tokens (data.max_seq_length)")
+    return kept
 
 
 class MetricsLog:
@@ -208,10 +218,10 @@ def run(
     rows, val_rows, card, template = load_training_rows(data, tokenizer, seed)
     style = get_style(template)
     encode = lambda r: encode_row(r, tokenizer, style, data.max_seq_length, data.mask_prompt)  # noqa: E731
-    train_set = [encode(r) for r in rows]
+    train_set = keep_trainable([encode(r) for r in rows], data.max_seq_length, fabric)
     collate = Collate(pad_id=0)
     to_device = lambda b: {k: v.to(fabric.device) for k, v in b.items()}  # noqa: E731
-    val_encoded = [encode(r) for r in val_rows]
+    val_encoded = keep_trainable([encode(r) for r in val_rows], data.max_seq_length, fabric)
     mb = train.micro_batch_size
     val_batches = [to_device(collate(val_encoded[i : i + mb])) for i in range(0, len(val_encoded), mb)][: eval.max_iters]
 

@@ -159,3 +159,30 @@ def test_quantize_is_refused_on_cpu_and_for_full(tiny, tmp_path):
 
     with pytest.raises(ValueError, match="full finetuning"):
         make_fabric("bf16-true", "bnb.nf4", METHODS["full"], tmp_path)
+
+
+def test_a_recipe_run_records_its_data_card_and_template(tiny, tmp_path):
+    from finetune.recipes import build, load_recipe
+
+    base_dir, train_file = tiny
+    recipe_path = tmp_path / "mix.yaml"
+    recipe_path.write_text(
+        "name: local-mix\ntemplate: alpaca\nseed: 3\nsources:\n"
+        f"  - name: tiny\n    dataset: json\n    data_files: {train_file}\n    license: apache-2.0\n    max_rows: 200\n"
+        "    fields: {instruction: instruction, input: input, output: output}\n"
+    )
+    final = lora.setup(
+        checkpoint_dir=base_dir, out_dir=tmp_path / "run", data=DataArgs(recipe=recipe_path, max_seq_length=128),
+        train=small_train(max_steps=2), eval=EvalArgs(interval=0),
+    )
+    card = json.loads((final / "data_card.json").read_text())
+    rows, expected = build(load_recipe(recipe_path), count_tokens=lambda text: 0)
+    assert card["rows_sha256"] == expected["rows_sha256"] and card["sources"][0]["license"] == "apache-2.0"
+    assert type(__import__("core.prompts", fromlist=["load_style"]).load_style(final)).__name__ == "Alpaca"  # the recipe's template
+
+
+def test_rows_without_response_tokens_are_dropped_or_refused(tiny, tmp_path):
+    base_dir, train_file = tiny
+    with pytest.raises(ValueError, match="data.max_seq_length: 8 tokens leave no response tokens"):
+        lora.setup(checkpoint_dir=base_dir, out_dir=tmp_path / "r", data=DataArgs(train_file=train_file, max_seq_length=8),
+                   train=small_train(max_steps=1), eval=EvalArgs(interval=0))
