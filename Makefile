@@ -20,13 +20,15 @@ QUANTIZE ?=
 RUN      ?= out/finetune/$(METHOD)-$(notdir $(MODEL))
 MERGED   ?= checkpoints/$(notdir $(MODEL))-$(METHOD)
 EXPORT   ?= out/export/$(notdir $(MERGED))
+WEIGHTS_REPO ?=
+ZIP      ?= dist/submission.zip
 CKPT     ?= $(MERGED)
 HOST     ?= 127.0.0.1
 PORT     ?= 8080
 ALLOW_UNLISTED ?= 0
 ARGS     ?=
 
-.PHONY: help setup tiny demo test download convert finetune merge export serve models clean
+.PHONY: help setup tiny demo test download convert finetune merge export serve submission models clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -68,6 +70,10 @@ merge: setup ## merge RUN/final (LoRA; a full finetune is copied) into the stand
 
 export: setup ## export the merged checkpoint MERGED to Hugging Face format in EXPORT (for vLLM etc.)
 	$(PYTHON) -m finetune.export_hf --checkpoint_dir $(MERGED) --out_dir $(EXPORT) $(ARGS)
+
+submission: setup ## the leaderboard zip for RUN/final (weights from WEIGHTS_REPO=<hf org/name> of the exported model)
+	@if [ -z "$(WEIGHTS_REPO)" ]; then echo "error: set WEIGHTS_REPO=<hf org/name> where you uploaded the merged model (make export; huggingface-cli upload)"; exit 2; fi
+	$(PYTHON) -m submission.package --run_dir $(RUN)/final --weights_repo $(WEIGHTS_REPO) --out $(ZIP) $(ARGS)
 
 serve: setup ## serve CKPT on HOST:PORT (default 127.0.0.1:8080)
 	$(PYTHON) -m server --checkpoint_dir $(CKPT) --host $(HOST) --port $(PORT) $(ARGS)

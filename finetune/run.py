@@ -36,6 +36,7 @@ from finetune.budget import BudgetPlanner, Schedule, parse_duration
 from finetune.data import IGNORE_INDEX, Collate, encode_row, load_rows
 from finetune.loop import Progress, fit
 from finetune.plot import plot_metrics
+from finetune.provenance import build_manifest
 from finetune.state import find_resume_dir, load_state, save_state
 
 QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training")
@@ -259,6 +260,7 @@ def run(
     final_dir = out_dir / "final"
     hparams["trained"] = {"steps": progress.step, "tokens": progress.tokens, "seconds": round(progress.elapsed_s, 1), "stopped_by_time": progress.stopped_by_time}
     save_servable(model, method, final_dir, checkpoint_dir, template, hparams, card)
+    (final_dir / "submission.json").write_text(json.dumps(build_manifest(hparams, card), indent=2))
     plot_metrics(metrics.path, out_dir / "loss.png")
     fabric.print(
         f"done: {progress.step} steps, {progress.tokens:,} tokens in {progress.elapsed_s:.1f}s "

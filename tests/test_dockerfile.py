@@ -8,8 +8,8 @@ from core.paths import REPO_ROOT
 WEIGHT_PATTERNS = (".pth", ".safetensors", ".bin", ".gguf", "checkpoints/", "out/")
 
 
-def instructions() -> list[tuple[str, str]]:
-    text = (REPO_ROOT / "Dockerfile").read_text()
+def instructions(path=REPO_ROOT / "Dockerfile") -> list[tuple[str, str]]:
+    text = path.read_text()
     text = re.sub(r"\\\n", " ", text)  # join continuation lines
     rows = []
     for line in text.splitlines():

@@ -1,0 +1,1 @@
+"""Last-mile tooling: the submission zip, its reproduction, HELM and eval-time checks."""

@@ -1,0 +1,97 @@
+"""Rebuild a submitted model from its ``submission.json``: what ``Dockerfile.train`` runs, step by step.
+
+    python -m submission.reproduce download   # the base model from the manifest (core.hub)
+    python -m submission.reproduce data       # the recipe's datasets; the rows must hash as recorded
+    python -m submission.reproduce finetune   # the recorded method, config, seed and time budget
+    python -m submission.reproduce merge      # a standalone checkpoint (LoRA merged, full copied)
+
+Each step reads ``submission.json`` (and ``submission/recipe.yaml`` or ``submission/train.jsonl``,
+which ``make submission`` packs) and writes under ``--out_dir`` (default ``out/reproduce``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from core.paths import CHECKPOINTS_DIR
+
+RECIPE = Path("submission/recipe.yaml")
+TRAIN_FILE = Path("submission/train.jsonl")
+
+
+def _manifest(path: Path) -> dict:
+    if not Path(path).is_file():
+        raise SystemExit(f"error: {path} not found; run from the unpacked submission (it holds submission.json)")
+    return json.loads(Path(path).read_text())
+
+
+def _data_args(manifest: dict):
+    from finetune.run import DataArgs
+
+    recorded = dict(manifest["finetune"]["data"])
+    if manifest["data"].get("recipe"):
+        recorded.update(recipe=RECIPE, train_file=None)
+    else:
+        recorded.update(train_file=TRAIN_FILE, recipe=None)
+    recorded = {k: Path(v) if k in ("train_file", "recipe", "val_file") and v else v for k, v in recorded.items()}
+    return DataArgs(**recorded)
+
+
+def download(manifest: Path = Path("submission.json"), checkpoint_dir: Path = CHECKPOINTS_DIR) -> None:
+    """Download and convert the base model named in the manifest."""
+    from core.hub import download as hub_download
+
+    base = _manifest(manifest)["base_model"]["repo_id"]
+    print(f"base model: {hub_download(base, checkpoint_dir)}")
+
+
+def data(manifest: Path = Path("submission.json")) -> None:
+    """Load the training data and check it is exactly what the original run used."""
+    m = _manifest(manifest)
+    card = m["data"]["card"]
+    if m["data"].get("recipe"):
+        from finetune.recipes import build, load_recipe
+
+        _, rebuilt = build(load_recipe(RECIPE), count_tokens=None)
+        got, want = rebuilt["rows_sha256"], card.get("rows_sha256")
+    else:
+        got, want = hashlib.sha256(TRAIN_FILE.read_bytes()).hexdigest(), card.get("sha256")
+    if got != want:
+        raise SystemExit(f"error: the training rows hash to {got}, the submission recorded {want}: the data changed upstream")
+    print(f"data verified: sha256 {got}")
+
+
+def finetune(manifest: Path = Path("submission.json"), out_dir: Path = Path("out/reproduce"), checkpoint_dir: Path = CHECKPOINTS_DIR) -> None:
+    """Run the recorded finetune (same method, config, seed and budget; resumes if interrupted)."""
+    from litgpt.args import EvalArgs, TrainArgs
+
+    from core.methods import METHODS
+    from finetune.run import run
+
+    m = _manifest(manifest)
+    hp = m["finetune"]
+    method = METHODS[hp["method"]]
+    run(
+        method, method.config_kwargs(hp), checkpoint_dir / m["base_model"]["repo_id"], out_dir, hp["precision"], hp.get("quantize"),
+        hp["seed"], hp["lr"], hp["weight_decay"], hp["max_time"], "auto", _data_args(m), TrainArgs(**hp["train"]), EvalArgs(**hp["eval"]),
+    )
+
+
+def merge(manifest: Path = Path("submission.json"), out_dir: Path = Path("out/reproduce")) -> None:
+    """Write the standalone checkpoint the eval image would serve."""
+    from core.methods import METHODS
+    from finetune.merge import merge as merge_run
+
+    method = METHODS[_manifest(manifest)["finetune"]["method"]]
+    if not method.mergeable:
+        print(f"{method.name} is served unmerged: {out_dir / 'final'}")
+        return
+    print(f"merged checkpoint: {merge_run(out_dir / 'final', out_dir=out_dir / 'merged')}")
+
+
+if __name__ == "__main__":
+    from jsonargparse import auto_cli
+
+    auto_cli({"download": download, "data": data, "finetune": finetune, "merge": merge}, as_positional=False)

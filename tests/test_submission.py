@@ -1,0 +1,150 @@
+"""make submission: the zip the bot builds, its refusals, submission.json, and Dockerfile.train's replay."""
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import zipfile
+
+import pytest
+import torch
+from litgpt.args import EvalArgs, TrainArgs
+
+from core.paths import REPO_ROOT
+from finetune.lora import LoRAArgs, setup
+from finetune.run import DataArgs
+from submission import reproduce
+from submission.package import SubmissionError, package
+from tests.test_dockerfile import instructions
+
+WEIGHTS_REPO = "someone/tiny-merged"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(make_tiny_checkpoint, tmp_path_factory):
+    base = make_tiny_checkpoint()
+    root = tmp_path_factory.mktemp("submission_run")
+    final = setup(
+        checkpoint_dir=base, out_dir=root / "run", lora=LoRAArgs(r=4, alpha=8),
+        data=DataArgs(train_file=base.parent / "data" / "train.jsonl", max_seq_length=64),
+        train=TrainArgs(save_interval=None, log_interval=10, global_batch_size=4, micro_batch_size=4, lr_warmup_steps=1, max_steps=3),
+        eval=EvalArgs(interval=0),
+    )
+    return base, final
+
+
+def test_submission_json_is_complete_and_hashes_match_the_data_card(tiny_run):
+    base, final = tiny_run
+    m = json.loads((final / "submission.json").read_text())
+    assert m["base_model"] == {"repo_id": "tiny", "litgpt_config": "tiny", "license": "apache-2.0", "in_manifest": True}
+    assert m["method"] == "lora" and m["seed"] == 1337 and m["template"] == "qa"
+    assert m["finetune"]["lora_r"] == 4 and m["finetune"]["train"]["max_steps"] == 3
+    assert re.fullmatch(r"[0-9a-f]{40}", m["versions"]["onegpu"]["sha"])
+    for key in ("litgpt", "torch", "lightning", "python"):
+        assert m["versions"][key]
+    assert "cuda" in m["versions"] and "gpu" in m["hardware"]
+    assert m["training"]["steps"] == 3 and m["training"]["seconds"] > 0
+    train_file = base.parent / "data" / "train.jsonl"
+    assert m["data"]["card"]["sha256"] == hashlib.sha256(train_file.read_bytes()).hexdigest()
+    assert m["data"]["card"] == json.loads((final / "data_card.json").read_text())
+
+
+def test_zip_has_one_dockerfile_no_weights_and_points_at_the_model(tiny_run, tmp_path):
+    _, final = tiny_run
+    path = package(final, WEIGHTS_REPO, tmp_path / "submission.zip")
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        dockerfiles = [n for n in names if n.rsplit("/", 1)[-1] == "Dockerfile"]
+        assert dockerfiles == ["Dockerfile"]
+        assert not any(n.endswith((".pth", ".safetensors", ".bin", ".lora")) or n.startswith(("checkpoints/", "out/", ".venv/")) for n in names)
+        dockerfile = zf.read("Dockerfile").decode()
+        assert f"ARG MODEL_REPO={WEIGHTS_REPO}" in dockerfile and "ARG MODEL_NAME=tiny" in dockerfile
+        assert json.loads(zf.read("serve_config.json"))["weights_repo"] == WEIGHTS_REPO
+        assert zf.read("submission.json") == (final / "submission.json").read_bytes()
+        assert {"Dockerfile.train", "submission/train.jsonl", "server/app.py", "checkpoints_manifest.json"} <= set(names)
+        assert max(i.file_size for i in zf.infolist()) <= 5 * 2**20
+    assert package(final, WEIGHTS_REPO, tmp_path / "again.zip").read_bytes() == path.read_bytes()  # deterministic
+
+
+@pytest.fixture
+def fake_repo(tmp_path):
+    """A minimal git checkout to plant problems in."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(REPO_ROOT / "Dockerfile", repo / "Dockerfile")
+    (repo / "app.py").write_text("print('hi')\n")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+
+    def add(name: str, data: bytes | str) -> None:
+        path = repo / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+        subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+
+    add("README.md", "ok\n")
+    return repo, add
+
+
+def test_fake_repo_packs_cleanly(tiny_run, fake_repo, tmp_path):
+    repo, _ = fake_repo
+    package(tiny_run[1], WEIGHTS_REPO, tmp_path / "ok.zip", repo_root=repo)
+
+
+@pytest.mark.parametrize(
+    "name, data, fragment",
+    [
+        ("tools/Dockerfile", "FROM scratch\n", "exactly one"),
+        ("config.py", "x = 1\nHF_TOKEN = 'hf_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7'\n", "config.py:2: looks like a Hugging Face token"),
+        # (fake secrets are assembled at run time, so this file itself passes the scan)
+        ("train.sh", "wandb " + "login " + "0123456789abcdef" * 2 + "01234567\n", "train.sh:1: looks like a Weights & Biases"),
+        ("deploy/id_rsa", "-----BEGIN OPENSSH " + "PRIVATE KEY-----\nabc\n", "deploy/id_rsa:1: looks like a private key"),
+        ("data/big.txt", b"x" * (6 * 2**20), "data/big.txt: 6.0 MiB is over"),
+        ("model.safetensors", b"\0" * 10, "weight files never go in the zip"),
+    ],
+)
+def test_each_problem_is_refused_naming_the_file(tiny_run, fake_repo, tmp_path, name, data, fragment):
+    repo, add = fake_repo
+    add(name, data)
+    with pytest.raises(SubmissionError, match=re.escape(fragment)):
+        package(tiny_run[1], WEIGHTS_REPO, tmp_path / "refused.zip", repo_root=repo)
+    assert not (tmp_path / "refused.zip").exists()  # nothing written
+
+
+def test_unlisted_base_and_bad_weights_repo_are_refused(tiny_run, tmp_path):
+    _, final = tiny_run
+    with pytest.raises(SubmissionError, match="weights_repo"):
+        package(final, "not a repo id", tmp_path / "x.zip")
+    run = tmp_path / "run"
+    shutil.copytree(final, run)
+    m = json.loads((run / "submission.json").read_text())
+    m["base_model"]["repo_id"] = "someone/instruct-model"
+    (run / "submission.json").write_text(json.dumps(m))
+    with pytest.raises(SubmissionError, match="not an approved model"):
+        package(run, WEIGHTS_REPO, tmp_path / "x.zip")
+
+
+def test_dockerfile_train_names_every_step_in_order():
+    ops = instructions(REPO_ROOT / "Dockerfile.train")
+    assert [rest for op, rest in ops if op == "FROM"][0].lower().count("cuda") == 1
+    assert ("COPY", ". .") in ops
+    cmd = [rest for op, rest in ops if op == "CMD"]
+    assert len(cmd) == 1
+    steps = re.findall(r"python -m submission\.reproduce (\w+)", cmd[0])
+    assert steps == ["download", "data", "finetune", "merge"]
+    assert not any(op in ("ARG", "ENV") and "TOKEN" in rest.upper() for op, rest in ops)
+    assert "bitsandbytes" in " ".join(rest for op, rest in ops if op == "RUN")  # QLoRA runs need it
+
+
+def test_reproduction_from_the_zip_gives_the_same_adapter(tiny_run, tmp_path, monkeypatch):
+    base, final = tiny_run
+    with zipfile.ZipFile(package(final, WEIGHTS_REPO, tmp_path / "s.zip")) as zf:
+        zf.extractall(tmp_path / "unpacked")
+    monkeypatch.chdir(tmp_path / "unpacked")
+    reproduce.data()
+    reproduce.finetune(out_dir=tmp_path / "repro", checkpoint_dir=base.parent)
+    reproduce.merge(out_dir=tmp_path / "repro")
+    original = torch.load(final / "lit_model.pth.lora", weights_only=True)["model"]
+    rebuilt = torch.load(tmp_path / "repro" / "final" / "lit_model.pth.lora", weights_only=True)["model"]
+    assert original.keys() == rebuilt.keys() and all(torch.equal(original[k], rebuilt[k]) for k in original)
+    assert (tmp_path / "repro" / "merged" / "lit_model.pth").is_file()
