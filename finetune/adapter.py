@@ -18,41 +18,49 @@ from finetune.adapter_args import AdapterArgs
 from finetune.run import DataArgs, run
 
 
-def setup(
-    checkpoint_dir: Path = Path("checkpoints/tiny"),
-    out_dir: Path = Path("out/finetune/adapter-tiny"),
-    precision: str | None = None,
-    quantize: str | None = None,
-    seed: int = 1337,
-    lr: float = 3e-3,
-    weight_decay: float = 0.0,
-    max_time: str = "24h",
-    resume: bool | str | Path = False,
-    adapter: AdapterArgs = AdapterArgs(),
-    data: DataArgs = DataArgs(),
-    train: TrainArgs = TrainArgs(
-        save_interval=None, log_interval=50, global_batch_size=16, micro_batch_size=16, lr_warmup_steps=40, max_steps=800, max_norm=1.0
-    ),
-    eval: EvalArgs = EvalArgs(interval=200, max_iters=10),
-) -> Path:
-    """Finetune ``checkpoint_dir`` with adapter; returns the final directory.
+def setup_for(method: str):
+    """The typed ``setup`` CLI function for ``adapter`` or ``adapter_v2`` (they share every option)."""
 
-    Args:
-        checkpoint_dir: converted base checkpoint.
-        out_dir: where step checkpoints, ``final/``, metrics.csv and loss.png go.
-        precision: Fabric precision; default bf16-true on GPUs that support it, else 32-true.
-        quantize: keep the frozen base in bitsandbytes 4/8 bit (CUDA only), as for QLoRA.
-        seed: seeds data order and adapter init.
-        lr: peak learning rate (linear warmup, then cosine decay to 0).
-        weight_decay: AdamW weight decay.
-        max_time: wall-clock budget ("24h", "90m", ...), counted across resumes; see finetune.lora.
-        resume: "auto", a step directory, or false; see finetune.lora.
-        adapter: prefix length and first layer with an adapter.
-        data: training data (a local file or a recipe) and its template.
-        train: batch sizes, steps or epochs, warmup, clipping, log and save intervals (litgpt's TrainArgs).
-        eval: validation interval and number of batches (litgpt's EvalArgs).
-    """
-    return run(METHODS["adapter"], adapter.as_config(), checkpoint_dir, out_dir, precision, quantize, seed, lr, weight_decay, max_time, resume, data, train, eval)
+    def setup(
+        checkpoint_dir: Path = Path("checkpoints/tiny"),
+        out_dir: Path = Path(f"out/finetune/{method}-tiny"),
+        precision: str | None = None,
+        quantize: str | None = None,
+        seed: int = 1337,
+        lr: float = 3e-3,
+        weight_decay: float = 0.0,
+        max_time: str = "24h",
+        resume: bool | str | Path = False,
+        adapter: AdapterArgs = AdapterArgs(),
+        data: DataArgs = DataArgs(),
+        train: TrainArgs = TrainArgs(
+            save_interval=None, log_interval=50, global_batch_size=16, micro_batch_size=16, lr_warmup_steps=40, max_steps=800, max_norm=1.0
+        ),
+        eval: EvalArgs = EvalArgs(interval=200, max_iters=10),
+    ) -> Path:
+        """Finetune ``checkpoint_dir`` with this LLaMA-Adapter method; returns the final directory.
+
+        Args:
+            checkpoint_dir: converted base checkpoint.
+            out_dir: where step checkpoints, ``final/``, metrics.csv and loss.png go.
+            precision: Fabric precision; default bf16-true on GPUs that support it, else 32-true.
+            quantize: keep the frozen base in bitsandbytes 4/8 bit (CUDA only), as for QLoRA.
+            seed: seeds data order and adapter init.
+            lr: peak learning rate (linear warmup, then cosine decay to 0).
+            weight_decay: AdamW weight decay.
+            max_time: wall-clock budget ("24h", "90m", ...), counted across resumes; see finetune.lora.
+            resume: "auto", a step directory, or false; see finetune.lora.
+            adapter: prefix length and first layer with an adapter.
+            data: training data (a local file or a recipe) and its template.
+            train: batch sizes, steps or epochs, warmup, clipping, log and save intervals (litgpt's TrainArgs).
+            eval: validation interval and number of batches (litgpt's EvalArgs).
+        """
+        return run(METHODS[method], adapter.as_config(), checkpoint_dir, out_dir, precision, quantize, seed, lr, weight_decay, max_time, resume, data, train, eval)
+
+    return setup
+
+
+setup = setup_for("adapter")
 
 
 if __name__ == "__main__":

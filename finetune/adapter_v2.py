@@ -3,57 +3,13 @@
     python -m finetune.adapter_v2 --checkpoint_dir checkpoints/tiny --data.train_file data/generated/tiny/train.jsonl
 
 Trains the adapter prefixes plus per-layer bias and scale terms and the norms; ``final/`` holds
-``lit_model.pth.adapter_v2``. Adapters cannot be folded into the base weights: serve the run directory
-itself (``make serve CKPT=<out_dir>/final``), which loads base + adapter.
+``lit_model.pth.adapter_v2``. Options are those of ``finetune.adapter``. Adapters cannot be folded
+into the base weights: serve the run directory itself (``make serve CKPT=<out_dir>/final``).
 """
 
-from __future__ import annotations
+from finetune.adapter import setup_for
 
-from pathlib import Path
-
-from litgpt.args import EvalArgs, TrainArgs
-
-from core.methods import METHODS
-from finetune.adapter_args import AdapterArgs
-from finetune.run import DataArgs, run
-
-
-def setup(
-    checkpoint_dir: Path = Path("checkpoints/tiny"),
-    out_dir: Path = Path("out/finetune/adapter_v2-tiny"),
-    precision: str | None = None,
-    quantize: str | None = None,
-    seed: int = 1337,
-    lr: float = 3e-3,
-    weight_decay: float = 0.0,
-    max_time: str = "24h",
-    resume: bool | str | Path = False,
-    adapter: AdapterArgs = AdapterArgs(),
-    data: DataArgs = DataArgs(),
-    train: TrainArgs = TrainArgs(
-        save_interval=None, log_interval=50, global_batch_size=16, micro_batch_size=16, lr_warmup_steps=40, max_steps=800, max_norm=1.0
-    ),
-    eval: EvalArgs = EvalArgs(interval=200, max_iters=10),
-) -> Path:
-    """Finetune ``checkpoint_dir`` with adapter_v2; returns the final directory.
-
-    Args:
-        checkpoint_dir: converted base checkpoint.
-        out_dir: where step checkpoints, ``final/``, metrics.csv and loss.png go.
-        precision: Fabric precision; default bf16-true on GPUs that support it, else 32-true.
-        quantize: keep the frozen base in bitsandbytes 4/8 bit (CUDA only), as for QLoRA.
-        seed: seeds data order and adapter init.
-        lr: peak learning rate (linear warmup, then cosine decay to 0).
-        weight_decay: AdamW weight decay.
-        max_time: wall-clock budget ("24h", "90m", ...), counted across resumes; see finetune.lora.
-        resume: "auto", a step directory, or false; see finetune.lora.
-        adapter: prefix length and first layer with an adapter.
-        data: training data (a local file or a recipe) and its template.
-        train: batch sizes, steps or epochs, warmup, clipping, log and save intervals (litgpt's TrainArgs).
-        eval: validation interval and number of batches (litgpt's EvalArgs).
-    """
-    return run(METHODS["adapter_v2"], adapter.as_config(), checkpoint_dir, out_dir, precision, quantize, seed, lr, weight_decay, max_time, resume, data, train, eval)
-
+setup = setup_for("adapter_v2")
 
 if __name__ == "__main__":
     from jsonargparse import CLI
