@@ -92,11 +92,12 @@ def query_server(checkpoint_dir: Path, example: dict) -> None:
         print("\nserver stopped")
 
 
-def main(steps: int = 800, max_time: str = "3m", out_dir: Path = OUT_DIR / "demo") -> None:
+def main(steps: int = 800, lr: float = 1e-3, max_time: str = "3m", out_dir: Path = OUT_DIR / "demo") -> None:
     """Run the demo.
 
     Args:
         steps: LoRA optimizer steps (batch 16).
+        lr: peak learning rate.
         max_time: wall-clock budget for finetuning; the run stops early and saves when it is spent.
         out_dir: where the LoRA run writes its logs and adapter.
     """
@@ -115,6 +116,7 @@ def main(steps: int = 800, max_time: str = "3m", out_dir: Path = OUT_DIR / "demo
         checkpoint_dir=TINY_DIR,
         out_dir=out_dir,
         max_time=max_time,
+        lr=lr,
         data=DataArgs(train_file=TINY_DATA_DIR / "train.jsonl", prompt_style=TEMPLATE),
         **_train_args(steps),
     )
