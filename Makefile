@@ -25,10 +25,14 @@ ZIP      ?= dist/submission.zip
 CKPT     ?= $(MERGED)
 HOST     ?= 127.0.0.1
 PORT     ?= 8080
+URL      ?= http://127.0.0.1:8080
 ALLOW_UNLISTED ?= 0
+HELM_VENV ?= .venv-helm
+HELM_MAX_EVAL ?= 1000
+SUITE    ?= onegpu
 ARGS     ?=
 
-.PHONY: help setup tiny demo test download convert finetune merge export serve submission models clean
+.PHONY: help setup tiny demo test download convert finetune merge export serve submission models clean eval-time helm
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -77,6 +81,12 @@ submission: setup ## the leaderboard zip for RUN/final (weights from WEIGHTS_REP
 
 serve: setup ## serve CKPT on HOST:PORT (default 127.0.0.1:8080)
 	$(PYTHON) -m server --checkpoint_dir $(CKPT) --host $(HOST) --port $(PORT) $(ARGS)
+
+eval-time: setup ## project HELM's eval time from a server running at URL (make serve first): OK/OVER per set
+	$(PYTHON) -m submission.eval_time --url $(URL) $(ARGS)
+
+helm: setup ## run HELM (neurips/local) on the challenge specs against the server at HOST:PORT into out/helm: make helm HELM_MAX_EVAL=2
+	$(PYTHON) -m submission.helm --server_url http://$(HOST):$(PORT) --suite $(SUITE) --max_eval_instances $(HELM_MAX_EVAL) --venv $(HELM_VENV) $(ARGS)
 
 models: setup ## list the approved base models and whether they fit each track
 	@$(PYTHON) -m core.manifest
