@@ -128,9 +128,11 @@ def test_budget_stops_the_run_and_the_final_checkpoint_serves(small_data, tmp_pa
     trained = __import__("yaml").safe_load((final / "hyperparameters.yaml").read_text())["trained"]
     elapsed = [float(r["elapsed_s"]) for r in csv.DictReader((tmp_path / "budget" / "metrics.csv").open())]
     longest_step = max(b - a for a, b in zip([0.0] + elapsed, elapsed))
-    # No step starts once the last step's duration would cross the budget, so the run ends within one
-    # (unforeseeably slow) step of it.
-    assert trained["stopped_by_time"] and 0 < trained["steps"] < 100_000
+    # The budget cut the 100k-step plan short: either the time check stopped the loop, or (once the
+    # first steps were measured) the schedule was shortened to end inside the budget. No step starts
+    # once the last step's duration would cross the budget, so the run ends within one (unforeseeably
+    # slow) step of it.
+    assert 0 < trained["steps"] < 100_000
     assert trained["seconds"] <= 4.0 + longest_step
     merged = merge(final, out_dir=tmp_path / "merged")
     request = ProcessRequest(prompt="Is 3 even or odd?\nAnswer:", temperature=0, max_new_tokens=3, echo_prompt=True)
