@@ -193,3 +193,18 @@ def test_rows_without_response_tokens_are_dropped_or_refused(tiny, tmp_path):
     with pytest.raises(ValueError, match="data.max_seq_length: 8 tokens leave no response tokens"):
         lora.setup(checkpoint_dir=base_dir, out_dir=tmp_path / "r", data=DataArgs(train_file=train_file, max_seq_length=8),
                    train=small_train(max_steps=1), eval=EvalArgs(interval=0))
+
+
+def test_planner_shortens_the_schedule_to_the_budget_and_warns(capsys):
+    planner = BudgetPlanner(max_seconds=100.0, planned_steps=1000, measure_steps=4, skip_steps=2)
+    answers = [planner.observe(step, elapsed=0.5 * step, tokens_per_step=1000) for step in range(1, 7)]
+    assert answers[:5] == [None] * 5  # measuring
+    fits = answers[5]
+    assert planner.sec_per_step == pytest.approx(0.5)
+    assert fits == 6 + int((100 - 3.0 - planner.reserve_s) / 0.5) < 1000
+    out = capsys.readouterr().out
+    assert "budget plan: 0.500 s/step" in out and "does not fit the budget" in out
+    schedule = Schedule(1000, 10)
+    schedule.total_steps = fits
+    assert schedule.factor(fits) == 0.0 and schedule.factor(10) == 1.0  # the cosine now ends inside the budget
+    assert not planner.out_of_time(90.0) and planner.out_of_time(99.0)
