@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
-from litgpt import GPT, Config
+from litgpt import GPT
 from lightning.fabric.plugins import BitsandbytesPrecision
 
 from core.checkpoints import WEIGHTS, CheckpointError, load_config, verify_checkpoint
