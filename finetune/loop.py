@@ -94,7 +94,7 @@ def fit(
             with fabric.no_backward_sync(model, enabled=micro < accumulate - 1):
                 loss = batch_loss(model, batch)
                 fabric.backward(loss / accumulate)
-            step_tokens += int(batch["mask"].sum())
+            step_tokens += int(batch["mask"].sum())  # a CPU tensor: no device sync
         if train.max_norm is not None:
             fabric.clip_gradients(model, optimizer, max_norm=train.max_norm, error_if_nonfinite=False)
         optimizer.step()

@@ -221,7 +221,8 @@ def run(
     encode = lambda r: encode_row(r, tokenizer, style, data.max_seq_length, data.mask_prompt)  # noqa: E731
     train_set = keep_trainable([encode(r) for r in rows], data.max_seq_length, fabric)
     collate = Collate(pad_id=0)
-    to_device = lambda b: {k: v.to(fabric.device) for k, v in b.items()}  # noqa: E731
+    # The mask only counts tokens; it stays on the CPU so counting never waits for the GPU.
+    to_device = lambda b: {k: v if k == "mask" else v.to(fabric.device) for k, v in b.items()}  # noqa: E731
     val_encoded = keep_trainable([encode(r) for r in val_rows], data.max_seq_length, fabric)
     mb = train.micro_batch_size
     val_batches = [to_device(collate(val_encoded[i : i + mb])) for i in range(0, len(val_encoded), mb)][: eval.max_iters]
