@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import uvicorn
 
 from server.app import create_app
-from server.engine import SerialEngine
+from server.engine import make_engine
 from server.loading import load_generator
 
 
@@ -20,6 +21,12 @@ def serve(
     quantize: str | None = None,
     use_template: bool = False,
     base_checkpoint_dir: Path | None = None,
+    engine: str = "auto",
+    decode_rows: int = 32,
+    prompt_rows: int = 32,
+    prefill_tokens: int = 4096,
+    cuda_graphs: bool = True,
+    warmup: bool = True,
 ) -> None:
     """Serve ``/process``, ``/tokenize``, ``/decode`` and ``/health``.
 
@@ -35,14 +42,30 @@ def serve(
             Off by default because HELM sends complete few-shot prompts.
         base_checkpoint_dir: for an unmerged LoRA output (lit_model.pth.lora only): the base model, if it
             moved since training (default: as recorded in hyperparameters.yaml).
+        engine: "auto" (continuous batching unless the model needs the serial path, e.g. adapter
+            methods), "batched" or "serial" (one request at a time on litgpt's own forward).
+        decode_rows: sequences generated together (HELM sends 30 requests at once).
+        prompt_rows: KV-cache rows that hold computed prompts, reused for shared few-shot prefixes.
+            Both shrink to fit free GPU memory.
+        prefill_tokens: prompt tokens computed per forward pass; longer prompts are split.
+        cuda_graphs: replay each decode step as a CUDA graph (CUDA only).
+        warmup: capture every decode graph before accepting requests (~a few seconds per 10 graphs).
     """
     try:
         generator = load_generator(checkpoint_dir, device, dtype, quantize, use_template, base_checkpoint_dir)
+        options = dict(decode_rows=decode_rows, prompt_rows=prompt_rows, prefill_tokens=prefill_tokens, cuda_graphs=cuda_graphs)
+        served = make_engine(generator, engine, **options)
     except ValueError as e:  # includes CheckpointError: a clear one-line refusal, not a traceback
         raise SystemExit(f"error: {e}") from None
-    app = create_app(SerialEngine(generator), generator.codec, model_name=Path(checkpoint_dir).name)
+    if warmup and hasattr(served, "warmup"):
+        start = time.perf_counter()
+        graphs = served.warmup()
+        if graphs:
+            print(f"captured {graphs} decode graphs in {time.perf_counter() - start:.1f} s", flush=True)
+    app = create_app(served, generator.codec, model_name=Path(checkpoint_dir).name)
     mode = f"{quantize} ({generator.dtype} compute)" if quantize else str(generator.dtype)
-    print(f"serving {checkpoint_dir} on http://{host}:{port} ({generator.device}, {mode})", flush=True)
+    kind = type(served).__name__
+    print(f"serving {checkpoint_dir} on http://{host}:{port} ({generator.device}, {mode}, {kind})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -78,7 +78,8 @@ def create_app(engine: Engine, codec: Codec, model_name: str = "model") -> FastA
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ready", "model": model_name}
+        stats = getattr(engine, "stats", None)  # the batched engine's counters (prefix reuse, steps)
+        return {"status": "ready", "model": model_name, **({"engine": dict(stats)} if stats else {})}
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

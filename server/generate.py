@@ -31,25 +31,50 @@ class RequestTooLong(ValueError):
 
 
 @dataclass
-class _Sequence:
+class Sequence:
+    """One returned sequence while it is being generated."""
+
     stream: TextStream
     tokens: list[Token] = field(default_factory=list)
     text: str = ""  # continuation text (generated part only)
     done: bool = False
 
 
-def _top(stream: TextStream, logprobs: torch.Tensor, k: int) -> dict[str, float]:
-    if k <= 0:
-        return {}
-    values, ids = torch.topk(logprobs, k)
-    top: dict[str, float] = {}
-    for v, i in zip(values.tolist(), ids.tolist()):
-        top.setdefault(stream.peek(i), v)  # two ids with the same text: keep the likelier
-    return top
+@dataclass
+class Prompt:
+    """A request's prompt ids after templating and fitting, and what the response reports about them."""
+
+    ids: list[int]
+    dropped: int  # tokens cut from the left to fit the context
+    skip: int  # 1 when ids[0] is BOS (not returned by echo)
 
 
-def _sample(logits: torch.Tensor, req: ProcessRequest, generator: torch.Generator | None) -> torch.Tensor:
-    """Next ids (B,) from logits (B, V) under the request's sampling settings."""
+@dataclass
+class Picked:
+    """What the sampler chose for a batch of rows, already on the CPU (one device sync per step)."""
+
+    ids: list[int]
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]  # per row: (id, logprob) of the most likely, best first
+
+
+def fit_prompt(ids: list[int], block_size: int, bos_id: int | None, max_new_tokens: int) -> tuple[list[int], int]:
+    """Left-truncate ``ids`` (keeping BOS) so that ``max_new_tokens`` fit; returns (ids, dropped)."""
+    room = block_size - max_new_tokens
+    keep_bos = bool(ids) and bos_id is not None and ids[0] == bos_id
+    if room < 1 + int(keep_bos):
+        raise RequestTooLong(
+            f"max_new_tokens: {max_new_tokens} leaves no room for the prompt in this model's "
+            f"{block_size}-token context; ask for at most {block_size - 1 - int(keep_bos)}"
+        )
+    if len(ids) <= room:
+        return ids, 0
+    kept = ([ids[0]] if keep_bos else []) + ids[len(ids) - room + int(keep_bos) :]
+    return kept, len(ids) - len(kept)
+
+
+def sample(logits: torch.Tensor, req: ProcessRequest, generator: torch.Generator | None) -> torch.Tensor:
+    """Next ids (B,) from float logits (B, V) under the request's sampling settings."""
     if req.greedy:
         return logits.argmax(dim=-1)
     logits = logits / req.temperature
@@ -66,7 +91,46 @@ def _sample(logits: torch.Tensor, req: ProcessRequest, generator: torch.Generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _cut_at_stop(seq: _Sequence, stops: list[str], new_text_start: int) -> None:
+def new_generator(req: ProcessRequest, device: torch.device) -> torch.Generator | None:
+    """The request's own random stream (seeded when it asks), so batching never changes its samples."""
+    if req.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(req.seed if req.seed is not None else int(torch.randint(2**62, (1,)).item()))
+    return generator
+
+
+def pick(logits: torch.Tensor, groups: list[tuple[slice, ProcessRequest, torch.Generator | None]]) -> Picked:
+    """Sample every row of ``logits`` (B, V); ``groups`` says which rows belong to which request.
+
+    Greedy rows share one argmax; a sampled request draws its rows together from its own generator
+    (as when it runs alone). Logprobs are of the raw logits. Everything comes back in one transfer.
+    """
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    next_ids = logits.argmax(dim=-1)
+    for rows, req, generator in groups:
+        if not req.greedy:
+            next_ids[rows] = sample(logits[rows], req, generator)
+    chosen = logprobs.gather(1, next_ids[:, None])
+    k = min(max((req.top_k_per_token for _, req, _ in groups), default=0), logprobs.size(-1))
+    parts = [next_ids[:, None].to(logprobs.dtype), chosen]
+    if k > 0:
+        values, ids = torch.topk(logprobs, k, dim=-1)
+        parts += [ids.to(logprobs.dtype), values]
+    table = torch.cat(parts, dim=1).tolist()  # ids < 2**24 are exact in float32
+    top = [list(zip((int(i) for i in row[2 : 2 + k]), row[2 + k :])) for row in table]
+    return Picked(ids=[int(row[0]) for row in table], logprobs=[row[1] for row in table], top=top)
+
+
+def top_dict(stream: TextStream, top: list[tuple[int, float]], k: int) -> dict[str, float]:
+    result: dict[str, float] = {}
+    for i, v in top[:k]:
+        result.setdefault(stream.peek(i), v)  # two ids with the same text: keep the likelier
+    return result
+
+
+def cut_at_stop(seq: Sequence, stops: list[str], new_text_start: int) -> None:
     """If a stop sequence now appears in the continuation, cut text and tokens before it."""
     longest = max(len(s) for s in stops)
     search_from = max(0, new_text_start - longest + 1)
@@ -83,8 +147,66 @@ def _cut_at_stop(seq: _Sequence, stops: list[str], new_text_start: int) -> None:
     seq.tokens, seq.text, seq.done = kept, seq.text[:cut], True
 
 
+def advance(seq: Sequence, tid: int, logprob: float, top: list[tuple[int, float]], req: ProcessRequest, step: int, eos_id: int | None) -> None:
+    """Append generation step ``step``'s token to ``seq`` (EOS, stops and the last step handled)."""
+    if seq.done:
+        return
+    if tid == eos_id:
+        if (rest := seq.stream.flush()) and seq.tokens:  # an unfinished character before EOS
+            seq.tokens[-1] = seq.tokens[-1].model_copy(update={"text": seq.tokens[-1].text + rest})
+            seq.text += rest
+        seq.done = True
+        return
+    top_logprob = top_dict(seq.stream, top, req.top_k_per_token)
+    start = len(seq.text)
+    text = seq.stream.push(tid)
+    if step == req.max_new_tokens - 1:
+        text += seq.stream.flush()
+        seq.done = True
+    seq.tokens.append(Token(text=text, logprob=logprob, top_logprob=top_logprob))
+    seq.text += text
+    if req.stop_sequences and text:
+        cut_at_stop(seq, req.stop_sequences, start)
+
+
+def echo_tokens(codec: Codec, ids: list[int], skip: int, logits: torch.Tensor, k: int) -> tuple[list[Token], str]:
+    """Prompt tokens with the logprob each got from the tokens before it (``logits`` row i predicts i+1)."""
+    if len(ids) <= skip:
+        return [], ""
+    logprobs = torch.log_softmax(logits[: len(ids) - 1].float(), dim=-1)
+    targets = torch.tensor(ids[1:], device=logits.device)
+    chosen = logprobs.gather(1, targets[:, None]).squeeze(1).tolist() if len(ids) > 1 else []
+    k = min(k, logprobs.size(-1))
+    tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+    if k > 0 and chosen:
+        values, top_ids = torch.topk(logprobs, k, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())]
+    stream = codec.stream(ids[:skip])
+    tokens = []
+    for pos in range(skip, len(ids)):
+        if pos == 0:  # no BOS: nothing conditions the first token
+            top, lp = {}, 0.0
+        else:
+            top, lp = top_dict(stream, tops[pos - 1], k), chosen[pos - 1]
+        tokens.append(Token(text=stream.push(ids[pos]), logprob=lp, top_logprob=top))
+    tokens[-1].text += stream.flush()
+    return tokens, "".join(t.text for t in tokens)
+
+
+def completions(seqs: list[Sequence], echo: tuple[list[Token], str]) -> list[Completion]:
+    out = []
+    for seq in seqs:
+        tokens = echo[0] + seq.tokens
+        out.append(Completion(text=echo[1] + seq.text, tokens=tokens, logprob=sum(t.logprob for t in tokens)))
+    return out
+
+
 class Generator:
-    """Runs requests one at a time on one model (the engine decides the order)."""
+    """A model with its tokenizer and contract settings; runs requests one at a time on litgpt's forward.
+
+    The serial path is the reference the batched engine is tested against, and the fallback for
+    models the batched forward does not cover (adapter methods, exotic attention).
+    """
 
     def __init__(self, model: GPT, codec: Codec, prompt_style: PromptStyle | None = None, use_template: bool = False) -> None:
         """``use_template`` wraps every prompt in the checkpoint's training template. Off by default:
@@ -101,89 +223,44 @@ class Generator:
         self.block_size = model.config.block_size
 
     def fit_prompt(self, ids: list[int], max_new_tokens: int) -> tuple[list[int], int]:
-        """Left-truncate ``ids`` (keeping BOS) so that ``max_new_tokens`` fit; returns (ids, dropped)."""
-        room = self.block_size - max_new_tokens
-        keep_bos = bool(ids) and ids[0] == self.codec.bos_id and self.codec.bos_id is not None
-        if room < 1 + int(keep_bos):
-            raise RequestTooLong(
-                f"max_new_tokens: {max_new_tokens} leaves no room for the prompt in this model's "
-                f"{self.block_size}-token context; ask for at most {self.block_size - 1 - int(keep_bos)}"
-            )
-        if len(ids) <= room:
-            return ids, 0
-        kept = ([ids[0]] if keep_bos else []) + ids[len(ids) - room + int(keep_bos) :]
-        return kept, len(ids) - len(kept)
+        return fit_prompt(ids, self.block_size, self.codec.bos_id, max_new_tokens)
+
+    def prompt(self, req: ProcessRequest) -> Prompt:
+        """Template (if asked), encode and fit ``req``'s prompt; raises RequestTooLong."""
+        text = self.prompt_style.apply(req.prompt) if self.use_template else req.prompt
+        ids, dropped = self.fit_prompt(self.codec.encode(text), req.max_new_tokens)
+        skip = 1 if ids and self.codec.bos_id is not None and ids[0] == self.codec.bos_id else 0
+        return Prompt(ids=ids, dropped=dropped, skip=skip)
 
     @torch.inference_mode()
     def run(self, req: ProcessRequest) -> tuple[list[Completion], int]:
-        prompt = self.prompt_style.apply(req.prompt) if self.use_template else req.prompt
-        ids, dropped = self.fit_prompt(self.codec.encode(prompt), req.max_new_tokens)
-        n = req.n
-        skip = 1 if ids and ids[0] == self.codec.bos_id and self.codec.bos_id is not None else 0
+        p = self.prompt(req)
+        ids, n = p.ids, req.n
         if not ids:  # empty prompt on a model without BOS: nothing to condition on
-            return [Completion(text="", tokens=[], logprob=0.0) for _ in range(n)], dropped
+            return [Completion(text="", tokens=[], logprob=0.0) for _ in range(n)], p.dropped
 
         total = len(ids) + req.max_new_tokens
         self.model.set_kv_cache(batch_size=n, max_seq_length=total, device=self.device, dtype=self.dtype)
         try:
             prompt = torch.tensor([ids] * n, device=self.device)
             logits = self.model(prompt, input_pos=torch.arange(len(ids), device=self.device), input_pos_maxp1=len(ids))
-            echo = self._echo(ids, skip, logits[0], req) if req.echo_prompt else ([], "")
-            seqs = [_Sequence(stream=self.codec.stream(ids)) for _ in range(n)]
+            echo = echo_tokens(self.codec, ids, p.skip, logits[0], req.top_k_per_token) if req.echo_prompt else ([], "")
+            seqs = [Sequence(stream=self.codec.stream(ids)) for _ in range(n)]
             self._decode(seqs, logits[:, -1], len(ids), req)
         finally:
             self.model.clear_kv_cache()
+        return completions(seqs, echo), p.dropped
 
-        out = []
-        for seq in seqs:
-            tokens = echo[0] + seq.tokens
-            out.append(Completion(text=echo[1] + seq.text, tokens=tokens, logprob=sum(t.logprob for t in tokens)))
-        return out, dropped
-
-    def _echo(self, ids: list[int], skip: int, logits: torch.Tensor, req: ProcessRequest) -> tuple[list[Token], str]:
-        """Prompt tokens with the logprob each got from the tokens before it."""
-        logprobs = torch.log_softmax(logits.float(), dim=-1)  # row i predicts token i+1
-        stream = self.codec.stream(ids[:skip])
-        tokens = []
-        for pos in range(skip, len(ids)):
-            if pos == 0:
-                top, lp = {}, 0.0
-            else:
-                top, lp = _top(stream, logprobs[pos - 1], req.top_k_per_token), logprobs[pos - 1, ids[pos]].item()
-            tokens.append(Token(text=stream.push(ids[pos]), logprob=lp, top_logprob=top))
-        if tokens:
-            tokens[-1].text += stream.flush()
-        return tokens, "".join(t.text for t in tokens)
-
-    def _decode(self, seqs: list[_Sequence], logits: torch.Tensor, pos: int, req: ProcessRequest) -> None:
-        generator = None
-        if not req.greedy:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(req.seed if req.seed is not None else int(torch.randint(2**62, (1,)).item()))
+    def _decode(self, seqs: list[Sequence], logits: torch.Tensor, pos: int, req: ProcessRequest) -> None:
+        generator = new_generator(req, self.device)
+        rows = [(slice(0, len(seqs)), req, generator)]
         for step in range(req.max_new_tokens):
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            next_ids = _sample(logits.float(), req, generator)
+            picked = pick(logits, rows)
             for b, seq in enumerate(seqs):
-                if seq.done:
-                    continue
-                tid = int(next_ids[b])
-                if tid == self.codec.eos_id:
-                    if (rest := seq.stream.flush()) and seq.tokens:  # an unfinished character before EOS
-                        seq.tokens[-1] = seq.tokens[-1].model_copy(update={"text": seq.tokens[-1].text + rest})
-                        seq.text += rest
-                    seq.done = True
-                    continue
-                top = _top(seq.stream, logprobs[b], req.top_k_per_token)
-                start = len(seq.text)
-                text = seq.stream.push(tid)
-                if step == req.max_new_tokens - 1:
-                    text += seq.stream.flush()
-                seq.tokens.append(Token(text=text, logprob=logprobs[b, tid].item(), top_logprob=top))
-                seq.text += text
-                if req.stop_sequences and text:
-                    _cut_at_stop(seq, req.stop_sequences, start)
-            if all(s.done for s in seqs) or step == req.max_new_tokens - 1:
+                advance(seq, picked.ids[b], picked.logprobs[b], picked.top[b], req, step, self.codec.eos_id)
+            if all(s.done for s in seqs):
                 break
+            next_ids = torch.tensor(picked.ids, device=self.device)
             logits = self.model(
                 next_ids.view(-1, 1), input_pos=torch.tensor([pos], device=self.device), input_pos_maxp1=pos + 1
             )[:, -1]

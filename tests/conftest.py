@@ -18,8 +18,9 @@ make_tiny_checkpoint (session)
     ``tokenizer="sentencepiece"`` the same weights with a sentencepiece ``tokenizer.model`` trained on
     the same text instead. Built once per kind per session; read-only for tests.
 serve (function)
-    Factory ``serve(checkpoint_dir, **load_generator_kwargs) -> TestClient``: the real FastAPI app
-    with the serial engine over that checkpoint, on CPU; closed at the end of the test.
+    Factory ``serve(checkpoint_dir, engine="auto", **load_generator_kwargs) -> TestClient``: the real
+    FastAPI app over that checkpoint, on CPU, with the engine ``python -m server`` would pick (the
+    batched one unless the model needs the serial path); closed at the end of the test.
 """
 
 from __future__ import annotations
@@ -132,14 +133,14 @@ def serve():
     from fastapi.testclient import TestClient
 
     from server.app import create_app
-    from server.engine import SerialEngine
+    from server.engine import make_engine
     from server.loading import load_generator
 
     clients = []
 
-    def make(checkpoint_dir: Path, **kwargs) -> TestClient:
+    def make(checkpoint_dir: Path, engine: str = "auto", **kwargs) -> TestClient:
         generator = load_generator(checkpoint_dir, device="cpu", **kwargs)
-        client = TestClient(create_app(SerialEngine(generator), generator.codec))
+        client = TestClient(create_app(make_engine(generator, engine), generator.codec))
         client.__enter__()
         clients.append(client)
         return client

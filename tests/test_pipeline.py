@@ -17,7 +17,7 @@ from finetune.data import DataError, load_rows
 from finetune.lora import DataArgs, LoRAArgs, setup
 from finetune.merge import merge
 from server.app import create_app
-from server.engine import SerialEngine
+from server.engine import make_engine
 from server.loading import load_generator
 
 
@@ -63,7 +63,7 @@ def test_merge_then_serve(finetuned, tiny):
     assert set(base) == set(new) and any(not torch.equal(base[k], new[k]) for k in base)
 
     generator = load_generator(merged, device="cpu")
-    with TestClient(create_app(SerialEngine(generator), generator.codec)) as client:
+    with TestClient(create_app(make_engine(generator), generator.codec)) as client:
         ids = client.post("/tokenize", json={"text": "Is 12 even or odd?", "truncation": False, "max_length": 2048}).json()["tokens"]
         assert ids[0] == generator.codec.bos_id
         assert client.post("/decode", json={"tokens": ids}).json()["text"] == "Is 12 even or odd?"

@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.engine import SerialEngine
+from server.engine import make_engine
 from server.generate import Generator
 from server.loading import load_generator
 from server.schemas import MAX_SEQUENCES, MAX_TOP_LOGPROBS, DecodeResponse, ProcessResponse, TokenizeResponse
@@ -40,6 +40,7 @@ HELM_FIELDS = {
 }  # fmt: skip
 HELM_WINDOW = 2048
 BACKENDS = ("huggingface", "sentencepiece")
+ENGINE_KINDS = ("serial", "batched")  # every contract test runs against both engines
 PROMPT = "The capital of France is "
 LONG_TEXT = "hello world, the cat sat on the mat. " * 400  # far more than 2048 tokens with either tokenizer
 PYDANTIC_MODELS = {m.__name__: m for m in (ProcessResponse, TokenizeResponse, DecodeResponse)}
@@ -64,30 +65,32 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def servers(make_tiny_checkpoint) -> Callable[[str], Server]:
-    started: dict[str, Server] = {}
+def servers(make_tiny_checkpoint) -> Callable[[str, str], Server]:
+    started: dict[tuple[str, str], Server] = {}
 
-    def get(backend: str) -> Server:
-        if backend not in started:
+    def get(backend: str, engine: str) -> Server:
+        if (backend, engine) not in started:
             generator = load_generator(make_tiny_checkpoint(backend), device="cpu")
-            client = TestClient(create_app(SerialEngine(generator), generator.codec))
+            # small batched settings so that chunked prefill, prefix reuse and row moves all happen
+            options = {"prompt_rows": 4, "prefill_tokens": 64} if engine == "batched" else {}
+            client = TestClient(create_app(make_engine(generator, engine, **options), generator.codec))
             client.__enter__()
-            started[backend] = Server(client, generator, backend)
-        return started[backend]
+            started[backend, engine] = Server(client, generator, backend)
+        return started[backend, engine]
 
     yield get
     for server in started.values():
         server.client.__exit__(None, None, None)
 
 
-@pytest.fixture
-def hf(servers) -> Server:
-    return servers("huggingface")
+@pytest.fixture(params=ENGINE_KINDS)
+def hf(request, servers) -> Server:
+    return servers("huggingface", request.param)
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=[(b, e) for b in BACKENDS for e in ENGINE_KINDS], ids=lambda p: f"{p[0]}-{p[1]}")
 def server(request, servers) -> Server:
-    return servers(request.param)
+    return servers(*request.param)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -539,8 +542,9 @@ def test_invalid_bytes_never_repeat_earlier_text(server, monkeypatch):
     # ends with an unfinished character: the last token carries it as U+FFFD
     script = [word, piece_id("<0x64>"), piece_id("<0xEF>"), word, word, lead]
     steps = iter(script)
-    monkeypatch.setattr(generate, "_sample", lambda logits, req, gen: logits.new_full((logits.size(0),), next(steps)).long())
-    data = process(server, prompt=PROMPT, max_new_tokens=len(script), temperature=0, top_k_per_token=5)
+    # a sampled request: its rows go through generate.sample, which the script replaces
+    monkeypatch.setattr(generate, "sample", lambda logits, req, gen: logits.new_full((logits.size(0),), next(steps)).long())
+    data = process(server, prompt=PROMPT, max_new_tokens=len(script), temperature=1.0, top_k_per_token=5)
     assert len(data["tokens"]) == len(script)
     assert "France" not in data["text"], f"context text repeated: {data['text']!r}"
     keys = [key for token in data["tokens"] for key in token["top_logprob"]]  # alternatives: new text only
@@ -553,7 +557,7 @@ def test_invalid_bytes_never_repeat_earlier_text(server, monkeypatch):
     assert all(a == b or b == REPLACEMENT for a, b in zip(ours, whole)), (ours, whole)
     # EOS right after an unfinished character: the character is not lost either
     steps = iter([word, lead, codec.eos_id])
-    data = process(server, prompt=PROMPT, max_new_tokens=5, temperature=0)
+    data = process(server, prompt=PROMPT, max_new_tokens=5, temperature=1.0)
     assert len(data["tokens"]) == 2 and data["text"].endswith(REPLACEMENT)
     assert PROMPT + data["text"] == decode(server, tokenize(server, PROMPT) + [word, lead])
 

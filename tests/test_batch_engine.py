@@ -1,0 +1,176 @@
+"""The batched engine against references: litgpt's own forward, and the serial engine one at a time.
+
+- ``BatchedModel`` (row cache, packed prefill, batched decode) gives litgpt's ``GPT`` logits on
+  architectures that exercise every branch: grouped queries, multi-query with parallel residual
+  and partial RoPE, q/k norms, and a sliding window shorter than the sequence.
+- Many requests at once through the HTTP app (30 in flight, as HELM sends them) return what each
+  returns alone on the serial engine: same tokens and texts, logprobs within float tolerance;
+  seeded samples included. Small engine settings force chunked prefill, prefix reuse, requests
+  waiting for decode rows, and row moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+from litgpt import GPT, Config
+
+from server.app import create_app
+from server.batch_engine import BatchEngine
+from server.batched_model import BatchedModel, Segment, unsupported_reason
+from server.engine import SerialEngine, make_engine
+from server.loading import load_generator
+from server.schemas import ProcessRequest
+
+ARCHITECTURES = {
+    "gqa": dict(n_head=8, n_query_groups=4),
+    "mqa_parallel_partial_rope": dict(
+        n_head=4, n_query_groups=1, parallel_residual=True, shared_attention_norm=True, rotary_percentage=0.5,
+        norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", bias=True,
+    ),
+    "qk_norm": dict(n_head=4, n_query_groups=2, norm_qk=True),
+    "sliding_window": dict(n_head=4, n_query_groups=4, sliding_window_size=7, sliding_window_indices=[1, 0]),
+}  # fmt: skip
+
+
+def _model(arch: str) -> GPT:
+    defaults = dict(
+        n_layer=2, n_embd=64, block_size=64, vocab_size=97, padded_vocab_size=97,
+        norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=96, bias=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT(Config(**{**defaults, **ARCHITECTURES[arch]})).eval()
+    return model
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_batched_forward_matches_litgpt(arch: str) -> None:
+    model = _model(arch)
+    assert unsupported_reason(model) is None
+    batched = BatchedModel(model, rows=6, decode_rows=3)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (23, 9, 30)]
+    with torch.inference_mode():
+        refs = [model(torch.tensor([s]))[0] for s in seqs]
+    # prompts: all but their last 4 tokens, packed in one pass; row 0's in two chunks
+    prompt = [s[:-4] for s in seqs]
+    first = batched.prefill([Segment(0, 0, prompt[0][:10]), Segment(1, 0, prompt[1], all_logits=True)])
+    torch.testing.assert_close(first[1], refs[1][: len(prompt[1])], atol=1e-5, rtol=1e-5)
+    out = batched.prefill([Segment(0, 10, prompt[0][10:]), Segment(2, 0, prompt[2])])
+    torch.testing.assert_close(out[0][0], refs[0][len(prompt[0]) - 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1][0], refs[2][len(prompt[2]) - 1], atol=1e-5, rtol=1e-5)
+    # then the remaining tokens one decode step at a time, all rows together
+    for step in range(4):
+        positions = [len(p) + step for p in prompt]
+        logits = batched.decode([s[p] for s, p in zip(seqs, positions)], positions)
+        for b, (s, p) in enumerate(zip(seqs, positions)):
+            torch.testing.assert_close(logits[b], refs[b][p], atol=1e-5, rtol=1e-5)
+    # a copied prefix continues like the original
+    batched.copy_rows(2, 4, 12)
+    tail = batched.prefill([Segment(4, 12, seqs[2][12:20])])[0]
+    torch.testing.assert_close(tail[0], refs[2][19], atol=1e-5, rtol=1e-5)
+
+
+def _requests() -> list[dict]:
+    """A mix in the shape HELM sends, plus every contract feature."""
+    shots = "".join(f"Is {n} even or odd?\nAnswer: {'odd' if n % 2 else 'even'}\n\n" for n in range(11, 40, 3))
+    questions = [f"Is {n} even or odd?\nAnswer:" for n in (4821, 77, 1024, 5, 390)]
+    bodies = []
+    for i, q in enumerate(questions * 3):  # shared few-shot prefix, 1 token, 5 alternatives
+        bodies.append({"prompt": shots + q + " x" * i, "temperature": 1e-7, "max_new_tokens": 1, "top_k_per_token": 5, "stop_sequences": ["\n"]})
+    for i, q in enumerate(questions):  # generations of different lengths, some stopping
+        bodies.append({"prompt": shots[: 40 * i] + q, "temperature": 1e-7, "max_new_tokens": 6 + 7 * i, "stop_sequences": ["\n\n"] if i % 2 else []})
+    bodies += [
+        {"prompt": questions[0], "echo_prompt": True, "max_new_tokens": 4, "temperature": 0, "top_k_per_token": 3},
+        {"prompt": questions[1], "echo_prompt": True, "max_new_tokens": 0, "temperature": 0, "top_k_per_token": 2},
+        {"prompt": questions[2], "num_return_sequences": 3, "max_new_tokens": 9, "temperature": 0.8, "seed": 5, "top_k_per_token": 2},
+        {"prompt": questions[3], "num_samples": 2, "max_new_tokens": 7, "temperature": 0.5, "top_k": 20, "top_p": 0.9, "seed": 9},
+        {"prompt": shots * 12 + questions[4], "max_new_tokens": 5, "temperature": 0},  # left-truncated to fit
+        {"prompt": questions[0], "max_new_tokens": 4000, "temperature": 0},  # no room: 422
+    ]
+    return bodies
+
+
+def _same(a: dict, b: dict, where: str) -> None:
+    assert a.keys() == b.keys(), where
+    assert a["text"] == b["text"], where
+    assert a["truncated_prompt_tokens"] == b["truncated_prompt_tokens"], where
+    for ca, cb in zip(a["completions"], b["completions"], strict=True):
+        assert [t["text"] for t in ca["tokens"]] == [t["text"] for t in cb["tokens"]], where
+        for ta, tb in zip(ca["tokens"], cb["tokens"]):
+            assert ta["logprob"] == pytest.approx(tb["logprob"], abs=1e-4), where
+            assert ta["top_logprob"].keys() == tb["top_logprob"].keys(), where
+        assert ca["logprob"] == pytest.approx(cb["logprob"], abs=1e-3), where
+
+
+async def _send_all(app, bodies: list[dict], concurrency: int) -> list[httpx.Response]:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=120) as client:
+
+        async def send(body):
+            async with sem:
+                return await client.post("/process", json=body)
+
+        return await asyncio.gather(*(send(b) for b in bodies))
+
+
+@pytest.mark.parametrize("backend", ["huggingface", "sentencepiece"])
+def test_thirty_in_flight_equal_one_at_a_time(make_tiny_checkpoint, backend: str) -> None:
+    generator = load_generator(make_tiny_checkpoint(backend), device="cpu")
+    bodies = _requests()
+    serial = asyncio.run(_send_all(create_app(SerialEngine(generator), generator.codec), bodies, concurrency=1))
+    engine = BatchEngine(generator, decode_rows=16, prompt_rows=4, prefill_tokens=96)
+    try:
+        batched = asyncio.run(_send_all(create_app(engine, generator.codec), bodies, concurrency=30))
+        stats = dict(engine.stats)
+    finally:
+        engine.close()
+    for i, (a, b) in enumerate(zip(batched, serial)):
+        assert a.status_code == b.status_code, (i, a.text)
+        if b.status_code == 200:
+            _same(a.json(), b.json(), f"request {i}: {bodies[i]['prompt'][-30:]!r}")
+        else:
+            assert a.json() == b.json()
+    # the shared few-shot prefix was computed once, not per request
+    assert stats["computed_prompt_tokens"] < 0.6 * stats["prompt_tokens"], stats
+    assert stats["decode_steps"] < sum(b["max_new_tokens"] for b in bodies[:-1]), stats
+
+
+def test_greedy_batch_equals_one_at_a_time_many_generations(make_tiny_checkpoint) -> None:
+    """Greedy generations that run together for many steps (rows join, leave, move) match solo runs."""
+    generator = load_generator(make_tiny_checkpoint(), device="cpu")
+    bodies = [{"prompt": f"Which number is larger, {a} or {a * 7 % 97}?\nAnswer:", "temperature": 0, "max_new_tokens": 5 + a % 23}
+              for a in range(3, 40)]  # fmt: skip
+    engine = BatchEngine(generator, decode_rows=16, prompt_rows=8, prefill_tokens=128)
+    try:
+        batched = asyncio.run(_send_all(create_app(engine, generator.codec), bodies, concurrency=30))
+    finally:
+        engine.close()
+    for body, response in zip(bodies, batched):
+        alone = generator.run(ProcessRequest(**body))[0][0]
+        got = response.json()
+        assert got["text"] == alone.text
+        assert [t["logprob"] for t in got["tokens"]] == pytest.approx([t.logprob for t in alone.tokens], abs=1e-4)
+
+
+def test_adapter_models_fall_back_to_the_serial_engine(make_tiny_checkpoint) -> None:
+    from litgpt.adapter import GPT as AdapterGPT
+    from litgpt.adapter import Config as AdapterConfig
+
+    generator = load_generator(make_tiny_checkpoint(), device="cpu")
+    config = AdapterConfig.from_file(make_tiny_checkpoint() / "model_config.yaml", adapter_prompt_length=4, adapter_start_layer=1)
+    generator.model = AdapterGPT(config)
+    assert "adapter" in unsupported_reason(generator.model)
+    assert isinstance(make_engine(generator), SerialEngine)
+    with pytest.raises(ValueError, match="--engine serial"):
+        make_engine(generator, "batched")
+
+
+def test_health_reports_engine_counters(make_tiny_checkpoint, serve) -> None:
+    client = serve(make_tiny_checkpoint())
+    assert client.post("/process", json={"prompt": "Is 4 even or odd?\nAnswer:", "max_new_tokens": 3}).status_code == 200
+    stats = client.get("/health").json()["engine"]
+    assert stats["requests"] == 1 and stats["prompt_tokens"] > 0 and stats["decode_steps"] == 2
