@@ -121,9 +121,10 @@ class BatchEngine:
         decode_rows = min(decode_rows, fits - prompt_rows)
         return decode_rows, prompt_rows
 
-    def warmup(self) -> int:
-        """Capture the CUDA graphs of every decode batch and length bucket now; returns how many."""
-        return self.model.warmup(self.decode_rows)
+    def warmup(self, max_length: int = 2048) -> int:
+        """Capture the CUDA graphs of every decode batch and length bucket up to ``max_length`` (HELM's
+        window) now; longer ones are captured when first needed. Returns how many."""
+        return self.model.warmup(self.decode_rows, max_length)
 
     # --- the app's side -----------------------------------------------------------------------
 

@@ -84,8 +84,10 @@ class BatchedModel:
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
+        # a window at least as long as the cache can't exclude anything (Mistral-7B-v0.1: 4096 and 4096)
         self.windows = [
-            c.sliding_window_size if block.attn.apply_sliding_window_attention else None for block in model.transformer.h
+            c.sliding_window_size if block.attn.apply_sliding_window_attention and c.sliding_window_size < self.max_len else None
+            for block in model.transformer.h
         ]
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}

@@ -9,8 +9,9 @@ Method (per request type, ``requests_per_type`` requests of the trace, kept ``co
 1. ``first_token`` phase: the trace's prompts with ``max_new_tokens=1``. For multiple choice this *is*
    the real workload. Its wall time / requests = ``s1``, the effective cost of a request that
    generates ~1 token (prefill, queueing, HTTP) at this concurrency.
-2. ``capped`` phase (generation types only): the same prompts with ``max_new_tokens`` capped
-   (``cap_new_tokens``, default 32). Wall time / requests = ``s2``, with ``g2`` tokens generated on
+2. ``capped`` phase (generation types only): prompts of the same type with ``max_new_tokens``
+   capped (``cap_new_tokens``, default 32). They come from a second sample of the trace (other
+   instances and run specs), so a server that caches prompts does not get them for free. Wall time / requests = ``s2``, with ``g2`` tokens generated on
    average (counted from the responses). The per-generated-token cost at this concurrency is
    ``b = (s2 - s1) / (g2 - g1)``.
 3. A request of that type costs ``s1 + b * (E - g1)`` where ``E`` is the type's expected generated
@@ -152,11 +153,18 @@ async def measure(
     trace: list[TraceRequest],
     concurrency: int = HELM_CONCURRENCY,
     cap_new_tokens: int = 32,
+    capped_trace: list[TraceRequest] | None = None,
 ) -> dict[str, dict]:
-    """Measure every request type of ``trace`` (two phases for generation types; see the module doc)."""
+    """Measure every request type of ``trace`` (two phases for generation types; see the module doc).
+
+    ``capped_trace``: the capped phase's requests (default: ``trace``'s own, which a prompt-caching
+    server has just seen)."""
     by_type: dict[str, list[TraceRequest]] = {}
     for r in trace:
         by_type.setdefault(r.type, []).append(r)
+    capped_by_type: dict[str, list[TraceRequest]] = {}
+    for r in capped_trace or trace:
+        capped_by_type.setdefault(r.type, []).append(r)
     results: dict[str, dict] = {}
     for name, reqs in by_type.items():
         t = TYPES[name]
@@ -164,7 +172,8 @@ async def measure(
         capped = None
         if t.max_new_tokens > 1:
             cap = min(t.max_new_tokens, cap_new_tokens)
-            capped = await run_phase(client, [{**r.body, "max_new_tokens": cap} for r in reqs], concurrency)
+            second = capped_by_type.get(name) or reqs
+            capped = await run_phase(client, [{**r.body, "max_new_tokens": cap} for r in second], concurrency)
         for phase in (first, capped):
             if phase is not None and phase["ok"] == 0:
                 raise EvalTimeError(f"every {name} request failed: {phase['first_error']}")
@@ -228,13 +237,16 @@ async def evaluate(
     ) as client:
         health = await _check_server(client, url)
         tpw = await _tokens_per_word(client)
-        trace = build_trace(
-            requests_per_type * len(TYPES), seed, max_prompt_tokens=max_prompt_tokens,
-            cap_new_tokens=cap_new_tokens, workload="all", tokens_per_word=tpw or 1.0,
-            min_per_type=requests_per_type,
-        )  # fmt: skip
+        first, second = (
+            build_trace(
+                requests_per_type * len(TYPES), s, max_prompt_tokens=max_prompt_tokens,
+                cap_new_tokens=cap_new_tokens, workload="all", tokens_per_word=tpw or 1.0,
+                min_per_type=requests_per_type,
+            )  # fmt: skip
+            for s in (seed, seed + 1)
+        )
         start = time.perf_counter()
-        types = await measure(client, trace, concurrency, cap_new_tokens)
+        types = await measure(client, first, concurrency, cap_new_tokens, capped_trace=second)
         elapsed = time.perf_counter() - start
 
     expected = {t: r["cost"]["expected_s"] for t, r in types.items()}

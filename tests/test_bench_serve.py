@@ -1,0 +1,28 @@
+"""``bench/serve.py`` end to end on the tiny model (CPU): real server processes, real HTTP, the JSON."""
+
+from __future__ import annotations
+
+from bench.serve import SERVERS, main
+
+
+def test_bench_serve_runs_on_the_tiny_model(make_tiny_checkpoint, tmp_path) -> None:
+    report = main(
+        out_dir=tmp_path / "out", checkpoint_dir=make_tiny_checkpoint(), work_dir=tmp_path / "work",
+        requests=6, cap_new_tokens=4, decode_tokens=4, projection_requests_per_type=1, device="cpu",
+    )  # fmt: skip
+    assert (tmp_path / "out" / "serve.json").is_file()
+    for kind in SERVERS:
+        entry = report["servers"][kind]
+        assert "error" not in entry, entry
+        for phase in ("c1", "c30"):
+            assert entry[phase]["requests"] == 6 and entry[phase]["errors"] == 0, entry[phase]
+            assert entry[phase]["requests_per_s"] > 0
+            assert set(entry[phase]["latency_s"]) >= {"multiple_choice"}
+        assert entry["batch1_decode"]["new_tokens"] == 4
+    ours = report["servers"]["ours"]
+    assert ours["engine"]["requests"] > 0
+    assert ours["projection"]["final_eval_s"] > 0
+    assert set(report["ratios"]) >= {"c30_requests_per_s_vs_litgpt", "c30_requests_per_s_vs_hf", "batch1_decode_vs_litgpt"}
+    assert report["targets"]["measured"]["c30_speedup_vs_litgpt"] == report["ratios"]["c30_requests_per_s_vs_litgpt"]
+    # same weights in fp32, greedy: every baseline answers the trace exactly as ours does
+    assert report["greedy_agreement"] == {"vs_litgpt": 1.0, "vs_hf": 1.0}
