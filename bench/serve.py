@@ -146,7 +146,8 @@ async def replay(url: str, trace: list[TraceRequest], concurrency: int, timeout:
             "p99": round(_percentile(latencies, 99), 3),
             "mean_generated_tokens": round(statistics.fmean(r.generated_tokens for r in rs), 1),
         }
-    out["_texts"] = [r.text if r.ok else None for r in results]  # for the agreement check; not printed
+    # greedy answers, for the agreement check (not printed); sampled ones can't agree
+    out["_texts"] = [r.text if r.ok and t.body["temperature"] <= 1e-5 else None for r, t in zip(results, trace)]
     return out
 
 
@@ -282,7 +283,7 @@ def _projection(url: str, per_type: int, seed: int) -> dict:
 
 
 def _agreement(servers: dict) -> dict:
-    """Share of the concurrency-1 trace where a baseline's text equals ours (greedy, same weights).
+    """Share of the concurrency-1 trace's greedy requests where a baseline's text equals ours (same weights).
 
     In bf16 a batched forward rounds differently from a one-at-a-time one; on random weights the
     top two logits are often close, so this measures near-ties as much as bugs (the exact check is
