@@ -252,7 +252,8 @@ def main(
         except Exception as e:  # one server failing still reports the others
             entry["error"] = f"{type(e).__name__}: {e}"
         report["servers"][kind] = entry
-        print(f"{kind}: {json.dumps(entry)[:400]}", flush=True)
+        print(f"{kind}: {json.dumps({k: v for k, v in entry.items() if not k.startswith('c')})[:600]}", flush=True)
+        (out_dir / "serve.partial.json").write_text(json.dumps(report, indent=2, default=str))  # if a later server hangs
     report["greedy_agreement"] = _agreement(report["servers"])
     for entry in report["servers"].values():
         for c in (1, HELM_CONCURRENCY):
