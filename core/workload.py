@@ -426,9 +426,13 @@ def build_trace(
         groups: dict[int, _Group] = {}
         picked: dict[int, list[TraceRequest]] = {}
         instances_in: dict[int, int] = {}
-        made = 0
+        # HELM runs a run spec's instances together: fill a group with its share before the next
+        per_group = max(1, round(ws.instances[name] / ws.specs[name])) if name in ws.instances else 1
+        made, gi, left = 0, 0, 0
         while made < n:
-            gi = rng.randrange(n_groups)
+            if left == 0:
+                gi, left = rng.randrange(n_groups), per_group
+            left -= 1
             if gi not in groups:
                 groups[gi] = _make_group(t, gi, seed, words, tokens_per_word)
             g = groups[gi]

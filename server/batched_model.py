@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from litgpt import GPT
-from litgpt.model import CausalSelfAttention, apply_rope, apply_rope_interleave, do_softcapping
+from litgpt.model import CausalSelfAttention, RMSNorm, apply_rope, apply_rope_interleave, do_softcapping
 
 LENGTH_BUCKET = 256  # decode reads K/V up to a multiple of this
+SHORT_SEGMENT = 256  # prefill segments up to this long share one attention call (HELM's question after a cached prefix)
 
 
 def unsupported_reason(model: GPT) -> str | None:
@@ -118,41 +119,56 @@ class BatchedModel:
         return x
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model.lm_head(self.model.transformer.ln_f(x))
+        logits = self.model.lm_head(self._norm(self.model.transformer.ln_f, x))
         if self.config.final_logit_softcapping is not None:
             logits = do_softcapping(logits, self.config.final_logit_softcapping)
         return logits
 
     def _qkv(self, attn: CausalSelfAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Roped q (B, nh, T, hs), k and v (B, n_kv, T, hs), as litgpt computes them."""
+        """Roped q (B, nh, T, hs), k and v (B, n_kv, T, hs), as litgpt computes them.
+
+        Without q/k norms, q and k heads are roped together (one set of kernels instead of two)."""
         c = self.config
         B, T, _ = x.shape
-        q, k, v = attn.qkv(x).split((c.n_head * c.head_size, c.n_query_groups * c.head_size, c.n_query_groups * c.head_size), -1)
-        if c.norm_qk and c.norm_qk_type == "olmo2":
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        q = q.view(B, T, c.n_head, c.head_size).transpose(1, 2)
-        k = k.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
-        v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
-        if c.norm_qk and c.norm_qk_type == "default":
-            q, k = attn.norm_q(q), attn.norm_k(k)
+        n_q, n_kv, hs = c.n_head, c.n_query_groups, c.head_size
+        qkv = attn.qkv(x)
+        if c.norm_qk:
+            q, k, v = qkv.split((n_q * hs, n_kv * hs, n_kv * hs), -1)
+            if c.norm_qk_type == "olmo2":
+                q, k = attn.norm_q(q), attn.norm_k(k)
+            q = q.view(B, T, n_q, hs).transpose(1, 2)
+            k = k.view(B, T, n_kv, hs).transpose(1, 2)
+            if c.norm_qk_type == "default":
+                q, k = attn.norm_q(q), attn.norm_k(k)
+            qk = torch.cat((q, k), dim=1)
+        else:
+            qk = qkv[..., : (n_q + n_kv) * hs].view(B, T, n_q + n_kv, hs).transpose(1, 2)
+        v = qkv[..., (n_q + n_kv) * hs :].view(B, T, n_kv, hs).transpose(1, 2)
         rope = apply_rope_interleave if c.rope_interleave else apply_rope
         n = c.rope_n_elem
-        q = torch.cat((rope(q[..., :n], cos, sin), q[..., n:]), dim=-1)
-        k = torch.cat((rope(k[..., :n], cos, sin), k[..., n:]), dim=-1)
+        qk = rope(qk, cos, sin) if n == hs else torch.cat((rope(qk[..., :n], cos, sin), qk[..., n:]), dim=-1)
+        q, k = qk.split((n_q, n_kv), dim=1)
         return q, k, v
+
+    @staticmethod
+    def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """litgpt's RMSNorm in one fused kernel (same fp32 math); any other norm as is."""
+        if type(norm) is RMSNorm and not norm.add_unit_offset and norm.dim == -1:
+            return F.rms_norm(x.float(), (x.size(-1),), norm.weight.float(), norm.eps).to(x.dtype)
+        return norm(x)
 
     def _block(self, block, x: torch.Tensor, attend) -> torch.Tensor:
         """litgpt's Block.forward with ``attend(attn, x_normed)`` as the attention."""
         c = self.config
-        x_normed = block.norm_1(x)
+        x_normed = self._norm(block.norm_1, x)
         h = block.post_attention_norm(attend(block.attn, x_normed))
         if c.parallel_residual:
             if not c.shared_attention_norm:
-                x_normed = block.norm_2(x)
+                x_normed = self._norm(block.norm_2, x)
             x = h + x
         else:
             x = h + x
-            x_normed = block.norm_2(x)
+            x_normed = self._norm(block.norm_2, x)
         return block.post_mlp_norm(block.mlp(x_normed)) + x
 
     # --- prefill ------------------------------------------------------------------------------
@@ -165,17 +181,30 @@ class BatchedModel:
                 raise ValueError(f"segment for row {s.row} must have 1..{self.max_len - s.start} tokens")
         idx = torch.tensor([t for s in segments for t in s.ids], device=self.device)[None]
         positions = torch.cat([torch.arange(s.start, s.start + len(s.ids)) for s in segments]).to(self.device)
+        rows = torch.cat([torch.full((len(s.ids),), s.row) for s in segments]).to(self.device)
         cos, sin = self.model.cos[positions][None], self.model.sin[positions][None]
         bounds, offset = [], 0
         for s in segments:
             bounds.append((offset, offset + len(s.ids)))
             offset += len(s.ids)
+        short = [i for i, s in enumerate(segments) if len(s.ids) <= SHORT_SEGMENT]
+        batch = _ShortBatch(self, [segments[i] for i in short], [bounds[i] for i in short]) if len(short) > 1 else None
+        alone = [i for i in range(len(segments)) if batch is None or i not in short]
 
         x = self._embed(idx)
         for layer, block in enumerate(self.model.transformer.h):
 
             def attend(attn, x_normed, layer=layer):
-                return self._prefill_attention(layer, attn, x_normed, cos, sin, segments, bounds)
+                q, k, v = self._qkv(attn, x_normed, cos, sin)
+                self.k[layer, rows, :, positions] = k[0].transpose(0, 1)  # every segment's K/V in one write
+                self.v[layer, rows, :, positions] = v[0].transpose(0, 1)
+                y = torch.empty_like(q)
+                for i in alone:
+                    a, b = bounds[i]
+                    y[:, :, a:b] = self._segment_attention(layer, q[:, :, a:b], segments[i])
+                if batch is not None:
+                    batch.attend(layer, q, y)
+                return attn.proj(y.transpose(1, 2).reshape(1, x_normed.size(1), -1))
 
             x = self._block(block, x, attend)
         keep = torch.cat(
@@ -184,31 +213,23 @@ class BatchedModel:
         logits = self._head(x[0, keep])
         return list(logits.split([len(s.ids) if s.all_logits else 1 for s in segments]))
 
-    def _prefill_attention(self, layer, attn, x, cos, sin, segments, bounds) -> torch.Tensor:
+    def _segment_attention(self, layer: int, q: torch.Tensor, s: Segment) -> torch.Tensor:
+        """One row's new queries (1, nh, T, hs) against its cache, flash attention when it starts empty."""
         c = self.config
-        q, k, v = self._qkv(attn, x, cos, sin)
-        ys = []
-        for s, (a, b) in zip(segments, bounds):
-            end = s.start + (b - a)
-            self.k[layer, s.row, :, s.start : end] = k[0, :, a:b]
-            self.v[layer, s.row, :, s.start : end] = v[0, :, a:b]
-            keys, values = self.k[layer, s.row, :, :end][None], self.v[layer, s.row, :, :end][None]
-            if c.n_query_groups != c.n_head:
-                keys = keys.repeat_interleave(c.n_head // c.n_query_groups, dim=1)
-                values = values.repeat_interleave(c.n_head // c.n_query_groups, dim=1)
-            window = self.windows[layer]
-            if s.start == 0 and (window is None or end <= window):  # plain causal: flash attention
-                y = F.scaled_dot_product_attention(q[:, :, a:b], keys, values, is_causal=True, scale=self.scale)
-            else:
-                query_pos = torch.arange(s.start, end, device=self.device)[:, None]
-                key_pos = torch.arange(end, device=self.device)[None]
-                mask = key_pos <= query_pos
-                if window is not None:
-                    mask &= key_pos > query_pos - window
-                y = F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=mask, scale=self.scale)
-            ys.append(y)
-        y = torch.cat(ys, dim=2).transpose(1, 2).reshape(1, x.size(1), c.n_head * c.head_size)
-        return attn.proj(y)
+        end = s.start + q.size(2)
+        keys, values = self.k[layer, s.row, :, :end][None], self.v[layer, s.row, :, :end][None]
+        if c.n_query_groups != c.n_head:
+            keys = keys.repeat_interleave(c.n_head // c.n_query_groups, dim=1)
+            values = values.repeat_interleave(c.n_head // c.n_query_groups, dim=1)
+        window = self.windows[layer]
+        if s.start == 0 and (window is None or end <= window):  # plain causal: flash attention
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale)
+        query_pos = torch.arange(s.start, end, device=self.device)[:, None]
+        key_pos = torch.arange(end, device=self.device)[None]
+        mask = key_pos <= query_pos
+        if window is not None:
+            mask &= key_pos > query_pos - window
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
 
     # --- decode -------------------------------------------------------------------------------
 
@@ -238,12 +259,15 @@ class BatchedModel:
         rows = torch.arange(B, device=self.device)
         cos, sin = self.model.cos[positions][:, None], self.model.sin[positions][:, None]  # (B, 1, rope_n_elem)
         key_pos = torch.arange(length, device=self.device)
-        valid = key_pos[None] <= positions[:, None]  # (B, length)
+        masks: dict[int | None, torch.Tensor] = {}  # additive, built once per step, not once per layer
+        for window in set(self.windows):
+            allowed = key_pos[None] <= positions[:, None]  # (B, length)
+            if window is not None:
+                allowed &= key_pos[None] > positions[:, None] - window
+            masks[window] = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))[:, None, None]
         x = self._embed(self._tokens[:B, None])
         for layer, block in enumerate(self.model.transformer.h):
-            mask = valid
-            if (window := self.windows[layer]) is not None:
-                mask = valid & (key_pos[None] > positions[:, None] - window)
+            mask = masks[self.windows[layer]]
 
             def attend(attn, x_normed, layer=layer, mask=mask):
                 q, k, v = self._qkv(attn, x_normed, cos, sin)
@@ -253,7 +277,7 @@ class BatchedModel:
                 q = q.view(B, c.n_query_groups, c.n_head // c.n_query_groups, c.head_size)
                 y = F.scaled_dot_product_attention(
                     q, self.k[layer, :B, :, :length], self.v[layer, :B, :, :length],
-                    attn_mask=mask[:, None, None, :], scale=self.scale,
+                    attn_mask=mask, scale=self.scale,
                 )  # fmt: skip
                 return attn.proj(y.reshape(B, 1, c.n_head * c.head_size))
 
@@ -288,3 +312,58 @@ class BatchedModel:
                         self._tokens[:b].zero_()
                         self._graphs[(b, length)] = self._capture(b, length)
         return len(self._graphs)
+
+
+class _ShortBatch:
+    """Short prefill segments attended in one call per layer instead of one call each.
+
+    After a cached few-shot prefix, each of 30 HELM requests adds ~100 tokens; looping over them
+    costs ~10 kernel launches per segment per layer, more than the arithmetic. Here queries are
+    padded to (segment, T); grouped queries fold into the query axis as in decode; the mask (built
+    once per prefill, shared by all layers) encodes each segment's positions. Padding queries see
+    key 0 only, so no row is fully masked.
+    """
+
+    def __init__(self, model: BatchedModel, segments: list[Segment], bounds: list[tuple[int, int]]) -> None:
+        c, device = model.config, model.device
+        self.model, self.n_kv, self.per_kv = model, c.n_query_groups, c.n_head // c.n_query_groups
+        self.T = max(len(s.ids) for s in segments)
+        self.L = max(s.start + len(s.ids) for s in segments)
+        self.rows = torch.tensor([s.row for s in segments], device=device)
+        S = len(segments)
+        gather = torch.zeros(S, self.T, dtype=torch.long)  # packed index of each padded query
+        valid = torch.zeros(S, self.T, dtype=torch.bool)
+        query_pos = torch.zeros(S, self.T, dtype=torch.long)
+        for j, (s, (a, b)) in enumerate(zip(segments, bounds)):
+            gather[j, : b - a] = torch.arange(a, b)
+            valid[j, : b - a] = True
+            query_pos[j, : b - a] = torch.arange(s.start, s.start + b - a)
+        self.gather, self.valid = gather.to(device), valid.to(device)
+        self.dst = self.gather[self.valid]
+        self.query_pos = query_pos.to(device)
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    def _mask(self, window: int | None) -> torch.Tensor:
+        if window not in self._masks:
+            key_pos = torch.arange(self.L, device=self.model.device)
+            allowed = key_pos[None, None] <= self.query_pos[..., None]  # (S, T, L)
+            if window is not None:
+                allowed &= key_pos[None, None] > self.query_pos[..., None] - window
+            allowed &= self.valid[..., None]
+            allowed[..., 0] |= ~self.valid  # padding queries: key 0 only
+            additive = torch.zeros(allowed.shape, dtype=self.model.dtype, device=self.model.device)
+            additive.masked_fill_(~allowed, float("-inf"))
+            S = allowed.size(0)
+            self._masks[window] = additive[:, None].expand(S, self.per_kv, self.T, self.L).reshape(S, 1, self.per_kv * self.T, self.L)
+        return self._masks[window]
+
+    def attend(self, layer: int, q: torch.Tensor, y: torch.Tensor) -> None:
+        """Write these segments' attention outputs into ``y`` (1, nh, N, hs) from packed ``q``."""
+        S, hs = self.gather.size(0), q.size(-1)
+        queries = q[0][:, self.gather]  # (nh, S, T, hs)
+        queries = queries.permute(1, 0, 2, 3).reshape(S, self.n_kv, self.per_kv * self.T, hs)
+        keys = self.model.k[layer, self.rows, :, : self.L]  # (S, n_kv, L, hs)
+        values = self.model.v[layer, self.rows, :, : self.L]
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self._mask(self.model.windows[layer]), scale=self.model.scale)
+        out = out.reshape(S, self.n_kv * self.per_kv, self.T, hs).permute(1, 0, 2, 3)  # (nh, S, T, hs)
+        y[0][:, self.dst] = out[:, self.valid]

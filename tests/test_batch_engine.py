@@ -46,8 +46,11 @@ def _model(arch: str) -> GPT:
     return model
 
 
+@pytest.mark.parametrize("short_segment", [256, 12], ids=["short-segments-batched", "mixed"])
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_batched_forward_matches_litgpt(arch: str) -> None:
+def test_batched_forward_matches_litgpt(arch: str, short_segment: int, monkeypatch) -> None:
+    """``short_segment`` 12: segments longer than 12 are attended one by one, shorter ones together."""
+    monkeypatch.setattr("server.batched_model.SHORT_SEGMENT", short_segment)
     model = _model(arch)
     assert unsupported_reason(model) is None
     batched = BatchedModel(model, rows=6, decode_rows=3)
@@ -59,9 +62,13 @@ def test_batched_forward_matches_litgpt(arch: str) -> None:
     prompt = [s[:-4] for s in seqs]
     first = batched.prefill([Segment(0, 0, prompt[0][:10]), Segment(1, 0, prompt[1], all_logits=True)])
     torch.testing.assert_close(first[1], refs[1][: len(prompt[1])], atol=1e-5, rtol=1e-5)
-    out = batched.prefill([Segment(0, 10, prompt[0][10:]), Segment(2, 0, prompt[2])])
+    # two short segments and a long one in the same pass (with short_segment 12: batched + alone)
+    out = batched.prefill([Segment(0, 10, prompt[0][10:]), Segment(2, 0, prompt[2][:20]), Segment(5, 0, seqs[1][:3], all_logits=True)])
     torch.testing.assert_close(out[0][0], refs[0][len(prompt[0]) - 1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out[1][0], refs[2][len(prompt[2]) - 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1][0], refs[2][19], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[2], refs[1][:3], atol=1e-5, rtol=1e-5)
+    out = batched.prefill([Segment(2, 20, prompt[2][20:])])
+    torch.testing.assert_close(out[0][0], refs[2][len(prompt[2]) - 1], atol=1e-5, rtol=1e-5)
     # then the remaining tokens one decode step at a time, all rows together
     for step in range(4):
         positions = [len(p) + step for p in prompt]
