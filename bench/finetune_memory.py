@@ -54,8 +54,12 @@ def measure(base: Path, data: Path, out: Path, quantize: str | None, steps: int)
     }
 
 
-def main(out_dir: Path = Path("out/bench"), work_dir: Path = Path("/tmp/finetune_memory"), steps: int = 8) -> None:
-    """Run QLoRA nf4 and bf16 LoRA at 1 x 2048 tokens on a random Mistral-7B and write finetune_memory.json."""
+def main(out_dir: Path = Path("out/bench"), work_dir: Path = Path("/tmp/finetune_memory"), steps: int = 8, window_baseline: bool = True) -> None:
+    """Run QLoRA nf4 and bf16 LoRA at 1 x 2048 tokens on a random Mistral-7B and write finetune_memory.json.
+
+    ``window_baseline`` also runs bf16 LoRA the way litgpt does, with Mistral's sliding-window mask
+    (which the finetune script drops when the data fit the window), for the ratio in the same run.
+    """
     from bench.random_checkpoint import write_random_checkpoint
     from core.synthetic_tasks import WORDS
     from core.tiny import build_tiny
@@ -71,6 +75,18 @@ def main(out_dir: Path = Path("out/bench"), work_dir: Path = Path("/tmp/finetune
     result["qlora_nf4"] = measure(base, data, work_dir / "run-nf4", "bnb.nf4", steps)
     result["lora_bf16"] = measure(base, data, work_dir / "run-bf16", None, steps)
     result["qlora_nf4_fits_22gib"] = result["qlora_nf4"]["peak_reserved_gib"] <= 22
+    if window_baseline:
+        import finetune.run
+
+        dropped_window = finetune.run.attention_overrides
+        finetune.run.attention_overrides = lambda config, max_seq_length: {}  # keep the mask, as upstream litgpt
+        try:
+            result["lora_bf16_with_window_mask"] = measure(base, data, work_dir / "run-bf16-window", None, steps)
+        finally:
+            finetune.run.attention_overrides = dropped_window
+        result["speedup_without_window_mask"] = round(
+            result["lora_bf16"]["tokens_per_s_steady"] / result["lora_bf16_with_window_mask"]["tokens_per_s_steady"], 2
+        )
     text = json.dumps(result, indent=2)
     (out_dir / "finetune_memory.json").write_text(text)
     print(text)
