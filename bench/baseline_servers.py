@@ -1,8 +1,9 @@
 """Baseline servers for the serving benchmark: how the 2023 starter kit and the winning teams served.
 
 Same endpoints and JSON as our server (``/process``, ``/tokenize``, ``/decode``, ``/health``, the
-models of ``server/schemas.py``), and like the starter kit one request at a time: async endpoints in
-front of a single worker thread. Two kinds, over the same litgpt checkpoint:
+models of ``server/schemas.py``; in fact our own app, ``server.app.create_app``), and like the starter
+kit one request at a time: our ``SerialEngine``'s single worker thread runs the baseline's
+generation. Two kinds, over the same litgpt checkpoint:
 
 - ``litgpt``: upstream ``litgpt.generate.base.generate`` on litgpt's ``GPT``, loaded as litgpt's own
   generate script loads it (Fabric, bf16-true on CUDA, 32-true on CPU). Upstream ``generate`` returns
@@ -22,26 +23,15 @@ text after generation (generation runs to ``max_new_tokens`` or EOS), as the sta
 
 from __future__ import annotations
 
-import asyncio
-import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
 import torch
 from fastapi import FastAPI
 
-from server.schemas import (
-    Completion,
-    DecodeRequest,
-    DecodeResponse,
-    ProcessRequest,
-    ProcessResponse,
-    Token,
-    TokenizeRequest,
-    TokenizeResponse,
-)
+from server.app import create_app
+from server.engine import SerialEngine
+from server.schemas import Completion, ProcessRequest, Token
 
 KINDS = ("litgpt", "hf")
 CONTEXT_TOKENS = 6  # left context when decoding one token's text (a lone Llama piece loses its space)
@@ -59,6 +49,7 @@ class Baseline:
     bos_id: int | None
     eos_id: int | None
     block_size: int
+    vocab_size: int  # /decode refuses ids outside it, as our server does
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -131,6 +122,7 @@ class LitGPTBaseline(Baseline):
         self.device, self.dtype = fabric.device, model.transformer.wte.weight.dtype
         self.tokenizer = Tokenizer(checkpoint_dir)
         self.bos_id, self.eos_id, self.block_size = self.tokenizer.bos_id, self.tokenizer.eos_id, config.block_size
+        self.vocab_size = self.tokenizer.vocab_size
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).tolist()
@@ -184,6 +176,7 @@ class HFBaseline(Baseline):
         self.device = device
         self.bos_id, self.eos_id = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
         self.block_size = self.model.config.max_position_embeddings
+        self.vocab_size = len(self.tokenizer)
         # Only the request decides decoding: no sampling defaults from the model's generation_config.json.
         self.model.generation_config = GenerationConfig(bos_token_id=self.bos_id, eos_token_id=self.eos_id, pad_token_id=self.eos_id)
 
@@ -229,47 +222,13 @@ def load_baseline(kind: str, checkpoint_dir: Path, device: str = "auto", hf_dir:
 
 
 def create_baseline_app(kind: str, checkpoint_dir: Path, device: str = "auto", hf_dir: Path | None = None) -> FastAPI:
-    """The baseline's app: our server's endpoints, one request at a time on a single worker thread."""
+    """The baseline behind our own app (same endpoints, validation and HTTP path), one request at a time.
+
+    The baseline plays both roles the app needs: the serial engine's generator (``run``) and the
+    codec (``encode``, ``decode``, ``vocab_size``); only generation differs from our server.
+    """
     baseline = load_baseline(kind, checkpoint_dir, device, hf_dir)
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"baseline-{kind}")
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        worker.shutdown(wait=True)
-
-    app = FastAPI(title=f"baseline server ({kind})", lifespan=lifespan)
-
-    @app.post("/process", response_model=ProcessResponse)
-    async def process(req: ProcessRequest) -> ProcessResponse:
-        start = time.perf_counter()
-        completions, dropped = await asyncio.get_running_loop().run_in_executor(worker, baseline.run, req)
-        first = completions[0]
-        return ProcessResponse(
-            text=first.text,
-            tokens=first.tokens,
-            logprob=first.logprob,
-            request_time=time.perf_counter() - start,
-            completions=completions,
-            truncated_prompt_tokens=dropped,
-        )
-
-    @app.post("/tokenize", response_model=TokenizeResponse)
-    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
-        start = time.perf_counter()
-        ids = baseline.encode(req.text)
-        return TokenizeResponse(tokens=ids[: req.max_length] if req.truncation else ids, request_time=time.perf_counter() - start)
-
-    @app.post("/decode", response_model=DecodeResponse)
-    async def decode(req: DecodeRequest) -> DecodeResponse:
-        start = time.perf_counter()
-        return DecodeResponse(text=baseline.decode(req.tokens), request_time=time.perf_counter() - start)
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ready", "model": f"baseline-{kind}"}
-
-    return app
+    return create_app(SerialEngine(baseline), baseline, model_name=f"baseline-{kind}")
 
 
 def serve(

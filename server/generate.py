@@ -222,13 +222,10 @@ class Generator:
         self.dtype = model.transformer.wte.weight.dtype
         self.block_size = model.config.block_size
 
-    def fit_prompt(self, ids: list[int], max_new_tokens: int) -> tuple[list[int], int]:
-        return fit_prompt(ids, self.block_size, self.codec.bos_id, max_new_tokens)
-
     def prompt(self, req: ProcessRequest) -> Prompt:
         """Template (if asked), encode and fit ``req``'s prompt; raises RequestTooLong."""
         text = self.prompt_style.apply(req.prompt) if self.use_template else req.prompt
-        ids, dropped = self.fit_prompt(self.codec.encode(text), req.max_new_tokens)
+        ids, dropped = fit_prompt(self.codec.encode(text), self.block_size, self.codec.bos_id, req.max_new_tokens)
         skip = 1 if ids and self.codec.bos_id is not None and ids[0] == self.codec.bos_id else 0
         return Prompt(ids=ids, dropped=dropped, skip=skip)
 
