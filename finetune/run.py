@@ -30,6 +30,7 @@ from lightning.fabric.plugins import BitsandbytesPrecision
 
 from core.checkpoints import WEIGHTS, copy_side_files, load_config, verify_checkpoint
 from core.methods import Method
+from core.precision import FABRIC_PRECISION, default_dtype
 from core.prompts import get_style, save_style
 from finetune.batching import EpochBatches
 from finetune.budget import BudgetPlanner, Schedule, parse_duration
@@ -57,9 +58,7 @@ class DataArgs:
 
 
 def default_precision() -> str:
-    if torch.cuda.is_available():
-        return "bf16-true" if torch.cuda.is_bf16_supported() else "16-true"
-    return "32-true"
+    return FABRIC_PRECISION[default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))]
 
 
 def make_fabric(precision: str, quantize: str | None, method: Method, out_dir: Path) -> L.Fabric:

@@ -20,19 +20,12 @@ from lightning.fabric.plugins import BitsandbytesPrecision
 
 from core.checkpoints import WEIGHTS, CheckpointError, load_config, verify_checkpoint
 from core.methods import unmerged_method
+from core.precision import DTYPES, FABRIC_PRECISION, default_dtype
 from core.prompts import load_style
 from server.generate import Generator
 from server.text import Codec
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FABRIC_PRECISION = {"bf16": "bf16-true", "fp16": "16-true", "fp32": "32-true"}
 QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8")
-
-
-def default_dtype(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
 
 
 def resolve_device(device: str) -> torch.device:
