@@ -32,7 +32,7 @@ HELM_MAX_EVAL ?= 1000
 SUITE    ?= onegpu
 ARGS     ?=
 
-.PHONY: help setup tiny demo test download convert finetune merge export serve submission models clean eval-time helm
+.PHONY: help setup tiny demo test download convert plan finetune merge export serve submission models clean eval-time helm
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -63,6 +63,9 @@ download: setup ## download + convert + verify an approved model: make download 
 
 convert: setup ## convert HF files already in CHECKPOINT: make convert CHECKPOINT=checkpoints/org/name ARGS='--model_name ...'
 	$(PYTHON) -m core.hub convert --checkpoint_dir $(CHECKPOINT) $(ARGS)
+
+plan: setup ## will it fit? micro-batch + checkpointing per track: make plan MODEL=... [METHOD=lora QUANTIZE=bnb.nf4]
+	$(PYTHON) -m finetune.memory_plan $(if $(wildcard $(CHECKPOINT)/model_config.yaml),--checkpoint_dir $(CHECKPOINT),--model_name $(notdir $(MODEL))) --method $(METHOD) $(if $(QUANTIZE),--quantize $(QUANTIZE)) $(ARGS)
 
 finetune: setup ## finetune CHECKPOINT with METHOD (lora|adapter|adapter_v2|full) on DATA or RECIPE into RUN
 	@if [ "$(MODEL)" = tiny ]; then $(MAKE) --no-print-directory tiny; fi

@@ -16,6 +16,7 @@ from litgpt.args import EvalArgs, TrainArgs
 from core.methods import METHODS
 from finetune.adapter_args import AdapterArgs
 from finetune.run import DataArgs, run
+from finetune.speed import SpeedArgs
 
 
 def setup_for(method: str):
@@ -37,6 +38,7 @@ def setup_for(method: str):
             save_interval=None, log_interval=50, global_batch_size=16, micro_batch_size=16, lr_warmup_steps=40, max_steps=800, max_norm=1.0
         ),
         eval: EvalArgs = EvalArgs(interval=200, max_iters=10),
+        speed: SpeedArgs = SpeedArgs(),
     ) -> Path:
         """Finetune ``checkpoint_dir`` with this LLaMA-Adapter method; returns the final directory.
 
@@ -54,8 +56,9 @@ def setup_for(method: str):
             data: training data (a local file or a recipe) and its template.
             train: batch sizes, steps or epochs, warmup, clipping, log and save intervals (litgpt's TrainArgs).
             eval: validation interval and number of batches (litgpt's EvalArgs).
+            speed: packing, torch.compile, micro-batch auto-sizing and activation checkpointing (finetune.speed).
         """
-        return run(METHODS[method], adapter.as_config(), checkpoint_dir, out_dir, precision, quantize, seed, lr, weight_decay, max_time, resume, data, train, eval)
+        return run(METHODS[method], adapter.as_config(), checkpoint_dir, out_dir, precision, quantize, seed, lr, weight_decay, max_time, resume, data, train, eval, speed)
 
     return setup
 

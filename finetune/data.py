@@ -105,4 +105,13 @@ class Collate:
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
             x[i, :n], y[i, :n], mask[i, :n] = r["input_ids"], r["labels"], True
-        return {"input_ids": x, "labels": y, "mask": mask}
+        return {"input_ids": x, "labels": y, "mask": mask, "target_index": target_index(y)}
+
+
+def target_index(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into ``labels[:, 1:]`` of the positions with a target.
+
+    Computed on the CPU with the batch, so the loss can pick its rows on the GPU without waiting
+    for it (a boolean mask there would stall the CPU every step).
+    """
+    return (labels[:, 1:].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)

@@ -15,6 +15,7 @@ from litgpt.args import EvalArgs, TrainArgs
 
 from core.methods import METHODS
 from finetune.run import DataArgs, run
+from finetune.speed import SpeedArgs
 
 
 def setup(
@@ -31,6 +32,7 @@ def setup(
         save_interval=None, log_interval=50, global_batch_size=16, micro_batch_size=16, lr_warmup_steps=40, max_steps=300, max_norm=1.0
     ),
     eval: EvalArgs = EvalArgs(interval=100, max_iters=10),
+    speed: SpeedArgs = SpeedArgs(),
 ) -> Path:
     """Finetune every weight of ``checkpoint_dir``; returns the final (standalone) checkpoint directory.
 
@@ -46,8 +48,9 @@ def setup(
         data: training data (a local file or a recipe) and its template.
         train: batch sizes, steps or epochs, warmup, clipping, log and save intervals (litgpt's TrainArgs).
         eval: validation interval and number of batches (litgpt's EvalArgs).
+        speed: packing, torch.compile, micro-batch auto-sizing and activation checkpointing (finetune.speed).
     """
-    return run(METHODS["full"], {}, checkpoint_dir, out_dir, precision, None, seed, lr, weight_decay, max_time, resume, data, train, eval)
+    return run(METHODS["full"], {}, checkpoint_dir, out_dir, precision, None, seed, lr, weight_decay, max_time, resume, data, train, eval, speed)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field
 import lightning as L
 import torch
 from litgpt.args import EvalArgs, TrainArgs
-from litgpt.utils import chunked_cross_entropy
 from tqdm import tqdm
 
 from finetune.budget import BudgetPlanner, Schedule
+from finetune.forward import training_loss
 
 
 @dataclass
@@ -45,17 +45,20 @@ def clear_prefix_caches(model: torch.nn.Module) -> None:
             module.adapter_kv_cache = None
 
 
-def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy over the labelled (response) positions."""
+def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], checkpoint_blocks: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled (response) positions of a padded or packed batch.
+
+    ``model`` is a litgpt GPT, or Fabric's wrapper of one (run it under ``fabric.autocast()``).
+    """
     clear_prefix_caches(model)
-    logits = model(batch["input_ids"])
-    return chunked_cross_entropy(logits[..., :-1, :], batch["labels"][..., 1:], chunk_size=0)
+    return training_loss(getattr(model, "module", model), batch, checkpoint_blocks)
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, batches: list[dict]) -> float:
+def validate(fabric: L.Fabric, model: torch.nn.Module, batches: list[dict]) -> float:
     model.eval()
-    losses = [batch_loss(model, b).item() for b in batches]
+    with fabric.autocast():
+        losses = [batch_loss(model, b).item() for b in batches]
     model.train()
     return sum(losses) / max(len(losses), 1)
 
@@ -74,6 +77,7 @@ def fit(
     val_batches: list[dict] | None = None,
     on_save: Callable[[Progress], None] | None = None,
     log: Callable[[dict], None] = lambda row: None,
+    checkpoint_blocks: bool = False,
 ) -> Progress:
     """Optimizer steps until ``schedule.total_steps`` or the budget, whichever comes first."""
     accumulate = train.gradient_accumulation_iters(devices=fabric.world_size, num_nodes=1)
@@ -92,7 +96,8 @@ def fit(
         for micro in range(accumulate):
             batch = next_batch()
             with fabric.no_backward_sync(model, enabled=micro < accumulate - 1):
-                loss = batch_loss(model, batch)
+                with fabric.autocast():
+                    loss = batch_loss(model, batch, checkpoint_blocks)
                 fabric.backward(loss / accumulate)
             step_tokens += int(batch["mask"].sum())  # a CPU tensor: no device sync
         if train.max_norm is not None:
@@ -114,7 +119,7 @@ def fit(
 
         row = {"step": progress.step, "loss": progress.last_loss, "lr": optimizer.param_groups[0]["lr"], "tokens": progress.tokens, "elapsed_s": progress.elapsed_s}
         if val_batches and eval.interval and progress.step % eval.interval == 0:
-            row["val_loss"] = validate(model, val_batches)
+            row["val_loss"] = validate(fabric, model, val_batches)
             progress.val_losses.append((progress.step, row["val_loss"]))
         log(row)
         if progress.step % train.log_interval == 0 or progress.step == schedule.total_steps or "val_loss" in row:

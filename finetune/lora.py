@@ -18,6 +18,7 @@ from litgpt.args import EvalArgs, TrainArgs
 
 from core.methods import METHODS
 from finetune.run import DataArgs, run
+from finetune.speed import SpeedArgs
 
 
 @dataclass
@@ -49,6 +50,7 @@ def setup(
         save_interval=None, log_interval=50, global_batch_size=16, micro_batch_size=16, lr_warmup_steps=40, max_steps=800, max_norm=1.0
     ),
     eval: EvalArgs = EvalArgs(interval=200, max_iters=10),
+    speed: SpeedArgs = SpeedArgs(),
 ) -> Path:
     """Finetune ``checkpoint_dir`` with LoRA (QLoRA with ``--quantize``); returns the final adapter directory.
 
@@ -70,9 +72,10 @@ def setup(
         data: training data (a local file or a recipe) and its template.
         train: batch sizes, steps or epochs, warmup, clipping, log and save intervals (litgpt's TrainArgs).
         eval: validation interval and number of batches (litgpt's EvalArgs).
+        speed: packing, torch.compile, micro-batch auto-sizing and activation checkpointing (finetune.speed).
     """
     config = {f"lora_{k}": v for k, v in dataclasses.asdict(lora).items()}
-    return run(METHODS["lora"], config, checkpoint_dir, out_dir, precision, quantize, seed, lr, weight_decay, max_time, resume, data, train, eval)
+    return run(METHODS["lora"], config, checkpoint_dir, out_dir, precision, quantize, seed, lr, weight_decay, max_time, resume, data, train, eval, speed)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,12 @@ def save_state(fabric: L.Fabric, path: Path, model, optimizer, progress: dict, k
     fabric.save(path / STATE_FILE, state, filter={"model": keep})
 
 
+def saved_micro_batch_size(path: Path) -> int:
+    """The micro-batch size a saved run used (a resumed run must keep it); reads no weights (mmap)."""
+    state = torch.load(path / STATE_FILE, mmap=True, weights_only=False, map_location="cpu")
+    return int(state["progress"]["batches"]["batch_size"])
+
+
 def load_state(fabric: L.Fabric, path: Path, model, optimizer) -> dict:
     """Restore weights, optimizer and RNG in place; returns the saved progress dict."""
     state = {"model": model, "optimizer": optimizer, "progress": {}, "rng": {}}

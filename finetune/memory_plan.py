@@ -1,0 +1,209 @@
+"""Will it fit? Peak GPU memory of a finetuning plan, and the fastest micro-batch + checkpointing that fits.
+
+    python -m finetune.memory_plan --model_name Mistral-7B-v0.1 --quantize bnb.nf4   # or --checkpoint_dir
+
+prints the plan for each track's GPU (RTX 4090 24 GB, A100 40/80 GB), so a plan that can't work is
+known before a model is downloaded to the wrong machine. Training uses the same estimate to choose
+``micro_batch_size`` and activation checkpointing (``finetune.run``), then confirms it with one
+real step (``probe_plan``), stepping down if that step runs out of memory.
+
+The estimate counts weights (by storage type), the trainable parameters with their gradients and
+AdamW states, the activations a block keeps per token (calibrated on an H100, see BENCHMARKS.md), the
+logits the loss holds, and a fixed allowance for the CUDA context and allocator slack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GIB = 2**30
+TRACKS = {"rtx4090": 24.0, "a100-40gb": 40.0, "a100-80gb": 80.0}
+QUANTIZED_BYTES = {"bnb.nf4": 0.5 + 4 / 64, "bnb.fp4": 0.5 + 4 / 64, "bnb.nf4-dq": 0.5 + 1 / 64 + 4 / (64 * 256), "bnb.fp4-dq": 0.5 + 1 / 64 + 4 / (64 * 256), "bnb.int8-training": 1.0 + 4 / 4096}
+# Activation elements a transformer block keeps per token for its backward, in units of
+# (9 * n_embd + 3 * kv_size + 4 * intermediate). Fitted to Mistral-7B LoRA on an H100 (BENCHMARKS.md,
+# "memory planner calibration"): every estimate there came out 0.2-2.3 GiB above the measured peak.
+ACTIVATION_FACTOR = {"eager": 1.15, "compiled": 0.92}
+OVERHEAD_GIB = 1.5  # CUDA context, cuBLAS workspaces, allocator fragmentation
+MAX_MICRO_TOKENS = 16384  # beyond this, bigger micro-batches don't make steps faster
+
+
+@dataclass(frozen=True)
+class Plan:
+    micro_batch_size: int  # packed (or padded) rows of max_seq_length tokens
+    checkpoint_blocks: bool
+    peak_gib: float  # estimated
+    budget_gib: float
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_gib <= self.budget_gib
+
+    def describe(self) -> str:
+        ckpt = "activation checkpointing" if self.checkpoint_blocks else "no checkpointing"
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        return f"micro_batch_size {self.micro_batch_size}, {ckpt}: ~{self.peak_gib:.1f} GiB of {self.budget_gib:.0f} GiB ({verdict})"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs from a model: parameter counts by storage and the block's sizes."""
+
+    linear_params: int  # frozen weights of Linear layers (quantizable)
+    other_params: int  # frozen embeddings, norms, biases
+    trainable_params: int  # LoRA/adapter weights, or every weight for a full finetune
+    n_layer: int
+    n_embd: int
+    kv_size: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> ModelShape:
+        config = model.config
+        linear = other = trainable = 0
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                trainable += p.numel()
+            elif name.endswith("weight") and p.dim() == 2 and "wte" not in name:
+                linear += p.numel()
+            else:
+                other += p.numel()
+        return cls(
+            linear, other, trainable, config.n_layer, config.n_embd, config.n_query_groups * config.head_size,
+            config.intermediate_size, config.padded_vocab_size,
+        )
+
+
+def estimate_gib(
+    shape: ModelShape, tokens: int, checkpoint_blocks: bool, quantize: str | None, full: bool, compiled: bool = False, bytes_per_value: int = 2
+) -> dict[str, float]:
+    """Peak memory by part, in GiB, for one micro-batch of ``tokens`` tokens."""
+    if full:  # every weight trains: weight + grad + two AdamW states
+        weights = shape.trainable_params * bytes_per_value * 4
+        trainable = 0.0
+    else:
+        per_linear = QUANTIZED_BYTES[quantize] if quantize else bytes_per_value
+        weights = shape.linear_params * per_linear + shape.other_params * bytes_per_value
+        optimizer_state = 8 if quantize else 2 * bytes_per_value  # bnb paged AdamW keeps fp32 states
+        trainable = shape.trainable_params * (2 * bytes_per_value + optimizer_state)
+    factor = ACTIVATION_FACTOR["compiled" if compiled else "eager"]
+    per_block_token = factor * (9 * shape.n_embd + 3 * shape.kv_size + 4 * shape.intermediate) * bytes_per_value
+    if checkpoint_blocks:  # each block keeps its input; one block at a time recomputes the rest
+        activations = tokens * (shape.n_layer * shape.n_embd * bytes_per_value + per_block_token)
+    else:
+        activations = tokens * shape.n_layer * per_block_token
+    rows = tokens if tokens * shape.vocab <= 2**27 else 2048  # finetune.forward's head chunks
+    logits = rows * shape.vocab * (bytes_per_value + 4 + 4)  # logits, fp32 copy, its gradient
+    parts = {"weights": weights, "trainable+optimizer": trainable, "activations": activations, "logits": logits}
+    out = {k: v / GIB for k, v in parts.items()}
+    out["overhead"] = OVERHEAD_GIB
+    out["total"] = sum(out.values())
+    return out
+
+
+def candidates(global_batch_size: int, max_seq_length: int) -> list[tuple[int, bool]]:
+    """(micro_batch_size, checkpoint_blocks), fastest first: no checkpointing beats any micro-batch size."""
+    sizes = [m for m in range(global_batch_size, 0, -1) if global_batch_size % m == 0 and (m == 1 or m * max_seq_length <= MAX_MICRO_TOKENS)]
+    return [(m, False) for m in sizes] + [(m, True) for m in sizes]
+
+
+def choose(
+    shape: ModelShape, budget_gib: float, max_seq_length: int, global_batch_size: int, quantize: str | None, full: bool,
+    compiled: bool = False, checkpoint_blocks: bool | None = None,
+) -> Plan:
+    """The fastest candidate estimated to fit; if none does, the smallest (its ``fits`` is False)."""
+    options = [c for c in candidates(global_batch_size, max_seq_length) if checkpoint_blocks is None or c[1] == checkpoint_blocks]
+    plans = [
+        Plan(m, ckpt, round(estimate_gib(shape, m * max_seq_length, ckpt, quantize, full, compiled)["total"], 2), budget_gib)
+        for m, ckpt in options
+    ]
+    return next((p for p in plans if p.fits), min(plans, key=lambda p: p.peak_gib))
+
+
+def gpu_budget_gib(device: torch.device, override_gib: float | None) -> float | None:
+    """The memory to plan for: ``override_gib`` (capped to the GPU's own), the GPU's total, or None off-GPU."""
+    if device.type != "cuda":
+        return override_gib
+    total = torch.cuda.get_device_properties(device).total_memory / GIB
+    return min(total, override_gib) if override_gib else total
+
+
+def probe_plan(step, plans: list[Plan], log=print) -> Plan:
+    """Run ``step(plan)`` (one forward+backward on a full-size batch) for each plan in turn until one fits.
+
+    The estimate picks where to start; this makes the choice a measurement. Returns the first plan
+    whose step did not run out of memory.
+    """
+    cuda = torch.cuda.is_available()
+    for plan in plans:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            step(plan)
+        except torch.OutOfMemoryError:
+            log(f"memory plan: {plan.describe()} ran out of memory; trying the next")
+            if cuda:
+                torch.cuda.empty_cache()
+            continue
+        peak = f"{torch.cuda.max_memory_reserved() / GIB:.1f} GiB" if cuda else "?"
+        log(f"memory plan: micro_batch_size {plan.micro_batch_size}, checkpointing {plan.checkpoint_blocks}: one step peaked at {peak} (estimated {plan.peak_gib:.1f})")
+        return plan
+    raise RuntimeError("memory plan: even micro_batch_size 1 with activation checkpointing ran out of memory; use --quantize bnb.nf4 or a shorter data.max_seq_length")
+
+
+def main(
+    checkpoint_dir: Path | None = None,
+    model_name: str | None = None,
+    method: str = "lora",
+    quantize: str | None = None,
+    max_seq_length: int = 2048,
+    global_batch_size: int = 16,
+    lora_r: int = 16,
+    gpu_memory_gib: float | None = None,
+) -> dict[str, Plan]:
+    """Print the plan for each track (or for ``gpu_memory_gib``) of finetuning ``checkpoint_dir`` with ``method``.
+
+    Args:
+        checkpoint_dir: a converted checkpoint (only its model_config.yaml is read: no weights needed).
+        model_name: or a litgpt config name (e.g. Mistral-7B-v0.1), before anything is downloaded.
+        method: lora, adapter, adapter_v2 or full.
+        quantize: e.g. bnb.nf4 (QLoRA).
+        max_seq_length: tokens per (packed) row.
+        global_batch_size: rows per optimizer step; micro-batch sizes are its divisors.
+        lora_r: LoRA rank on every linear layer and the head (our default targets).
+        gpu_memory_gib: plan for this much memory instead of the three tracks.
+    """
+    from core.checkpoints import load_config
+    from core.configs import config_from_name
+    from core.methods import METHODS
+
+    if (checkpoint_dir is None) == (model_name is None):
+        raise ValueError("give --checkpoint_dir (a converted checkpoint) or --model_name (a litgpt config name)")
+    if method not in METHODS:
+        raise ValueError(f"method: choose one of {sorted(METHODS)}, got {method!r}")
+    chosen = METHODS[method]
+    config = load_config(Path(checkpoint_dir)) if checkpoint_dir is not None else config_from_name(model_name)
+    extra = {"lora_r": lora_r, "lora_alpha": 2 * lora_r, **{f"lora_{k}": True for k in ("query", "key", "value", "projection", "mlp", "head")}} if method == "lora" else {}
+    with torch.device("meta"):
+        model = chosen.litgpt.GPT(chosen.litgpt.Config(**{**dataclasses.asdict(config), **extra}))
+    chosen.freeze_all_but_trainable(model)
+    shape = ModelShape.of(model)
+    budgets = {"this GPU": gpu_memory_gib} if gpu_memory_gib else TRACKS
+    plans = {}
+    for track, gib in budgets.items():
+        plans[track] = choose(shape, gib, max_seq_length, global_batch_size, quantize, method == "full", compiled=True)  # finetune compiles on GPUs
+        print(f"{track:>10} ({gib:.0f} GiB): {plans[track].describe()}")
+    if not any(p.fits for p in plans.values()):
+        print(f"no track fits {config.name} with {method}{' + ' + quantize if quantize else ''} at {max_seq_length} tokens: try --quantize bnb.nf4 or a shorter max_seq_length")
+    return plans
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(main, as_positional=False)

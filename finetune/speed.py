@@ -1,0 +1,125 @@
+"""The speed options of every finetune script, and setting the model up for them.
+
+Packing (``finetune.packing``), the matmul q/k/v LoRA (``finetune.fast_lora``), torch.compile of
+each block, and the memory plan (``finetune.memory_plan``: micro-batch size and activation
+checkpointing) are decided here, once, before training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from litgpt.args import TrainArgs
+
+from finetune.attention import unsupported_reason, use_document_attention
+from finetune.data import IGNORE_INDEX
+from finetune.fast_lora import use_matmul_qkv_lora
+from finetune.memory_plan import GIB, ModelShape, Plan, candidates, estimate_gib, gpu_budget_gib, probe_plan
+
+
+@dataclass
+class SpeedArgs:
+    """How fast training runs. Only ``packing`` changes what a batch holds (batch sizes then count packed rows)."""
+
+    packing: bool = True  # several rows per max_seq_length row, attending only to themselves (lora, full)
+    compile: bool | None = None  # torch.compile each transformer block; None: on CUDA
+    micro_batch: str = "auto"  # "auto": the memory plan picks train.micro_batch_size (a divisor of the global batch); "fixed": as given
+    checkpoint_blocks: bool | None = None  # activation checkpointing per block; None: only if memory needs it
+    gpu_memory_gib: float | None = None  # plan for (and cap the run at) this much memory, e.g. 24 to rehearse a 4090 run
+
+
+@dataclass
+class Setup:
+    """What ``prepare`` decided."""
+
+    train: TrainArgs  # with the micro_batch_size that will run
+    packing: bool
+    checkpoint_blocks: bool
+    compiled: bool
+
+
+def prepare(
+    fabric: L.Fabric, model, method_name: str, speed: SpeedArgs, train: TrainArgs, max_seq_length: int, quantize: str | None,
+    resumed_micro_batch: int | None = None,
+) -> Setup:
+    """Apply the speed options to ``model`` (Fabric-wrapped) and choose the micro-batch; logs each choice."""
+    if speed.micro_batch not in ("auto", "fixed"):
+        raise ValueError(f"speed.micro_batch: 'auto' or 'fixed', got {speed.micro_batch!r}")
+    gpt = model.module
+    packing = speed.packing
+    if packing and (reason := unsupported_reason(gpt)) is not None:
+        fabric.print(f"packing off: this model has {reason}; training on padded batches")
+        packing = False
+    if packing:
+        use_document_attention(gpt)
+    use_matmul_qkv_lora(gpt)
+    compiled = speed.compile if speed.compile is not None else fabric.device.type == "cuda"
+    if compiled:
+        keep_quantized_layers_eager(gpt)
+        for block in gpt.transformer.h:
+            block.compile()
+    checkpoint_blocks = bool(speed.checkpoint_blocks)
+    if resumed_micro_batch is not None:
+        train = dataclasses.replace(train, micro_batch_size=resumed_micro_batch)
+    elif speed.micro_batch == "auto" and fabric.device.type == "cuda":
+        budget = gpu_budget_gib(fabric.device, speed.gpu_memory_gib)
+        if speed.gpu_memory_gib:
+            total = torch.cuda.get_device_properties(fabric.device).total_memory / GIB
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), fabric.device)
+        shape = ModelShape.of(gpt)
+        plans = [
+            Plan(m, c, round(estimate_gib(shape, m * max_seq_length, c, quantize, method_name == "full", compiled)["total"], 2), budget)
+            for m, c in candidates(train.global_batch_size, max_seq_length)
+            if speed.checkpoint_blocks is None or c == speed.checkpoint_blocks
+        ]
+        first = next((i for i, p in enumerate(plans) if p.fits), len(plans) - 1)
+        fabric.print(f"memory plan ({budget:.0f} GiB): {plans[first].describe()}")
+        plan = probe_plan(lambda p: probe_step(fabric, model, p, max_seq_length, packing), plans[first:], log=fabric.print)
+        train = dataclasses.replace(train, micro_batch_size=plan.micro_batch_size)
+        checkpoint_blocks = plan.checkpoint_blocks
+    return Setup(train, packing, checkpoint_blocks, compiled)
+
+
+def keep_quantized_layers_eager(model: torch.nn.Module) -> int:
+    """Run bitsandbytes layers outside the compiled graphs; returns how many.
+
+    Compiled whole, a block keeps each 4-bit weight's bf16 dequantization alive for the backward
+    (QLoRA on Mistral-7B at 2048 tokens: 28.8 GiB instead of 18.4), which defeats quantizing. Left
+    eager, bitsandbytes' own autograd function dequantizes again in the backward, as it is meant to;
+    the norms, RoPE, attention and MLP activations around it are still compiled.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and any(c.__module__.startswith("bitsandbytes") for c in type(module).__mro__):
+            module.forward = torch.compiler.disable(module.forward)
+            changed += 1
+    return changed
+
+
+def probe_step(fabric: L.Fabric, model, plan: Plan, max_seq_length: int, packing: bool) -> None:
+    """One forward+backward of a full micro-batch of random tokens (the most memory a real one can take).
+
+    Gradients are cleared and the RNG state restored afterwards, so training is as if it never ran.
+    """
+    from finetune.loop import batch_loss
+
+    gpt = model.module
+    device = next(gpt.parameters()).device
+    shape = (plan.micro_batch_size, max_seq_length)
+    with torch.random.fork_rng(devices=[device]):
+        ids = torch.randint(0, gpt.config.vocab_size, shape, device=device)
+        labels = ids.clone()
+        labels[:, 0] = IGNORE_INDEX
+        batch = {"input_ids": ids, "labels": labels}
+        if packing:
+            batch |= {"positions": torch.arange(max_seq_length, device=device).expand(shape), "documents": torch.zeros(shape, dtype=torch.int32, device=device)}
+        try:
+            with fabric.autocast():
+                loss = batch_loss(model, batch, plan.checkpoint_blocks)
+            fabric.backward(loss)
+        finally:
+            for p in gpt.parameters():
+                p.grad = None

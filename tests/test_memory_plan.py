@@ -1,0 +1,88 @@
+"""The memory planner: estimates by part, the fastest plan that fits, stepping down on a real OOM, the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from litgpt.utils import save_config
+
+from core.configs import config_from_name
+from finetune.memory_plan import GIB, ModelShape, Plan, candidates, choose, estimate_gib, main, probe_plan
+
+MISTRAL = ModelShape(  # ModelShape.of(Mistral-7B with r16 LoRA on every linear layer and the head)
+    linear_params=7_110_393_856, other_params=131_338_240, trainable_params=42_520_576, n_layer=32, n_embd=4096, kv_size=1024,
+    intermediate=14336, vocab=32000,
+)
+
+
+def test_shape_of_a_lora_model_counts_frozen_and_trainable_parameters() -> None:
+    import dataclasses
+
+    from core.methods import METHODS
+
+    method = METHODS["lora"]
+    flags = {f"lora_{k}": True for k in ("query", "key", "value", "projection", "mlp", "head")}
+    with torch.device("meta"):
+        model = method.litgpt.GPT(method.litgpt.Config(**{**dataclasses.asdict(config_from_name("Mistral-7B-v0.1")), "lora_r": 16, "lora_alpha": 32, **flags}))
+    method.freeze_all_but_trainable(model)
+    assert ModelShape.of(model) == MISTRAL
+    assert sum(p.numel() for p in model.parameters()) == MISTRAL.linear_params + MISTRAL.other_params + MISTRAL.trainable_params
+
+
+def test_estimates_grow_the_way_memory_does() -> None:
+    bf16 = estimate_gib(MISTRAL, 2048, False, None, False)
+    nf4 = estimate_gib(MISTRAL, 2048, False, "bnb.nf4", False)
+    assert 13 < bf16["weights"] < 14 and 3.5 < nf4["weights"] < 4.5  # 2 bytes vs ~0.56 bytes per linear weight
+    assert estimate_gib(MISTRAL, 4096, False, None, False)["activations"] == pytest.approx(2 * bf16["activations"])
+    assert estimate_gib(MISTRAL, 2048, True, None, False)["activations"] < bf16["activations"] / 10
+    full = estimate_gib(dataclass_replace(MISTRAL, trainable_params=7_241_732_096, linear_params=0, other_params=0), 2048, True, None, True)
+    assert full["weights"] > 50  # weights, gradients and two AdamW states
+
+
+def dataclass_replace(shape: ModelShape, **changes) -> ModelShape:
+    import dataclasses
+
+    return dataclasses.replace(shape, **changes)
+
+
+def test_choose_prefers_no_checkpointing_then_the_largest_micro_batch() -> None:
+    assert candidates(8, 2048)[:4] == [(8, False), (4, False), (2, False), (1, False)]
+    big = choose(MISTRAL, 80, 2048, 8, None, False)
+    assert big.fits and not big.checkpoint_blocks and big.micro_batch_size >= 2
+    qlora_4090 = choose(MISTRAL, 24, 2048, 8, "bnb.nf4", False)
+    assert qlora_4090.fits and not qlora_4090.checkpoint_blocks and qlora_4090.micro_batch_size == 1
+    bf16_4090 = choose(MISTRAL, 24, 2048, 8, None, False)
+    assert bf16_4090.fits and bf16_4090.checkpoint_blocks
+    hopeless = choose(MISTRAL, 8, 2048, 8, None, False)
+    assert not hopeless.fits and "DOES NOT FIT" in hopeless.describe()
+
+
+def test_probe_plan_steps_down_past_plans_that_run_out_of_memory() -> None:
+    plans = [Plan(4, False, 70, 80), Plan(2, False, 40, 80), Plan(1, True, 20, 80)]
+    tried = []
+
+    def step(plan: Plan) -> None:
+        tried.append(plan.micro_batch_size)
+        if plan.micro_batch_size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    logs = []
+    assert probe_plan(step, plans, log=logs.append) == plans[1]
+    assert tried == [4, 2] and "ran out of memory" in logs[0]
+    with pytest.raises(RuntimeError, match="quantize"):
+        probe_plan(lambda p: (_ for _ in ()).throw(torch.OutOfMemoryError()), plans, log=logs.append)
+
+
+def test_cli_plans_every_track_from_the_config_alone(tmp_path: Path, capsys) -> None:
+    save_config(config_from_name("Mistral-7B-v0.1"), tmp_path)  # model_config.yaml only, no weights
+    plans = main(tmp_path, quantize="bnb.nf4")
+    out = capsys.readouterr().out
+    assert set(plans) == {"rtx4090", "a100-40gb", "a100-80gb"} and all(p.fits for p in plans.values())
+    assert "rtx4090" in out and "micro_batch_size" in out
+    full = main(tmp_path, method="full", gpu_memory_gib=24)
+    assert not full["this GPU"].fits and "no track fits" in capsys.readouterr().out
+    assert main(model_name="Mistral-7B-v0.1", quantize="bnb.nf4") == plans  # the same, before any download
+    with pytest.raises(ValueError, match="model_name"):
+        main()
