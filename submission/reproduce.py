@@ -69,13 +69,17 @@ def finetune(manifest: Path = Path("submission.json"), out_dir: Path = Path("out
 
     from core.methods import METHODS
     from finetune.run import run
+    from finetune.speed import SpeedArgs
 
     m = _manifest(manifest)
     hp = m["finetune"]
     method = METHODS[hp["method"]]
+    # The recorded batches: packed or not (runs from before packing were padded), with the micro-batch that ran.
+    speed = SpeedArgs(**{**hp.get("speed", {"packing": False}), "micro_batch": "fixed"})
     run(
         method, method.config_kwargs(hp), checkpoint_dir / m["base_model"]["repo_id"], out_dir, hp["precision"], hp.get("quantize"),
         hp["seed"], hp["lr"], hp["weight_decay"], hp["max_time"], "auto", _data_args(m), TrainArgs(**hp["train"]), EvalArgs(**hp["eval"]),
+        speed,
     )
 
 
