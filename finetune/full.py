@@ -29,7 +29,7 @@ def setup(
     resume: bool | str | Path = False,
     data: DataArgs = DataArgs(),
     train: TrainArgs = TrainArgs(
-        save_interval=None, log_interval=50, global_batch_size=16, micro_batch_size=16, lr_warmup_steps=40, max_steps=300, max_norm=1.0
+        save_interval=None, log_interval=50, global_batch_size=4, micro_batch_size=4, lr_warmup_steps=40, max_steps=300, max_norm=1.0
     ),
     eval: EvalArgs = EvalArgs(interval=100, max_iters=10),
     speed: SpeedArgs = SpeedArgs(),
@@ -46,7 +46,8 @@ def setup(
         max_time: wall-clock budget ("24h", "90m", ...), counted across resumes; see finetune.lora.
         resume: "auto", a step directory, or false; see finetune.lora.
         data: training data (a local file or a recipe) and its template.
-        train: batch sizes, steps or epochs, warmup, clipping, log and save intervals (litgpt's TrainArgs).
+        train: batch sizes (in packed rows of data.max_seq_length tokens when packing), steps or epochs, warmup,
+            clipping, log and save intervals (litgpt's TrainArgs).
         eval: validation interval and number of batches (litgpt's EvalArgs).
         speed: packing, torch.compile, micro-batch auto-sizing and activation checkpointing (finetune.speed).
     """

@@ -47,7 +47,7 @@ def setup(
     lora: LoRAArgs = LoRAArgs(),
     data: DataArgs = DataArgs(),
     train: TrainArgs = TrainArgs(
-        save_interval=None, log_interval=50, global_batch_size=16, micro_batch_size=16, lr_warmup_steps=40, max_steps=800, max_norm=1.0
+        save_interval=None, log_interval=50, global_batch_size=4, micro_batch_size=4, lr_warmup_steps=40, max_steps=800, max_norm=1.0
     ),
     eval: EvalArgs = EvalArgs(interval=200, max_iters=10),
     speed: SpeedArgs = SpeedArgs(),
@@ -70,7 +70,8 @@ def setup(
             one; restores weights, optimizer, schedule, data position and RNG exactly.
         lora: rank, alpha, dropout and which layers get adapters (all linear layers and the head by default).
         data: training data (a local file or a recipe) and its template.
-        train: batch sizes, steps or epochs, warmup, clipping, log and save intervals (litgpt's TrainArgs).
+        train: batch sizes (in packed rows of data.max_seq_length tokens when packing), steps or epochs, warmup,
+            clipping, log and save intervals (litgpt's TrainArgs).
         eval: validation interval and number of batches (litgpt's EvalArgs).
         speed: packing, torch.compile, micro-batch auto-sizing and activation checkpointing (finetune.speed).
     """
