@@ -17,6 +17,7 @@ import math
 
 import torch
 from litgpt.model import CausalSelfAttention
+from torch.nn.attention.flex_attention import BlockMask
 
 
 def document_mask(documents: torch.Tensor, use_flex: bool | None = None):
@@ -60,8 +61,6 @@ def _compiled_flex():
 
 
 def _attend(attn: CausalSelfAttention, litgpt_attend, q, k, v, mask=None) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import BlockMask
-
     if not isinstance(mask, BlockMask):
         return litgpt_attend(q, k, v, mask)
     scale = attn.mscale * attn.mscale / math.sqrt(attn.config.attention_scores_scalar or attn.config.head_size)
