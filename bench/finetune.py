@@ -11,6 +11,9 @@ is its own. Cases:
 - ``*-mixed-*``: Alpaca/LIMA-like lengths. The baselines pad micro-batches of 4 rows, 16 rows a step;
   ours packs, with as many packed rows a step as hold the same number of tokens on average.
 
+For QLoRA cases ``ours-bnb-dequant`` is ours again with bitsandbytes' own 4-bit dequantization instead of
+the compiled one (``--speed.dequantize_4bit``), so that lever is measured in the same run.
+
 Printed JSON per case: each trainer's useful (non-padding) tokens/s, peak memory and MFU, which counts
 4N FLOPs per token (forward 2N plus the backward's input gradients 2N; frozen weights need no weight
 gradients) at the GPU's dense bf16 peak (989 TFLOP/s on an H100), and ratios of ours to each baseline.
@@ -40,6 +43,7 @@ CASES = {
     "tiny-mixed-r8": ("tiny", "mixed", "all", 8),  # CPU smoke test of the bench itself
 }
 MIXED_ROWS_PER_STEP, MIXED_MICRO = 16, 4
+TRAINERS = ("ours", "ours-bnb-dequant", "hf-peft", "upstream-litgpt")
 
 
 def synthetic_rows(kind: str, n: int, seed: int = 0) -> list[dict]:
@@ -59,7 +63,7 @@ def synthetic_rows(kind: str, n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def our_child(work: Path, out: Path, packed_rows_per_step: int = 0) -> None:
+def our_child(work: Path, out: Path, packed_rows_per_step: int = 0, dequantize_4bit: str = "auto") -> None:
     """Child process: our ``finetune.lora`` on the work (micro-batch 1 packed row, fixed), result to ``out``."""
     import yaml
     from litgpt.args import EvalArgs, TrainArgs
@@ -84,7 +88,7 @@ def our_child(work: Path, out: Path, packed_rows_per_step: int = 0) -> None:
             micro_batch_size=job.micro_batch_size, lr_warmup_steps=1, max_steps=job.steps,
         ),
         eval=EvalArgs(interval=0),
-        speed=SpeedArgs(micro_batch="fixed"),
+        speed=SpeedArgs(micro_batch="fixed", dequantize_4bit=dequantize_4bit),
     )
     memory = peak_memory("cuda" if torch.cuda.is_available() else "cpu")
     rows = [line.split(",") for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
@@ -93,18 +97,19 @@ def our_child(work: Path, out: Path, packed_rows_per_step: int = 0) -> None:
     steady_s = elapsed[-1] - elapsed[half - 1]
     hparams = yaml.safe_load((final / "hyperparameters.yaml").read_text())
     result = {
-        "trainer": "ours", "steps": len(rows), "useful_tokens_per_s": round((tokens[-1] - tokens[half - 1]) / steady_s, 1),
+        "trainer": "ours" if dequantize_4bit == "auto" else f"ours (dequantize_4bit={dequantize_4bit})", "steps": len(rows), "useful_tokens_per_s": round((tokens[-1] - tokens[half - 1]) / steady_s, 1),
         "useful_tokens_per_step": tokens[-1] / len(rows), "steady_s": round(steady_s, 4), **memory,
         "wall_s": round(time.perf_counter() - t0, 1), "speed": hparams["speed"], "rows_per_step": hparams["train"]["global_batch_size"],
     }
     Path(out).write_text(json.dumps(result, indent=2))
 
 
-def run_ours(work: Work, out_dir: Path, packed_rows_per_step: int = 0) -> dict:
+def run_ours(work: Work, out_dir: Path, packed_rows_per_step: int = 0, dequantize_4bit: str = "auto") -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "work.json").write_text(work.to_json())
     result, log = out_dir / "result.json", out_dir / "ours.log"
-    cmd = [sys.executable, "-m", "bench.finetune", "child", "--work", str(out_dir / "work.json"), "--out", str(result), "--packed_rows_per_step", str(packed_rows_per_step)]
+    cmd = [sys.executable, "-m", "bench.finetune", "child", "--work", str(out_dir / "work.json"), "--out", str(result),
+           "--packed_rows_per_step", str(packed_rows_per_step), "--dequantize_4bit", dequantize_4bit]
     with log.open("w") as f:
         rc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0 or not result.is_file():
@@ -154,11 +159,18 @@ def run_case(case: str, quantize: str | None, trainers: list[str], work_dir: Pat
         packed_rows = max(1, round(MIXED_ROWS_PER_STEP * sum(lengths) / len(lengths) / 2048))
     label = f"{case}-{quantize or 'bf16'}"
     results = {}
-    runners = {"ours": lambda w, d: run_ours(w, d, packed_rows), "upstream-litgpt": run_upstream_litgpt, "hf-peft": run_hf_peft}
+    runners = {
+        "ours": lambda w, d: run_ours(w, d, packed_rows),
+        "ours-bnb-dequant": lambda w, d: run_ours(w, d, packed_rows, "bitsandbytes"),  # the compiled 4-bit dequantization off
+        "upstream-litgpt": run_upstream_litgpt,
+        "hf-peft": run_hf_peft,
+    }
     for trainer in trainers:
+        if trainer == "ours-bnb-dequant" and quantize is None:
+            continue  # no 4-bit layers: the same run as "ours"
         print(f"--- {label}: {trainer}", flush=True)
         try:
-            results[trainer] = runners[trainer](work if not (trainer == "ours" and mixed) else _ours_micro(work), work_dir / "runs" / label / trainer)
+            results[trainer] = runners[trainer](work if not (trainer.startswith("ours") and mixed) else _ours_micro(work), work_dir / "runs" / label / trainer)
         except RuntimeError as e:
             results[trainer] = {"error": str(e)[-2000:]}
         print(json.dumps(results[trainer])[:600], flush=True)
@@ -170,7 +182,7 @@ def run_case(case: str, quantize: str | None, trainers: list[str], work_dir: Pat
     out = {"case": case, "model": f"{config_name} (random bf16)", "quantize": quantize or "none (bf16)", "lora": f"r{rank} {targets}",
            "rows": rows_kind, "params": n_params, "results": results}
     ours = results.get("ours", {}).get("useful_tokens_per_s")
-    for name in ("hf-peft", "upstream-litgpt"):
+    for name in ("hf-peft", "upstream-litgpt", "ours-bnb-dequant"):
         theirs = results.get(name, {}).get("useful_tokens_per_s")
         if ours and theirs:
             out[f"ours_vs_{name}_tokens_per_s"] = round(ours / theirs, 2)
@@ -191,7 +203,7 @@ def main(
     work_dir: Path = Path("/tmp/bench_finetune"),
     cases: list[str] = ["mistral-2048-r16"],  # noqa: B006
     quantize: list[str | None] = [None, "bnb.nf4"],  # noqa: B006
-    trainers: list[str] = ["ours", "hf-peft", "upstream-litgpt"],  # noqa: B006
+    trainers: list[str] = list(TRAINERS),  # noqa: B006
     steps: int = 8,
 ) -> None:
     """Run each case x quantization with each trainer; print and write ``out_dir/finetune.json``.
@@ -199,12 +211,14 @@ def main(
     Args:
         cases: names from CASES.
         quantize: None (bf16 LoRA) and/or "bnb.nf4" (QLoRA).
-        trainers: ours, hf-peft, upstream-litgpt.
+        trainers: ours, ours-bnb-dequant (ours with bitsandbytes' own 4-bit dequantization; QLoRA only), hf-peft, upstream-litgpt.
         steps: optimizer steps per trainer; the second half is measured.
     """
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         raise ValueError(f"cases: unknown {unknown}; choose from {sorted(CASES)}")
+    if unknown := [t for t in trainers if t not in TRAINERS]:
+        raise ValueError(f"trainers: unknown {unknown}; choose from {list(TRAINERS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "steps": steps, "runs": []}
     for case in cases:

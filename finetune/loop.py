@@ -63,6 +63,45 @@ def validate(fabric: L.Fabric, model: torch.nn.Module, batches: list[dict]) -> f
     return sum(losses) / max(len(losses), 1)
 
 
+class LossReadout:
+    """A step's loss on its way to the host without stopping the GPU.
+
+    ``loss.item()`` right after a step makes the CPU wait for the GPU to drain, so the next step's batch,
+    kernel launches and logging start on an idle GPU. Instead the loss is copied into pinned memory
+    behind the step's own kernels and read one step later, while the GPU runs the next step.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def start(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if not self.cuda:
+            return loss.detach(), None
+        host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+        host.copy_(loss.detach(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    @staticmethod
+    def value(started: tuple[torch.Tensor, torch.cuda.Event | None]) -> float:
+        host, event = started
+        if event is not None:
+            event.synchronize()  # waits for that step only, not for the steps queued after it
+        return host.item()
+
+
+@dataclass
+class _Queued:
+    """An optimizer step whose kernels are queued; its loss is read when ``fit`` finishes it."""
+
+    step: int
+    tokens: int  # this step's
+    total_tokens: int  # all steps' so far
+    lr: float
+    loss: tuple
+
+
 def fit(
     fabric: L.Fabric,
     model: torch.nn.Module,
@@ -79,11 +118,42 @@ def fit(
     log: Callable[[dict], None] = lambda row: None,
     checkpoint_blocks: bool = False,
 ) -> Progress:
-    """Optimizer steps until ``schedule.total_steps`` or the budget, whichever comes first."""
+    """Optimizer steps until ``schedule.total_steps`` or the budget, whichever comes first.
+
+    Each step's loss is read (logged, checked, timed) while the next step runs (``LossReadout``); a
+    step that validates, saves or ends the run is read before anything looks at the model.
+    """
     accumulate = train.gradient_accumulation_iters(devices=fabric.world_size, num_nodes=1)
     started = time.perf_counter() - progress.elapsed_s
     elapsed = lambda: time.perf_counter() - started  # noqa: E731
     bar = tqdm(total=schedule.total_steps, initial=progress.step, unit="step", dynamic_ncols=True, disable=None)
+    readout = LossReadout(fabric.device)
+
+    def finish(queued: _Queued, validating: bool = False) -> None:
+        progress.last_loss = readout.value(queued.loss)
+        progress.elapsed_s = elapsed()
+        if not math.isfinite(progress.last_loss):
+            raise FloatingPointError(f"training loss is {progress.last_loss} at step {queued.step}; lower the learning rate")
+        if (new_total := planner.observe(queued.step, progress.elapsed_s, queued.tokens)) is not None:
+            schedule.total_steps = progress.total_steps = new_total
+            bar.total = new_total
+        bar.update(1)
+        rate = queued.total_tokens / max(progress.elapsed_s, 1e-9)
+        bar.set_postfix(loss=f"{progress.last_loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
+        row = {"step": queued.step, "loss": progress.last_loss, "lr": queued.lr, "tokens": queued.total_tokens, "elapsed_s": progress.elapsed_s}
+        if validating:
+            row["val_loss"] = validate(fabric, model, val_batches)
+            progress.val_losses.append((queued.step, row["val_loss"]))
+        log(row)
+        if queued.step % train.log_interval == 0 or queued.step == schedule.total_steps or validating:
+            eta = f"{planner.sec_per_step * (schedule.total_steps - queued.step):.0f}s" if planner.sec_per_step else "?"
+            val = f" | val loss {row['val_loss']:.4f}" if validating else ""
+            fabric.print(
+                f"step {queued.step:6d}/{schedule.total_steps} | loss {progress.last_loss:.4f}{val} | lr {queued.lr:.2e} | "
+                f"{rate:,.0f} tok/s | elapsed {progress.elapsed_s:.0f}s | eta {eta}"
+            )
+
+    pending: _Queued | None = None
     model.train()
     while progress.step < schedule.total_steps:
         if planner.out_of_time(elapsed()):
@@ -106,30 +176,18 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
         progress.step += 1
         progress.tokens += step_tokens
-        progress.last_loss = loss.item()
-        progress.elapsed_s = elapsed()
-        if not math.isfinite(progress.last_loss):
-            raise FloatingPointError(f"training loss is {progress.last_loss} at step {progress.step}; lower the learning rate")
-        if (new_total := planner.observe(progress.step, progress.elapsed_s, step_tokens)) is not None:
-            schedule.total_steps = progress.total_steps = new_total
-            bar.total = new_total
-        bar.update(1)
-        rate = progress.tokens / max(progress.elapsed_s, 1e-9)
-        bar.set_postfix(loss=f"{progress.last_loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
-
-        row = {"step": progress.step, "loss": progress.last_loss, "lr": optimizer.param_groups[0]["lr"], "tokens": progress.tokens, "elapsed_s": progress.elapsed_s}
-        if val_batches and eval.interval and progress.step % eval.interval == 0:
-            row["val_loss"] = validate(fabric, model, val_batches)
-            progress.val_losses.append((progress.step, row["val_loss"]))
-        log(row)
-        if progress.step % train.log_interval == 0 or progress.step == schedule.total_steps or "val_loss" in row:
-            eta = f"{planner.sec_per_step * (schedule.total_steps - progress.step):.0f}s" if planner.sec_per_step else "?"
-            val = f" | val loss {row['val_loss']:.4f}" if "val_loss" in row else ""
-            fabric.print(
-                f"step {progress.step:6d}/{schedule.total_steps} | loss {progress.last_loss:.4f}{val} | lr {row['lr']:.2e} | "
-                f"{rate:,.0f} tok/s | elapsed {progress.elapsed_s:.0f}s | eta {eta}"
-            )
-        if on_save is not None and train.save_interval and progress.step % train.save_interval == 0:
-            on_save(progress)
+        queued = _Queued(progress.step, step_tokens, progress.tokens, optimizer.param_groups[0]["lr"], readout.start(loss))
+        if pending is not None:
+            finish(pending)  # the previous step, while the GPU runs this one
+        pending = queued
+        validating = bool(val_batches and eval.interval and progress.step % eval.interval == 0)
+        saving = bool(on_save is not None and train.save_interval and progress.step % train.save_interval == 0)
+        if validating or saving or progress.step >= schedule.total_steps:
+            finish(pending, validating)
+            pending = None
+            if saving:
+                on_save(progress)
+    if pending is not None:
+        finish(pending)
     bar.close()
     return progress

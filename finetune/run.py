@@ -261,7 +261,10 @@ def run(
         "quantize": quantize, "seed": seed, "lr": lr, "weight_decay": weight_decay, "max_time": max_time, "template": template,
         **method_config,
         "data": _plain(dataclasses.asdict(data)), "train": _plain(dataclasses.asdict(train)), "eval": _plain(dataclasses.asdict(eval)),
-        "speed": {**dataclasses.asdict(speed), "packing": setup.packing, "compile": setup.compiled, "checkpoint_blocks": setup.checkpoint_blocks},
+        "speed": {
+            **dataclasses.asdict(speed), "packing": setup.packing, "compile": setup.compiled, "checkpoint_blocks": setup.checkpoint_blocks,
+            "dequantize_4bit": setup.dequantize_4bit or speed.dequantize_4bit,
+        },
     }
     if setup.packing:
         batches = PackedBatches([len(e["input_ids"]) for e in train_set], mb, data.max_seq_length, seed)

@@ -1,7 +1,7 @@
 """The speed options of every finetune script, and setting the model up for them.
 
 Packing (``finetune.packing``), the matmul q/k/v LoRA (``finetune.fast_lora``), torch.compile of
-each block, and the memory plan (``finetune.memory_plan``: micro-batch size and activation
+each block, QLoRA's compiled 4-bit dequantization (``finetune.dequant4bit``), and the memory plan (``finetune.memory_plan``: micro-batch size and activation
 checkpointing) are decided here, once, before training starts.
 """
 
@@ -16,6 +16,7 @@ from litgpt.args import TrainArgs
 
 from finetune.attention import unsupported_reason, use_document_attention
 from finetune.data import IGNORE_INDEX
+from finetune.dequant4bit import check_against_bitsandbytes, four_bit_layers, use_compiled_dequantize
 from finetune.fast_lora import use_matmul_qkv_lora
 from finetune.memory_plan import GIB, ModelShape, Plan, candidates, estimate_gib, gpu_budget_gib, probe_plan
 
@@ -29,6 +30,7 @@ class SpeedArgs:
     micro_batch: str = "auto"  # "auto": the memory plan picks train.micro_batch_size (a divisor of the global batch); "fixed": as given
     checkpoint_blocks: bool | None = None  # activation checkpointing per block; None: only if memory needs it
     gpu_memory_gib: float | None = None  # plan for (and cap the run at) this much memory, e.g. 24 to rehearse a 4090 run
+    dequantize_4bit: str = "auto"  # QLoRA weights: "compiled" (one fused kernel), "bitsandbytes" (its own), "auto": compiled when compile is on
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Setup:
     packing: bool
     checkpoint_blocks: bool
     compiled: bool
+    dequantize_4bit: str | None  # "compiled" or "bitsandbytes"; None: the model has no 4-bit layers
 
 
 def prepare(
@@ -57,6 +60,7 @@ def prepare(
         use_document_attention(gpt)
     use_matmul_qkv_lora(gpt)
     compiled = speed.compile if speed.compile is not None else fabric.device.type == "cuda"
+    dequant = choose_dequantize_4bit(gpt, speed.dequantize_4bit, compiled, fabric.print)
     if compiled:
         keep_quantized_layers_eager(gpt)
         for block in gpt.transformer.h:
@@ -80,7 +84,32 @@ def prepare(
         plan = probe_plan(lambda p: probe_step(fabric, model, p, max_seq_length, packing), plans[first:], log=fabric.print)
         train = dataclasses.replace(train, micro_batch_size=plan.micro_batch_size)
         checkpoint_blocks = plan.checkpoint_blocks
-    return Setup(train, packing, checkpoint_blocks, compiled)
+    return Setup(train, packing, checkpoint_blocks, compiled, dequant)
+
+
+def choose_dequantize_4bit(gpt: torch.nn.Module, mode: str, compiled: bool, log=print) -> str | None:
+    """Put the 4-bit layers on the compiled dequantization, or leave them on bitsandbytes'; returns which.
+
+    "auto" takes the compiled one when blocks are compiled (so a GPU with Triton is there) and only
+    after it matched bitsandbytes on every layer's real weight; otherwise it says why and keeps theirs.
+    """
+    if mode not in ("auto", "compiled", "bitsandbytes"):
+        raise ValueError(f"speed.dequantize_4bit: 'auto', 'compiled' or 'bitsandbytes', got {mode!r}")
+    layers = four_bit_layers(gpt)
+    if not layers:
+        return None
+    if mode == "bitsandbytes" or (mode == "auto" and not compiled):
+        return "bitsandbytes"
+    try:
+        verdicts = {check_against_bitsandbytes(layer) for layer in layers}
+    except Exception as e:  # noqa: BLE001 - any failure of the fast path falls back to the reference one
+        if mode == "compiled":
+            raise
+        log(f"4-bit dequantization: bitsandbytes' kernels (the compiled one failed its check: {type(e).__name__}: {e})")
+        return "bitsandbytes"
+    use_compiled_dequantize(gpt)
+    log(f"4-bit dequantization: compiled, one fused kernel a layer; {', '.join(sorted(verdicts))} on all {len(layers)} layers")
+    return "compiled"
 
 
 def keep_quantized_layers_eager(model: torch.nn.Module) -> int:
@@ -88,8 +117,9 @@ def keep_quantized_layers_eager(model: torch.nn.Module) -> int:
 
     Compiled whole, a block keeps each 4-bit weight's bf16 dequantization alive for the backward
     (QLoRA on Mistral-7B at 2048 tokens: 28.8 GiB instead of 18.4), which defeats quantizing. Left
-    eager, bitsandbytes' own autograd function dequantizes again in the backward, as it is meant to;
-    the norms, RoPE, attention and MLP activations around it are still compiled.
+    outside, the layer's autograd function (bitsandbytes', or ``finetune.dequant4bit``'s, which is
+    compiled on its own) dequantizes again in the backward, as it is meant to; the norms, RoPE,
+    attention and MLP activations around it are still compiled.
     """
     changed = 0
     for module in model.modules():

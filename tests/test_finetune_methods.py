@@ -208,3 +208,54 @@ def test_planner_shortens_the_schedule_to_the_budget_and_warns(capsys):
     schedule.total_steps = fits
     assert schedule.factor(fits) == 0.0 and schedule.factor(10) == 1.0  # the cosine now ends inside the budget
     assert not planner.out_of_time(90.0) and planner.out_of_time(99.0)
+
+
+def test_each_logged_loss_is_its_own_steps_though_read_a_step_later(tiny, monkeypatch):
+    """The loop reads a step's loss while the next one runs: rows, saves and checks still see their own step."""
+    import finetune.loop as loop
+
+    base_dir, train_file = tiny
+    fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
+    fabric.seed_everything(0, verbose=False)
+    model = build_model(fabric, METHODS["lora"], METHOD_CONFIG["lora"], base_dir, quantize=None)
+    optimizer = build_optimizer(fabric, model, LR["lora"], 0.0, None)
+    tokenizer, style = Tokenizer(base_dir), get_style("qa")
+    rows = [encode_row(r, tokenizer, style, 64) for r in load_rows(train_file)[:48]]
+    batches = iter([Collate()(rows[i : i + 4]) for i in range(0, 48, 4)])
+    computed, saved, logged = [], [], []
+    real_batch_loss = loop.batch_loss
+
+    def recording_batch_loss(*args, **kwargs):
+        loss = real_batch_loss(*args, **kwargs)
+        computed.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(loop, "batch_loss", recording_batch_loss)
+    val = [Collate()(rows[:4])]
+    progress = fit(fabric, model, optimizer, lambda: next(batches), Schedule(6, 1), LR["lora"], BudgetPlanner(float("inf"), 6),
+                   Progress(total_steps=6), small_train(max_steps=6, save_interval=4, micro_batch_size=4, global_batch_size=8),
+                   EvalArgs(interval=3), val, on_save=lambda p: saved.append((p.step, p.last_loss, len(logged))), log=logged.append)
+    train_losses = [c for i, c in enumerate(computed) if i not in (6, 13)]  # validation's own batch_loss calls come after steps 3 and 6
+    step_losses = train_losses[1::2]  # the second micro-batch's loss is the step's logged loss
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in logged] == pytest.approx(step_losses, abs=0)
+    assert [r["step"] for r in logged if "val_loss" in r] == [3, 6]
+    assert saved == [(4, logged[3]["loss"], 4)]  # saved after step 4 was read and logged, before step 5 ran
+    assert progress.step == 6 and progress.last_loss == logged[-1]["loss"] and progress.tokens == logged[-1]["tokens"]
+
+    batches = iter([Collate()(rows[i : i + 4]) for i in range(0, 48, 4)])
+    monkeypatch.setattr(loop, "batch_loss", _nan_from_call(real_batch_loss, 5))  # step 3's first micro-batch
+    with pytest.raises(FloatingPointError, match="at step 3;"):
+        fit(fabric, model, optimizer, lambda: next(batches), Schedule(6, 1), LR["lora"], BudgetPlanner(float("inf"), 6), Progress(total_steps=6),
+            small_train(max_steps=6, micro_batch_size=4, global_batch_size=8), EvalArgs(interval=0))
+
+
+def _nan_from_call(batch_loss, first_nan_call: int):
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        loss = batch_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= first_nan_call else loss
+
+    return wrapped
