@@ -11,8 +11,9 @@ is its own. Cases:
 - ``*-mixed-*``: Alpaca/LIMA-like lengths. The baselines pad micro-batches of 4 rows, 16 rows a step;
   ours packs, with as many packed rows a step as hold the same number of tokens on average.
 
-For QLoRA cases ``ours-bnb-dequant`` is ours again with bitsandbytes' own 4-bit dequantization instead of
-the compiled one (``--speed.dequantize_4bit``), so that lever is measured in the same run.
+``OUR_VARIANTS`` are ours again with one ``--speed.*`` option changed (bitsandbytes' own 4-bit
+dequantization instead of the compiled one, for QLoRA cases; the LoRA term added inside its GEMM), so
+each lever is measured against ours in the same run.
 
 Printed JSON per case: each trainer's useful (non-padding) tokens/s, peak memory and MFU, which counts
 4N FLOPs per token (forward 2N plus the backward's input gradients 2N; frozen weights need no weight
@@ -43,7 +44,13 @@ CASES = {
     "tiny-mixed-r8": ("tiny", "mixed", "all", 8),  # CPU smoke test of the bench itself
 }
 MIXED_ROWS_PER_STEP, MIXED_MICRO = 16, 4
-TRAINERS = ("ours", "ours-bnb-dequant", "hf-peft", "upstream-litgpt")
+# Ours again with one speed option changed, so each lever is measured against ours in the same run:
+# name: (SpeedArgs overrides, QLoRA cases only)
+OUR_VARIANTS = {
+    "ours-bnb-dequant": ({"dequantize_4bit": "bitsandbytes"}, True),  # bitsandbytes' own 4-bit dequantization
+    "ours-lora-addmm": ({"lora_addmm": True}, False),  # the LoRA term added inside its GEMM
+}
+TRAINERS = ("ours", *OUR_VARIANTS, "hf-peft", "upstream-litgpt")
 
 
 def synthetic_rows(kind: str, n: int, seed: int = 0) -> list[dict]:
@@ -63,7 +70,7 @@ def synthetic_rows(kind: str, n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def our_child(work: Path, out: Path, packed_rows_per_step: int = 0, dequantize_4bit: str = "auto") -> None:
+def our_child(work: Path, out: Path, packed_rows_per_step: int = 0, speed: str = "{}") -> None:
     """Child process: our ``finetune.lora`` on the work (micro-batch 1 packed row, fixed), result to ``out``."""
     import yaml
     from litgpt.args import EvalArgs, TrainArgs
@@ -88,7 +95,7 @@ def our_child(work: Path, out: Path, packed_rows_per_step: int = 0, dequantize_4
             micro_batch_size=job.micro_batch_size, lr_warmup_steps=1, max_steps=job.steps,
         ),
         eval=EvalArgs(interval=0),
-        speed=SpeedArgs(micro_batch="fixed", dequantize_4bit=dequantize_4bit),
+        speed=SpeedArgs(**{"micro_batch": "fixed", **json.loads(speed)}),
     )
     memory = peak_memory("cuda" if torch.cuda.is_available() else "cpu")
     rows = [line.split(",") for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
@@ -97,19 +104,19 @@ def our_child(work: Path, out: Path, packed_rows_per_step: int = 0, dequantize_4
     steady_s = elapsed[-1] - elapsed[half - 1]
     hparams = yaml.safe_load((final / "hyperparameters.yaml").read_text())
     result = {
-        "trainer": "ours" if dequantize_4bit == "auto" else f"ours (dequantize_4bit={dequantize_4bit})", "steps": len(rows), "useful_tokens_per_s": round((tokens[-1] - tokens[half - 1]) / steady_s, 1),
+        "trainer": "ours", "speed_overrides": json.loads(speed), "steps": len(rows), "useful_tokens_per_s": round((tokens[-1] - tokens[half - 1]) / steady_s, 1),
         "useful_tokens_per_step": tokens[-1] / len(rows), "steady_s": round(steady_s, 4), **memory,
         "wall_s": round(time.perf_counter() - t0, 1), "speed": hparams["speed"], "rows_per_step": hparams["train"]["global_batch_size"],
     }
     Path(out).write_text(json.dumps(result, indent=2))
 
 
-def run_ours(work: Work, out_dir: Path, packed_rows_per_step: int = 0, dequantize_4bit: str = "auto") -> dict:
+def run_ours(work: Work, out_dir: Path, packed_rows_per_step: int = 0, speed: dict | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "work.json").write_text(work.to_json())
     result, log = out_dir / "result.json", out_dir / "ours.log"
     cmd = [sys.executable, "-m", "bench.finetune", "child", "--work", str(out_dir / "work.json"), "--out", str(result),
-           "--packed_rows_per_step", str(packed_rows_per_step), "--dequantize_4bit", dequantize_4bit]
+           "--packed_rows_per_step", str(packed_rows_per_step), "--speed", json.dumps(speed or {})]
     with log.open("w") as f:
         rc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0 or not result.is_file():
@@ -161,13 +168,13 @@ def run_case(case: str, quantize: str | None, trainers: list[str], work_dir: Pat
     results = {}
     runners = {
         "ours": lambda w, d: run_ours(w, d, packed_rows),
-        "ours-bnb-dequant": lambda w, d: run_ours(w, d, packed_rows, "bitsandbytes"),  # the compiled 4-bit dequantization off
+        **{name: (lambda w, d, o=overrides: run_ours(w, d, packed_rows, o)) for name, (overrides, _) in OUR_VARIANTS.items()},
         "upstream-litgpt": run_upstream_litgpt,
         "hf-peft": run_hf_peft,
     }
     for trainer in trainers:
-        if trainer == "ours-bnb-dequant" and quantize is None:
-            continue  # no 4-bit layers: the same run as "ours"
+        if trainer in OUR_VARIANTS and OUR_VARIANTS[trainer][1] and quantize is None:
+            continue  # a QLoRA lever: without 4-bit layers the same run as "ours"
         print(f"--- {label}: {trainer}", flush=True)
         try:
             results[trainer] = runners[trainer](work if not (trainer.startswith("ours") and mixed) else _ours_micro(work), work_dir / "runs" / label / trainer)
@@ -182,7 +189,7 @@ def run_case(case: str, quantize: str | None, trainers: list[str], work_dir: Pat
     out = {"case": case, "model": f"{config_name} (random bf16)", "quantize": quantize or "none (bf16)", "lora": f"r{rank} {targets}",
            "rows": rows_kind, "params": n_params, "results": results}
     ours = results.get("ours", {}).get("useful_tokens_per_s")
-    for name in ("hf-peft", "upstream-litgpt", "ours-bnb-dequant"):
+    for name in ("hf-peft", "upstream-litgpt", *OUR_VARIANTS):
         theirs = results.get(name, {}).get("useful_tokens_per_s")
         if ours and theirs:
             out[f"ours_vs_{name}_tokens_per_s"] = round(ours / theirs, 2)
@@ -211,7 +218,7 @@ def main(
     Args:
         cases: names from CASES.
         quantize: None (bf16 LoRA) and/or "bnb.nf4" (QLoRA).
-        trainers: ours, ours-bnb-dequant (ours with bitsandbytes' own 4-bit dequantization; QLoRA only), hf-peft, upstream-litgpt.
+        trainers: ours, the OUR_VARIANTS (ours with one speed option changed), hf-peft, upstream-litgpt.
         steps: optimizer steps per trainer; the second half is measured.
     """
     unknown = [c for c in cases if c not in CASES]

@@ -17,7 +17,7 @@ from litgpt.args import TrainArgs
 from finetune.attention import unsupported_reason, use_document_attention
 from finetune.data import IGNORE_INDEX
 from finetune.dequant4bit import check_against_bitsandbytes, four_bit_layers, use_compiled_dequantize
-from finetune.fast_lora import use_matmul_qkv_lora
+from finetune.fast_lora import use_lora_addmm, use_matmul_qkv_lora
 from finetune.memory_plan import GIB, ModelShape, Plan, candidates, estimate_gib, gpu_budget_gib, probe_plan
 
 
@@ -31,6 +31,7 @@ class SpeedArgs:
     checkpoint_blocks: bool | None = None  # activation checkpointing per block; None: only if memory needs it
     gpu_memory_gib: float | None = None  # plan for (and cap the run at) this much memory, e.g. 24 to rehearse a 4090 run
     dequantize_4bit: str = "auto"  # QLoRA weights: "compiled" (one fused kernel), "bitsandbytes" (its own), "auto": compiled when compile is on
+    lora_addmm: bool = False  # add each LoRA term inside its GEMM (torch.addmm) instead of in two more passes; off until measured on a GPU
 
 
 @dataclass
@@ -59,6 +60,8 @@ def prepare(
     if packing:
         use_document_attention(gpt)
     use_matmul_qkv_lora(gpt)
+    if speed.lora_addmm:
+        use_lora_addmm(gpt)
     compiled = speed.compile if speed.compile is not None else fabric.device.type == "cuda"
     dequant = choose_dequantize_4bit(gpt, speed.dequantize_4bit, compiled, fabric.print)
     if compiled:

@@ -21,3 +21,13 @@ def test_case_runs_ours_and_hf_on_the_same_work(tmp_path: Path) -> None:
     # the same tokens per optimizer step on average: ours packs rows into as many 2048-token rows as hold them
     assert 0.5 < ours["useful_tokens_per_step"] / hf["useful_tokens_per_step"] < 2
     assert out["ours_vs_hf-peft_tokens_per_s"] > 0 and out["params"] > 0
+
+
+def test_a_variant_of_ours_runs_with_its_speed_option(tmp_path: Path) -> None:
+    out = run_case("tiny-mixed-r8", None, ["ours", "ours-lora-addmm", "ours-bnb-dequant"], tmp_path, steps=2)
+    assert "ours-bnb-dequant" not in out["results"]  # a QLoRA lever: nothing to compare without 4-bit layers
+    variant = out["results"]["ours-lora-addmm"]
+    assert "error" not in variant, variant
+    assert variant["speed_overrides"] == {"lora_addmm": True} and variant["speed"]["lora_addmm"] is True
+    assert out["results"]["ours"]["speed"]["lora_addmm"] is False
+    assert out["ours_vs_ours-lora-addmm_tokens_per_s"] > 0
