@@ -450,7 +450,7 @@ def hf_lora(model, work: Work):
 
 
 def hf_optimizer(model, quantize: str | None) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; bitsandbytes' paged AdamW for nf4 (as our trainer and litgpt's)."""
+    """AdamW over the trainable parameters; bitsandbytes' paged AdamW for nf4, as QLoRA recipes and litgpt use."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if quantize is not None:
         import bitsandbytes as bnb

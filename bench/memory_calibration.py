@@ -58,7 +58,7 @@ def calibrate(base: Path, quantize: str | None, plans: list[tuple[int, bool]], m
     fabric = make_fabric("bf16-true", quantize, method, Path("/tmp"))
     config = {f"lora_{k}": v for k, v in dataclasses.asdict(LoRAArgs(r=16, alpha=32)).items()}
     model = build_model(fabric, method, config, base, quantize, max_seq_length)
-    optimizer = build_optimizer(fabric, model, 1e-4, 0.0, quantize)
+    optimizer = build_optimizer(fabric, model, 1e-4, 0.0)
     shape = ModelShape.of(model.module)
     out = {}
     for compiled in (False, True):

@@ -59,7 +59,7 @@ def setup(
         out_dir: where step checkpoints, ``final/``, metrics.csv and loss.png go.
         precision: Fabric precision; default bf16-true on GPUs that support it, else 32-true.
         quantize: QLoRA: keep the frozen base in "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq" or
-            "bnb.int8-training" (CUDA only); the optimizer becomes bitsandbytes' paged AdamW.
+            "bnb.int8-training" (CUDA only).
         seed: seeds data order, dropout and adapter init.
         lr: peak learning rate (linear warmup, then cosine decay to 0).
         weight_decay: AdamW weight decay.

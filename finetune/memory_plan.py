@@ -88,8 +88,7 @@ def estimate_gib(
     else:
         per_linear = QUANTIZED_BYTES[quantize] if quantize else bytes_per_value
         weights = shape.linear_params * per_linear + shape.other_params * bytes_per_value
-        optimizer_state = 8 if quantize else 2 * bytes_per_value  # bnb paged AdamW keeps fp32 states
-        trainable = shape.trainable_params * (2 * bytes_per_value + optimizer_state)
+        trainable = shape.trainable_params * 4 * bytes_per_value  # weight, grad, two AdamW states
     factor = ACTIVATION_FACTOR["compiled" if compiled else "eager"]
     per_block_token = factor * (9 * shape.n_embd + 3 * shape.kv_size + 4 * shape.intermediate) * bytes_per_value
     if checkpoint_blocks:  # each block keeps its input; one block at a time recomputes the rest

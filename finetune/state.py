@@ -62,5 +62,19 @@ def load_state(fabric: L.Fabric, path: Path, model, optimizer) -> dict:
     """Restore weights, optimizer and RNG in place; returns the saved progress dict."""
     state = {"model": model, "optimizer": optimizer, "progress": {}, "rng": {}}
     fabric.load(path / STATE_FILE, state, strict=False)
+    check_adamw_state(optimizer, path / STATE_FILE)
     set_rng_state(state["rng"])
     return state["progress"]
+
+
+def check_adamw_state(optimizer, path: Path) -> None:
+    """Refuse optimizer state written by another optimizer (QLoRA runs once used bitsandbytes' paged AdamW)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(inner, torch.optim.AdamW):
+        return
+    for param_state in inner.state.values():
+        if param_state and "exp_avg" not in param_state:
+            raise ValueError(
+                f"resume: {path} holds another optimizer's state (keys {sorted(param_state)}), not torch AdamW's; "
+                "start a fresh run (--resume false), or resume with the version that wrote it"
+            )

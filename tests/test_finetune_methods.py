@@ -51,7 +51,7 @@ def test_each_method_lowers_the_loss_and_trains_only_its_parameters(tiny, name):
     fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
     fabric.seed_everything(0, verbose=False)
     model = build_model(fabric, method, METHOD_CONFIG[name], base_dir, quantize=None)
-    optimizer = build_optimizer(fabric, model, LR[name], 0.0, None)
+    optimizer = build_optimizer(fabric, model, LR[name], 0.0)
     tokenizer, style = Tokenizer(base_dir), get_style("qa")
     rows = [encode_row(r, tokenizer, style, 64) for r in load_rows(train_file)[:64]]
     fixed = Collate()(rows[:8])  # the same batch every step: its loss must fall
@@ -115,6 +115,19 @@ def test_resume_equals_an_uninterrupted_run(small_data, tmp_path):
     weights_b = torch.load(resumed / f"{WEIGHTS}.lora", weights_only=True)["model"]
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_resume_refuses_another_optimizers_state(small_data, tmp_path):
+    """A checkpoint whose optimizer state is not torch AdamW's (QLoRA runs once used bitsandbytes' paged AdamW)."""
+    from finetune.state import STATE_FILE
+
+    run_lora(small_data, tmp_path / "a", train=small_train(max_steps=4, save_interval=4, micro_batch_size=4, global_batch_size=8))
+    state_file = tmp_path / "a" / "step-000004" / STATE_FILE
+    state = torch.load(state_file, weights_only=False)
+    state["optimizer"]["state"] = {i: {"state1": s["exp_avg"], "state2": s["exp_avg_sq"], "step": s["step"]} for i, s in state["optimizer"]["state"].items()}
+    torch.save(state, state_file)
+    with pytest.raises(ValueError, match=r"resume: .*step-000004/training_state.pth holds another optimizer's state .*'state1'"):
+        run_lora(small_data, tmp_path / "a", resume="auto")
 
 
 def test_resume_auto_without_checkpoints_starts_fresh_and_true_requires_one(small_data, tmp_path):
@@ -218,7 +231,7 @@ def test_each_logged_loss_is_its_own_steps_though_read_a_step_later(tiny, monkey
     fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
     fabric.seed_everything(0, verbose=False)
     model = build_model(fabric, METHODS["lora"], METHOD_CONFIG["lora"], base_dir, quantize=None)
-    optimizer = build_optimizer(fabric, model, LR["lora"], 0.0, None)
+    optimizer = build_optimizer(fabric, model, LR["lora"], 0.0)
     tokenizer, style = Tokenizer(base_dir), get_style("qa")
     rows = [encode_row(r, tokenizer, style, 64) for r in load_rows(train_file)[:48]]
     batches = iter([Collate()(rows[i : i + 4]) for i in range(0, 48, 4)])
