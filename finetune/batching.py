@@ -44,3 +44,15 @@ class EpochBatches:
                 raise ValueError(f"resume: the checkpoint was made with {key}={state[key]}, this run has {getattr(self, key)}")
         self.epoch, self.index = state["epoch"], state["index"]
         self._order = self._permutation()
+
+
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device``, except ``mask``, which only counts tokens and stays on the CPU.
+
+    On CUDA they go through pinned memory without blocking: a plain ``.to("cuda")`` from pageable
+    memory waits until every kernel already queued has run, so the GPU would idle at each micro-batch
+    while the CPU prepares the next one.
+    """
+    if device.type != "cuda":
+        return {k: v if k == "mask" else v.to(device) for k, v in batch.items()}
+    return {k: v if k == "mask" else v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}

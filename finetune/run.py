@@ -32,7 +32,7 @@ from core.checkpoints import WEIGHTS, copy_side_files, load_config, verify_check
 from core.methods import Method
 from core.precision import FABRIC_PRECISION, default_dtype
 from core.prompts import get_style, save_style
-from finetune.batching import EpochBatches
+from finetune.batching import EpochBatches, batch_to_device
 from finetune.budget import BudgetPlanner, Schedule, parse_duration
 from finetune.data import IGNORE_INDEX, Collate, encode_row, load_rows
 from finetune.loop import Progress, fit
@@ -244,8 +244,7 @@ def run(
     encode = lambda r: encode_row(r, tokenizer, style, data.max_seq_length, data.mask_prompt)  # noqa: E731
     train_set = keep_trainable([encode(r) for r in rows], data.max_seq_length, fabric)
     collate = Collate(pad_id=0)
-    # The mask only counts tokens; it stays on the CPU so counting never waits for the GPU.
-    to_device = lambda b: {k: v if k == "mask" else v.to(fabric.device) for k, v in b.items()}  # noqa: E731
+    to_device = lambda b: batch_to_device(b, fabric.device)  # noqa: E731
     val_encoded = keep_trainable([encode(r) for r in val_rows], data.max_seq_length, fabric)
 
     model = build_model(fabric, method, method_config, checkpoint_dir, quantize, data.max_seq_length)

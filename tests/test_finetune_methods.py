@@ -272,3 +272,12 @@ def _nan_from_call(batch_loss, first_nan_call: int):
         return loss * float("nan") if len(calls) >= first_nan_call else loss
 
     return wrapped
+
+
+def test_batch_to_device_keeps_the_token_mask_on_the_cpu():
+    from finetune.batching import batch_to_device
+
+    batch = Collate()([{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([-100, 2, 3])}, {"input_ids": torch.tensor([4]), "labels": torch.tensor([4])}])
+    moved = batch_to_device(batch, torch.device("meta"))
+    assert moved.keys() == batch.keys() and moved["mask"] is batch["mask"]
+    assert all(v.device.type == "meta" and v.shape == batch[k].shape for k, v in moved.items() if k != "mask")
