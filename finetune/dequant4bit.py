@@ -85,20 +85,29 @@ def dequantize_flat(
     return weight if out_dtype is None or out_dtype == dtype else weight.to(out_dtype)
 
 
+# How a layer dequantizes. "compiled": one kernel, the cast to the compute dtype included (inductor is
+# asked to keep the float16 rounding before it: emulate_precision_casts). "compiled+cast": one kernel to
+# the stored dtype, then a plain cast (one more pass over the weight), in case the first won't build or
+# match. "eager": the same torch ops uncompiled (the reference; CPU tests).
+FORMS = ("compiled", "compiled+cast", "eager")
+
+
 @functools.cache
 def _compiled_dequantize():
-    # emulate_precision_casts: keep the float16 rounding before the bf16 cast that bitsandbytes does
     return torch.compile(dequantize_flat, dynamic=True, options={"emulate_precision_casts": True})
 
 
-def dequantize(packed: Packed4bit, compiled: bool = True, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize(packed: Packed4bit, form: str = "compiled", out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The weight of ``packed``, shaped as the original, in its own dtype or in ``out_dtype``."""
-    fn = _compiled_dequantize() if compiled else dequantize_flat
+    if form not in FORMS:
+        raise ValueError(f"dequantize form: one of {FORMS}, got {form!r}")
+    fn = dequantize_flat if form == "eager" else _compiled_dequantize()
+    cast_after = form == "compiled+cast" and out_dtype not in (None, packed.dtype)
     flat = fn(
         packed.data, packed.absmax, packed.code, packed.blocksize, packed.dtype,
-        packed.absmax_absmax, packed.absmax_code, packed.absmax_blocksize, packed.absmax_offset, out_dtype,
+        packed.absmax_absmax, packed.absmax_code, packed.absmax_blocksize, packed.absmax_offset, None if cast_after else out_dtype,
     )
-    return flat.view(packed.shape)
+    return (flat.to(out_dtype) if cast_after else flat).view(packed.shape)
 
 
 class _Dequantized4bitLinear(torch.autograd.Function):
@@ -117,18 +126,18 @@ class _Dequantized4bitLinear(torch.autograd.Function):
         return grad_x, grad_bias, None
 
 
-def _weight_of(module: torch.nn.Module, compiled: bool, dtype: torch.dtype) -> torch.Tensor:
-    return dequantize(Packed4bit.of(module.weight), compiled, out_dtype=dtype)
+def _weight_of(module: torch.nn.Module, form: str, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize(Packed4bit.of(module.weight), form, out_dtype=dtype)
 
 
-def dequantized_forward(module: torch.nn.Module, x: torch.Tensor, compiled: bool = True) -> torch.Tensor:
+def dequantized_forward(module: torch.nn.Module, x: torch.Tensor, form: str = "compiled") -> torch.Tensor:
     """``bitsandbytes.nn.Linear4bit.forward``'s dtype handling around ``_Dequantized4bitLinear``."""
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
     fix_4bit_weight_quant_state_from_module(module)
     compute_dtype = getattr(module, "compute_dtype", None) or x.dtype
     bias = None if module.bias is None else module.bias.to(compute_dtype)
-    weight_of = functools.partial(_weight_of, module, compiled)
+    weight_of = functools.partial(_weight_of, module, form)
     return _Dequantized4bitLinear.apply(x.to(compute_dtype), bias, weight_of).to(x.dtype)
 
 
@@ -140,18 +149,18 @@ def four_bit_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, Linear4bit) and getattr(m.weight, "quant_state", None) is not None]
 
 
-def use_compiled_dequantize(model: torch.nn.Module, compiled: bool = True) -> int:
+def use_compiled_dequantize(model: torch.nn.Module, form: str = "compiled") -> int:
     """Route every 4-bit layer of ``model`` through ``dequantized_forward``; returns how many.
 
     The layers' own ``forward`` (bitsandbytes') is replaced on the instance; weights and state dict stay.
     """
     layers = four_bit_layers(model)
     for layer in layers:
-        layer.forward = functools.partial(dequantized_forward, layer, compiled=compiled)
+        layer.forward = functools.partial(dequantized_forward, layer, form=form)
     return len(layers)
 
 
-def check_against_bitsandbytes(layer: torch.nn.Module, compiled: bool = True) -> str:
+def check_against_bitsandbytes(layer: torch.nn.Module, form: str = "compiled") -> str:
     """Compare our dequantization of ``layer``'s weight, in the dtype training uses, with bitsandbytes'.
 
     Returns a short verdict; raises ``ValueError`` when they differ by more than one rounding step of
@@ -160,7 +169,7 @@ def check_against_bitsandbytes(layer: torch.nn.Module, compiled: bool = True) ->
     import bitsandbytes.functional as bnbF
 
     dtype = getattr(layer, "compute_dtype", None) or layer.weight.quant_state.dtype
-    ours = dequantize(Packed4bit.of(layer.weight), compiled, out_dtype=dtype)
+    ours = dequantize(Packed4bit.of(layer.weight), form, out_dtype=dtype)
     theirs = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).view(ours.shape).to(dtype)
     if torch.equal(ours, theirs):
         return "bit-identical to bitsandbytes"
@@ -168,4 +177,4 @@ def check_against_bitsandbytes(layer: torch.nn.Module, compiled: bool = True) ->
     tolerance = theirs.float().abs() * torch.finfo(dtype).eps + torch.finfo(dtype).tiny
     if bool((diff <= tolerance).all()):
         return f"within one rounding step of bitsandbytes (max |diff| {diff.max().item():.2e})"
-    raise ValueError(f"compiled dequantization differs from bitsandbytes' (max |diff| {diff.max().item():.3e})")
+    raise ValueError(f"{form} dequantization differs from bitsandbytes' (max |diff| {diff.max().item():.3e})")

@@ -262,7 +262,7 @@ def run(
         "data": _plain(dataclasses.asdict(data)), "train": _plain(dataclasses.asdict(train)), "eval": _plain(dataclasses.asdict(eval)),
         "speed": {
             **dataclasses.asdict(speed), "packing": setup.packing, "compile": setup.compiled, "checkpoint_blocks": setup.checkpoint_blocks,
-            "dequantize_4bit": setup.dequantize_4bit or speed.dequantize_4bit,
+            "dequantize_4bit_used": setup.dequantize_4bit,
         },
     }
     if setup.packing:

@@ -30,7 +30,7 @@ class SpeedArgs:
     micro_batch: str = "auto"  # "auto": the memory plan picks train.micro_batch_size (a divisor of the global batch); "fixed": as given
     checkpoint_blocks: bool | None = None  # activation checkpointing per block; None: only if memory needs it
     gpu_memory_gib: float | None = None  # plan for (and cap the run at) this much memory, e.g. 24 to rehearse a 4090 run
-    dequantize_4bit: str = "auto"  # QLoRA weights: "compiled" (one fused kernel), "bitsandbytes" (its own), "auto": compiled when compile is on
+    dequantize_4bit: str = "auto"  # QLoRA weights: "compiled" (fused kernels), "bitsandbytes" (its own), "auto": compiled if it matches, when compile is on
     lora_addmm: bool = False  # add each LoRA term inside its GEMM (torch.addmm) instead of in two more passes; off until measured on a GPU
 
 
@@ -42,7 +42,7 @@ class Setup:
     packing: bool
     checkpoint_blocks: bool
     compiled: bool
-    dequantize_4bit: str | None  # "compiled" or "bitsandbytes"; None: the model has no 4-bit layers
+    dequantize_4bit: str | None  # "compiled", "compiled+cast" or "bitsandbytes"; None: the model has no 4-bit layers
 
 
 def prepare(
@@ -91,10 +91,11 @@ def prepare(
 
 
 def choose_dequantize_4bit(gpt: torch.nn.Module, mode: str, compiled: bool, log=print) -> str | None:
-    """Put the 4-bit layers on the compiled dequantization, or leave them on bitsandbytes'; returns which.
+    """Put the 4-bit layers on a compiled dequantization, or leave them on bitsandbytes'; returns which.
 
-    "auto" takes the compiled one when blocks are compiled (so a GPU with Triton is there) and only
-    after it matched bitsandbytes on every layer's real weight; otherwise it says why and keeps theirs.
+    "auto" takes a compiled one when blocks are compiled (so a GPU with Triton is there), the first of
+    ``finetune.dequant4bit``'s compiled forms that builds and matches bitsandbytes on every layer's real
+    weight; otherwise it says why and keeps bitsandbytes'. "compiled" insists and raises instead.
     """
     if mode not in ("auto", "compiled", "bitsandbytes"):
         raise ValueError(f"speed.dequantize_4bit: 'auto', 'compiled' or 'bitsandbytes', got {mode!r}")
@@ -103,16 +104,20 @@ def choose_dequantize_4bit(gpt: torch.nn.Module, mode: str, compiled: bool, log=
         return None
     if mode == "bitsandbytes" or (mode == "auto" and not compiled):
         return "bitsandbytes"
-    try:
-        verdicts = {check_against_bitsandbytes(layer) for layer in layers}
-    except Exception as e:  # noqa: BLE001 - any failure of the fast path falls back to the reference one
-        if mode == "compiled":
-            raise
-        log(f"4-bit dequantization: bitsandbytes' kernels (the compiled one failed its check: {type(e).__name__}: {e})")
-        return "bitsandbytes"
-    use_compiled_dequantize(gpt)
-    log(f"4-bit dequantization: compiled, one fused kernel a layer; {', '.join(sorted(verdicts))} on all {len(layers)} layers")
-    return "compiled"
+    failures = []
+    for form in ("compiled", "compiled+cast"):
+        try:
+            verdicts = {check_against_bitsandbytes(layer, form) for layer in layers}
+        except Exception as e:  # noqa: BLE001 - a fast path that fails to build or to match is not taken
+            failures.append(f"{form}: {type(e).__name__}: {e}")
+            continue
+        use_compiled_dequantize(gpt, form)
+        log(f"4-bit dequantization: {form}, one fused kernel a layer; {', '.join(sorted(verdicts))} on all {len(layers)} layers")
+        return form
+    if mode == "compiled":
+        raise ValueError("speed.dequantize_4bit: no compiled form matched bitsandbytes; " + "; ".join(failures))
+    log("4-bit dequantization: bitsandbytes' kernels (the compiled ones failed their check: " + "; ".join(failures) + ")")
+    return "bitsandbytes"
 
 
 def keep_quantized_layers_eager(model: torch.nn.Module) -> int:

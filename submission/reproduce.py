@@ -11,6 +11,8 @@ which ``make submission`` packs) and writes under ``--out_dir`` (default ``out/r
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 from pathlib import Path
@@ -75,7 +77,9 @@ def finetune(manifest: Path = Path("submission.json"), out_dir: Path = Path("out
     hp = m["finetune"]
     method = METHODS[hp["method"]]
     # The recorded batches: packed or not (runs from before packing were padded), with the micro-batch that ran.
-    speed = SpeedArgs(**{**hp.get("speed", {"packing": False}), "micro_batch": "fixed"})
+    recorded = hp.get("speed", {"packing": False})
+    options = {f.name for f in dataclasses.fields(SpeedArgs)}  # the record also says what was used (e.g. dequantize_4bit_used)
+    speed = SpeedArgs(**{**{k: v for k, v in recorded.items() if k in options}, "micro_batch": "fixed"})
     run(
         method, method.config_kwargs(hp), checkpoint_dir / m["base_model"]["repo_id"], out_dir, hp["precision"], hp.get("quantize"),
         hp["seed"], hp["lr"], hp["weight_decay"], hp["max_time"], "auto", _data_args(m), TrainArgs(**hp["train"]), EvalArgs(**hp["eval"]),

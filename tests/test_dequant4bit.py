@@ -43,7 +43,7 @@ def _params4bit(weight: torch.Tensor, quant_type: str, double: bool, blocksize: 
 def test_dequantize_equals_bitsandbytes(quant_type: str, double: bool, shape: tuple[int, int]) -> None:
     torch.manual_seed(sum(shape))
     p = _params4bit(torch.randn(*shape) * 0.05, quant_type, double)
-    ours = dequantize(Packed4bit.of(p), compiled=False)
+    ours = dequantize(Packed4bit.of(p), form="eager")
     theirs = bnbF.dequantize_4bit(p.data, p.quant_state)
     assert ours.shape == shape and ours.dtype == torch.float32
     assert torch.equal(ours, theirs)
@@ -53,7 +53,7 @@ def test_dequantize_equals_bitsandbytes(quant_type: str, double: bool, shape: tu
 def test_blocksizes(blocksize: int) -> None:
     torch.manual_seed(blocksize)
     p = _params4bit(torch.randn(64, 96), "nf4", True, blocksize)
-    assert torch.equal(dequantize(Packed4bit.of(p), compiled=False), bnbF.dequantize_4bit(p.data, p.quant_state))
+    assert torch.equal(dequantize(Packed4bit.of(p), form="eager"), bnbF.dequantize_4bit(p.data, p.quant_state))
 
 
 def test_float16_storage_rounds_once_then_casts_to_the_compute_dtype() -> None:
@@ -63,9 +63,9 @@ def test_float16_storage_rounds_once_then_casts_to_the_compute_dtype() -> None:
     p16, p32 = _params4bit(w, "nf4", False), _params4bit(w.float(), "nf4", False)
     assert torch.equal(p16.data, p32.data) and torch.equal(p16.quant_state.absmax, p32.quant_state.absmax)  # same bytes, same scales
     exact = bnbF.dequantize_4bit(p32.data, p32.quant_state)  # float32 product, as the CUDA kernel forms it
-    ours16 = dequantize(Packed4bit.of(p16), compiled=False)
+    ours16 = dequantize(Packed4bit.of(p16), form="eager")
     assert ours16.dtype == torch.float16 and torch.equal(ours16, exact.half())
-    assert torch.equal(dequantize(Packed4bit.of(p16), compiled=False, out_dtype=torch.bfloat16), exact.half().to(torch.bfloat16))
+    assert torch.equal(dequantize(Packed4bit.of(p16), form="eager", out_dtype=torch.bfloat16), exact.half().to(torch.bfloat16))
     # bitsandbytes' own CPU float16 kernel rounds a few elements the other way: within one float16 step
     cpu16 = bnbF.dequantize_4bit(p16.data, p16.quant_state)
     torch.testing.assert_close(ours16, cpu16, rtol=2**-10, atol=0)
@@ -78,7 +78,9 @@ def test_compiled_dequantize_equals_eager() -> None:
         p = _params4bit(torch.randn(*shape).half(), quant_type, double)
         packed = Packed4bit.of(p)
         for out_dtype in (None, torch.bfloat16):
-            assert torch.equal(dequantize(packed, compiled=True, out_dtype=out_dtype), dequantize(packed, compiled=False, out_dtype=out_dtype))
+            eager = dequantize(packed, "eager", out_dtype=out_dtype)
+            assert torch.equal(dequantize(packed, "compiled", out_dtype=out_dtype), eager)
+            assert torch.equal(dequantize(packed, "compiled+cast", out_dtype=out_dtype), eager)
 
 
 def _linear4bit(in_f: int, out_f: int, bias: bool, quant_type: str, double: bool) -> torch.nn.Module:
@@ -95,7 +97,7 @@ def test_layer_output_and_gradients_equal_bitsandbytes(quant_type: str, double: 
     torch.manual_seed(5)
     theirs = _linear4bit(64, 48, True, quant_type, double)
     ours = copy.deepcopy(theirs)
-    assert use_compiled_dequantize(ours, compiled=False) == 1
+    assert use_compiled_dequantize(ours, "eager") == 1
     ours.bias.requires_grad_(True)
     theirs.bias.requires_grad_(True)
     x = torch.randn(2, 5, 64)
@@ -114,7 +116,7 @@ def test_layer_output_and_gradients_equal_bitsandbytes(quant_type: str, double: 
 def test_backward_keeps_no_dequantized_weight() -> None:
     """Only the packed bytes outlive the forward: the autograd graph saves no float weight."""
     layer = _linear4bit(256, 512, False, "nf4", False)
-    use_compiled_dequantize(layer, compiled=False)
+    use_compiled_dequantize(layer, "eager")
     x = torch.randn(4, 256, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -149,7 +151,9 @@ def test_qlora_model_loss_and_lora_gradients_equal_bitsandbytes(quant_type: str,
     ours = copy.deepcopy(theirs)
     n = len(four_bit_layers(ours))
     assert n == 2 * 5 + 1  # fused qkv, proj and three MLP linears a block, and the head
-    assert choose_dequantize_4bit(ours, "compiled", compiled=False, log=lambda m: None) == "compiled"
+    said = []
+    assert choose_dequantize_4bit(ours, "compiled", compiled=False, log=said.append) == "compiled"  # inductor's C++ kernel here
+    assert "bit-identical to bitsandbytes on all 11 layers" in said[0]
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, 96, (2, 32), generator=g)
     labels = ids.clone()
@@ -168,15 +172,15 @@ def test_qlora_model_loss_and_lora_gradients_equal_bitsandbytes(quant_type: str,
 
 def test_check_names_a_mismatch_and_auto_falls_back() -> None:
     model = _qlora_tiny("nf4", False)
-    assert check_against_bitsandbytes(four_bit_layers(model)[0], compiled=False) == "bit-identical to bitsandbytes"
+    assert check_against_bitsandbytes(four_bit_layers(model)[0], form="eager") == "bit-identical to bitsandbytes"
     broken = copy.deepcopy(model)
     layer = four_bit_layers(broken)[3]
     layer.weight.quant_state.code = layer.weight.quant_state.code.flip(0)  # our kernel reads the code, bitsandbytes' the type
     with pytest.raises(ValueError, match="differs from bitsandbytes"):
-        check_against_bitsandbytes(layer, compiled=False)
+        check_against_bitsandbytes(layer, form="eager")
     said = []
     assert choose_dequantize_4bit(broken, "auto", compiled=True, log=said.append) == "bitsandbytes"
-    assert "failed its check" in said[0] and "differs from bitsandbytes" in said[0]
+    assert "failed their check" in said[0] and "differs from bitsandbytes" in said[0]
     with pytest.raises(ValueError, match="differs"):
         choose_dequantize_4bit(broken, "compiled", compiled=True, log=said.append)
 
