@@ -1,8 +1,9 @@
 """The speed options of every finetune script, and setting the model up for them.
 
-Packing (``finetune.packing``), the matmul q/k/v LoRA (``finetune.fast_lora``), torch.compile of
-each block, QLoRA's compiled 4-bit dequantization (``finetune.dequant4bit``), and the memory plan (``finetune.memory_plan``: micro-batch size and activation
-checkpointing) are decided here, once, before training starts.
+Packing (``finetune.packing``), the fast LoRA layers (``finetune.fast_lora``), torch.compile of each
+block, QLoRA's compiled 4-bit dequantization (``finetune.dequant4bit``), and the memory plan
+(``finetune.memory_plan``: micro-batch size and activation checkpointing) are decided here, once,
+before training starts.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def choose_dequantize_4bit(gpt: torch.nn.Module, mode: str, compiled: bool, log=
             failures.append(f"{form}: {type(e).__name__}: {e}")
             continue
         use_compiled_dequantize(gpt, form)
-        log(f"4-bit dequantization: {form}, one fused kernel a layer; {', '.join(sorted(verdicts))} on all {len(layers)} layers")
+        log(f"4-bit dequantization: {form} ({', '.join(sorted(verdicts))} on all {len(layers)} layers)")
         return form
     if mode == "compiled":
         raise ValueError("speed.dequantize_4bit: no compiled form matched bitsandbytes; " + "; ".join(failures))
