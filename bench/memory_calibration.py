@@ -1,6 +1,7 @@
 """GPU check of the memory planner: measured peak memory and step time of our training step, per plan.
 
-    python -m bench.memory_calibration --out_dir $OUT
+    python -m bench.memory_calibration --out_dir $OUT --precisions '[bf16]'
+    python -m bench.memory_calibration --out_dir $OUT --precisions '[nf4]'   # in a process of its own
 
 Loads a random Mistral-7B once per precision (bf16, nf4) through the finetune script's own
 ``build_model`` and ``finetune.speed.prepare``, then times full-length steps (forward, backward,
@@ -76,7 +77,14 @@ def calibrate(base: Path, quantize: str | None, plans: list[tuple[int, bool]], m
     return out
 
 
-def main(out_dir: Path = Path("out/bench"), work_dir: Path = Path("/tmp/finetune_memory"), steps: int = 4, max_seq_length: int = 2048) -> None:
+def main(
+    out_dir: Path = Path("out/bench"), work_dir: Path = Path("/tmp/finetune_memory"), steps: int = 4, max_seq_length: int = 2048,
+    precisions: list[str] = ["bf16", "nf4"],  # noqa: B006
+) -> None:
+    """Calibrate each of ``precisions`` ("bf16", "nf4"). For clean peaks run one a process: torch.compile's
+    caches keep an earlier model alive (``--precisions '[nf4]'`` in a command of its own)."""
+    if unknown := [p for p in precisions if p not in ("bf16", "nf4")]:
+        raise ValueError(f"precisions: unknown {unknown}; choose from ['bf16', 'nf4']")
     from bench.random_checkpoint import write_random_checkpoint
     from core.tiny import build_tiny
 
@@ -84,8 +92,10 @@ def main(out_dir: Path = Path("out/bench"), work_dir: Path = Path("/tmp/finetune
     build_tiny(work_dir / "tiny", work_dir / "tiny-data")
     base = write_random_checkpoint("Mistral-7B-v0.1", work_dir / "mistral-7b-random", tokenizer_dir=work_dir / "tiny")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": "Mistral-7B-v0.1 (random bf16)", "max_seq_length": max_seq_length}
-    result["bf16"] = calibrate(base, None, [(1, False), (2, False), (1, True), (4, True)], max_seq_length, steps)
-    result["nf4"] = calibrate(base, "bnb.nf4", [(1, False), (2, True)], max_seq_length, steps)
+    if "bf16" in precisions:
+        result["bf16"] = calibrate(base, None, [(1, False), (2, False), (1, True), (4, True)], max_seq_length, steps)
+    if "nf4" in precisions:
+        result["nf4"] = calibrate(base, "bnb.nf4", [(1, False), (2, False), (2, True)], max_seq_length, steps)
     text = json.dumps(result, indent=2)
     (out_dir / "memory_calibration.json").write_text(text)
     print(text)
