@@ -19,6 +19,8 @@ from litgpt.lora import LoRALinear, LoRAQKVLinear
 
 def add_lora(pretrained: torch.Tensor, after_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     """``pretrained + scaling * after_a @ lora_b.T`` as one GEMM that reads and writes the output once."""
+    if pretrained.dtype != after_a.dtype:  # e.g. an 8-bit base layer's float16 output: addmm takes one dtype
+        return pretrained + F.linear(after_a, lora_b) * scaling
     out = torch.addmm(pretrained.reshape(-1, pretrained.size(-1)), after_a.reshape(-1, after_a.size(-1)), lora_b.t(), alpha=scaling)
     return out.view(pretrained.shape)
 
