@@ -51,11 +51,13 @@ class Packed4bit:
 
 
 def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """values[i] * scales[i // blocksize], for any length (the last block may be short)."""
+    """values[i] * scales[i // blocksize], for any length (the last block may be short).
+
+    Padded to whole blocks by the scale count (a pad of 0 is a no-op), so the compiled kernel needs no
+    modulo guard on the symbolic length.
+    """
     n = values.numel()
-    pad = -n % blocksize
-    if pad:
-        values = F.pad(values, (0, pad))
+    values = F.pad(values, (0, scales.numel() * blocksize - n))
     return (values.view(-1, blocksize) * scales.view(-1, 1)).reshape(-1)[:n]
 
 
