@@ -138,6 +138,21 @@ def keep_quantized_layers_eager(model: torch.nn.Module) -> int:
     return changed
 
 
+def random_batch(vocab_size: int, micro_batch_size: int, max_seq_length: int, packing: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    """A full micro-batch of random tokens, every position but the first labelled, built on ``device``.
+
+    ``packing``: in the packed layout (positions, one document a row), which takes the document-mask path.
+    """
+    shape = (micro_batch_size, max_seq_length)
+    ids = torch.randint(0, vocab_size, shape, device=device)
+    labels = ids.clone()
+    labels[:, 0] = IGNORE_INDEX
+    batch = {"input_ids": ids, "labels": labels, "target_index": torch.arange(micro_batch_size * (max_seq_length - 1), device=device)}
+    if packing:
+        batch |= {"positions": torch.arange(max_seq_length, device=device).expand(shape), "documents": torch.zeros(shape, dtype=torch.int32, device=device)}
+    return batch
+
+
 def probe_step(fabric: L.Fabric, model, plan: Plan, max_seq_length: int, packing: bool) -> None:
     """One forward+backward of a full micro-batch of random tokens (the most memory a real one can take).
 
@@ -147,14 +162,8 @@ def probe_step(fabric: L.Fabric, model, plan: Plan, max_seq_length: int, packing
 
     gpt = model.module
     device = next(gpt.parameters()).device
-    shape = (plan.micro_batch_size, max_seq_length)
-    with torch.random.fork_rng(devices=[device]):
-        ids = torch.randint(0, gpt.config.vocab_size, shape, device=device)
-        labels = ids.clone()
-        labels[:, 0] = IGNORE_INDEX
-        batch = {"input_ids": ids, "labels": labels}
-        if packing:
-            batch |= {"positions": torch.arange(max_seq_length, device=device).expand(shape), "documents": torch.zeros(shape, dtype=torch.int32, device=device)}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        batch = random_batch(gpt.config.vocab_size, plan.micro_batch_size, max_seq_length, packing, device)
         try:
             with fabric.autocast():
                 loss = batch_loss(model, batch, plan.checkpoint_blocks)
