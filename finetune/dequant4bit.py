@@ -171,8 +171,9 @@ def check_against_bitsandbytes(layer: torch.nn.Module, form: str = "compiled") -
     import bitsandbytes.functional as bnbF
 
     dtype = getattr(layer, "compute_dtype", None) or layer.weight.quant_state.dtype
-    ours = dequantize(Packed4bit.of(layer.weight), form, out_dtype=dtype)
-    theirs = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).view(ours.shape).to(dtype)
+    with torch.no_grad():  # as in training (inside the autograd function): the same compiled graph
+        ours = dequantize(Packed4bit.of(layer.weight), form, out_dtype=dtype)
+        theirs = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).view(ours.shape).to(dtype)
     if torch.equal(ours, theirs):
         return "bit-identical to bitsandbytes"
     diff = (ours.float() - theirs.float()).abs()

@@ -192,3 +192,33 @@ def test_choice_rules() -> None:
     assert choose_dequantize_4bit(torch.nn.Linear(4, 4), "auto", compiled=True) is None  # no 4-bit layers
     with pytest.raises(ValueError, match="speed.dequantize_4bit"):
         choose_dequantize_4bit(model, "triton", compiled=True)
+
+
+def test_prepare_compiles_blocks_around_the_compiled_dequantization() -> None:
+    """The GPU path on the CPU: ``finetune.speed.prepare`` with torch.compile (inductor's C++ backend here)
+    picks the compiled form, keeps the 4-bit layers outside the compiled blocks, and trains as bitsandbytes does."""
+    import lightning as L
+    from litgpt.args import TrainArgs
+
+    from finetune.speed import SpeedArgs, prepare
+
+    theirs = _qlora_tiny("nf4", True)
+    ours = copy.deepcopy(theirs)
+    fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
+    wrapped = fabric.setup_module(ours)
+    said = []
+    fabric.print = said.append
+    setup = prepare(fabric, wrapped, "lora", SpeedArgs(compile=True, micro_batch="fixed", packing=False), TrainArgs(micro_batch_size=1), 32, "bnb.nf4-dq")
+    assert setup.compiled and setup.dequantize_4bit == "compiled"
+    assert any("4-bit dequantization: compiled (bit-identical to bitsandbytes on all 11 layers)" in m for m in said)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, 96, (2, 32), generator=g)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    loss_ours, loss_theirs = training_loss(wrapped.module, batch), training_loss(theirs, batch)
+    loss_ours.backward()
+    loss_theirs.backward()
+    torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-5, atol=1e-6)  # inductor may reorder float sums
+    grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, p in wrapped.module.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
