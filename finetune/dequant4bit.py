@@ -9,7 +9,7 @@ weight for the backward.
 
 Same storage (bitsandbytes' packed bytes and ``QuantState``, double quantization included), so saving,
 merging and serving are untouched; the numbers are those of bitsandbytes' CUDA kernel (code x absmax in
-float32, then rounded), which ``check_against_bitsandbytes`` confirms on the real weights before training.
+float32, then rounded), which ``check_against_bitsandbytes`` checks on the real weights before training.
 """
 
 from __future__ import annotations
