@@ -46,13 +46,15 @@ def copy_bandwidth_gbs(device: torch.device, repeats: int) -> float:
 
 
 def bench_shape(shape: tuple[int, int], double: bool, device: torch.device, repeats: int) -> dict:
+    import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
 
     from finetune.dequant4bit import Packed4bit, dequantize
 
-    weight = (torch.randn(shape, device=device) * 0.02).half()
-    data, state = bnbF.quantize_4bit(weight, blocksize=64, compress_statistics=double, quant_type="nf4")
-    packed = Packed4bit.of(_Params(data, state))
+    weight = (torch.randn(shape) * 0.02).half()
+    params = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=double, blocksize=64).to(device)
+    data, state = params.data, params.quant_state
+    packed = Packed4bit.of(params)
     reference = bnbF.dequantize_4bit(data, state).to(torch.bfloat16)
     n = weight.numel()
     ideal_bytes = n // 2 + state.absmax.numel() * state.absmax.element_size() + 2 * n
@@ -67,13 +69,6 @@ def bench_shape(shape: tuple[int, int], double: bool, device: torch.device, repe
         out[name] = {"ms": round(ms, 5), "effective_gbs": round(ideal_bytes / (ms / 1e3) / 1e9, 3), "bit_identical": bool(torch.equal(fn(), reference))}
     out["compiled_speedup"] = round(out["bitsandbytes"]["ms"] / out["compiled"]["ms"], 2)
     return out
-
-
-class _Params:
-    """What ``Packed4bit.of`` reads from a ``Params4bit``: the bytes and their ``quant_state``."""
-
-    def __init__(self, data: torch.Tensor, quant_state) -> None:
-        self.data, self.quant_state = data, quant_state
 
 
 def main(out_dir: Path = Path("out/bench"), shapes: list[tuple[int, int]] | None = None, repeats: int = 50) -> dict:

@@ -177,7 +177,7 @@ def run_case(case: str, quantize: str | None, trainers: list[str], work_dir: Pat
             continue  # a QLoRA lever: without 4-bit layers the same run as "ours"
         print(f"--- {label}: {trainer}", flush=True)
         try:
-            results[trainer] = runners[trainer](work if not (trainer.startswith("ours") and mixed) else _ours_micro(work), work_dir / "runs" / label / trainer)
+            results[trainer] = runners[trainer](_ours_micro(work) if mixed and (trainer == "ours" or trainer in OUR_VARIANTS) else work, work_dir / "runs" / label / trainer)
         except RuntimeError as e:
             results[trainer] = {"error": str(e)[-2000:]}
         print(json.dumps(results[trainer])[:600], flush=True)

@@ -48,8 +48,6 @@ def time_steps(fabric, model, optimizer, plan: Plan, max_seq_length: int, steps:
 
 
 def calibrate(base: Path, quantize: str | None, plans: list[tuple[int, bool]], max_seq_length: int, steps: int) -> dict:
-    import dataclasses
-
     from core.methods import METHODS
     from finetune.lora import LoRAArgs
     from finetune.run import build_model, build_optimizer, make_fabric
@@ -57,8 +55,7 @@ def calibrate(base: Path, quantize: str | None, plans: list[tuple[int, bool]], m
 
     method = METHODS["lora"]
     fabric = make_fabric("bf16-true", quantize, method, Path("/tmp"))
-    config = {f"lora_{k}": v for k, v in dataclasses.asdict(LoRAArgs(r=16, alpha=32)).items()}
-    model = build_model(fabric, method, config, base, quantize, max_seq_length)
+    model = build_model(fabric, method, LoRAArgs(r=16, alpha=32).as_config(), base, quantize, max_seq_length)
     optimizer = build_optimizer(fabric, model, 1e-4, 0.0)
     shape = ModelShape.of(model.module)
     out = {}

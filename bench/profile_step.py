@@ -94,8 +94,7 @@ def main(
         base = write_random_checkpoint(model_name, work_dir / f"{model_name}-random", tokenizer_dir=work_dir / "tiny")
     method = METHODS["lora"]
     fabric = make_fabric("bf16-true" if cuda else "32-true", quantize, method, out_dir)
-    config = {f"lora_{k}": v for k, v in dataclasses.asdict(LoRAArgs(r=lora_r, alpha=2 * lora_r)).items()}
-    model = build_model(fabric, method, config, base, quantize, max_seq_length)
+    model = build_model(fabric, method, LoRAArgs(r=lora_r, alpha=2 * lora_r).as_config(), base, quantize, max_seq_length)
     optimizer = build_optimizer(fabric, model, 1e-4, 0.0)
     setup = prepare(fabric, model, "lora", SpeedArgs(**{"micro_batch": "fixed", **(speed or {})}), TrainArgs(micro_batch_size=1), max_seq_length, quantize)
     # one sequence a row, as in bench.finetune's 2048 cases: plain causal attention

@@ -132,14 +132,17 @@ def _weight_of(module: torch.nn.Module, form: str, dtype: torch.dtype) -> torch.
     return dequantize(Packed4bit.of(module.weight), form, out_dtype=dtype)
 
 
-def dequantized_forward(module: torch.nn.Module, x: torch.Tensor, form: str = "compiled") -> torch.Tensor:
-    """``bitsandbytes.nn.Linear4bit.forward``'s dtype handling around ``_Dequantized4bitLinear``."""
+def dequantized_forward(module: torch.nn.Module, weight_of, x: torch.Tensor) -> torch.Tensor:
+    """``bitsandbytes.nn.Linear4bit.forward``'s dtype handling around ``_Dequantized4bitLinear``.
+
+    ``weight_of(dtype)``: the layer's weight dequantized (read from the module at each call, so a
+    re-quantized weight is picked up).
+    """
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
     fix_4bit_weight_quant_state_from_module(module)
     compute_dtype = getattr(module, "compute_dtype", None) or x.dtype
     bias = None if module.bias is None else module.bias.to(compute_dtype)
-    weight_of = functools.partial(_weight_of, module, form)
     return _Dequantized4bitLinear.apply(x.to(compute_dtype), bias, weight_of).to(x.dtype)
 
 
@@ -158,7 +161,7 @@ def use_compiled_dequantize(model: torch.nn.Module, form: str = "compiled") -> i
     """
     layers = four_bit_layers(model)
     for layer in layers:
-        layer.forward = functools.partial(dequantized_forward, layer, form=form)
+        layer.forward = functools.partial(dequantized_forward, layer, functools.partial(_weight_of, layer, form))
     return len(layers)
 
 

@@ -38,8 +38,8 @@ class MatmulQKVLoRA(LoRAQKVLinear):
         return pretrained + self.zero_pad(F.linear(after_a, self.lora_b())) * self.scaling
 
 
-class AddmmQKVLoRA(MatmulQKVLoRA):
-    """``MatmulQKVLoRA`` with ``add_lora``; only for q, k and v all adapted (no zero padding between parts)."""
+class _AddmmForward:
+    """The forward of a LoRA layer whose B (``lora_b()``) is applied by ``add_lora``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pretrained = self.linear(x)
@@ -48,12 +48,13 @@ class AddmmQKVLoRA(MatmulQKVLoRA):
         return add_lora(pretrained, F.linear(self.lora_dropout(x), self.lora_A), self.lora_b(), self.scaling)
 
 
-class AddmmLoRALinear(LoRALinear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pretrained = self.linear(x)
-        if self.r == 0 or self.merged:
-            return pretrained
-        return add_lora(pretrained, F.linear(self.lora_dropout(x), self.lora_A), self.lora_B, self.scaling)
+class AddmmQKVLoRA(_AddmmForward, MatmulQKVLoRA):
+    """``MatmulQKVLoRA`` with ``add_lora``; only for q, k and v all adapted (no zero padding between parts)."""
+
+
+class AddmmLoRALinear(_AddmmForward, LoRALinear):
+    def lora_b(self) -> torch.Tensor:
+        return self.lora_B
 
 
 def use_matmul_qkv_lora(model: torch.nn.Module) -> int:

@@ -33,6 +33,10 @@ class LoRAArgs:
     mlp: bool = True
     head: bool = True
 
+    def as_config(self) -> dict:
+        """The litgpt ``Config`` fields these set (``lora_r``, ``lora_query``, ...)."""
+        return {f"lora_{k}": v for k, v in dataclasses.asdict(self).items()}
+
 
 def setup(
     checkpoint_dir: Path = Path("checkpoints/tiny"),
@@ -75,8 +79,7 @@ def setup(
         eval: validation interval and number of batches (litgpt's EvalArgs).
         speed: packing, torch.compile, micro-batch auto-sizing and activation checkpointing (finetune.speed).
     """
-    config = {f"lora_{k}": v for k, v in dataclasses.asdict(lora).items()}
-    return run(METHODS["lora"], config, checkpoint_dir, out_dir, precision, quantize, seed, lr, weight_decay, max_time, resume, data, train, eval, speed)
+    return run(METHODS["lora"], lora.as_config(), checkpoint_dir, out_dir, precision, quantize, seed, lr, weight_decay, max_time, resume, data, train, eval, speed)
 
 
 if __name__ == "__main__":
