@@ -4,7 +4,8 @@
 # Then, in the device command:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD
-# Pass --no-bnb to leave bitsandbytes out (it is ~58 MB of the 64 MB a device call may carry).
+# bitsandbytes' wheel holds one library per CUDA/ROCm version (~58 MB); it is slimmed here to the CPU and
+# CUDA 13.0 libraries (the GPU machine's torch is cu130), ~4 MB. Pass --no-bnb to leave it out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
@@ -22,4 +23,14 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
   -d .whl "${specs[@]}"
+slim_bnb() {  # keep the CPU and cuda130 libraries only; pip installs from the zip and rewrites RECORD
+  local whl tmp
+  whl=$(ls .whl/bitsandbytes-*.whl 2>/dev/null) || return 0
+  tmp=$(mktemp -d)
+  (cd "$tmp" && unzip -q "$OLDPWD/$whl" \
+     && find bitsandbytes -name 'libbitsandbytes_*.so' ! -name '*_cpu.so' ! -name '*_cuda130.so' -delete \
+     && rm -f "$OLDPWD/$whl" && zip -q -r "$OLDPWD/$whl" .)
+  rm -rf "$tmp"
+}
+slim_bnb
 du -sh .whl
