@@ -50,14 +50,21 @@ def normalize_row(row: object, where: str) -> dict[str, str]:
 
 
 def load_rows(path: Path) -> list[dict[str, str]]:
-    """Rows of a .json (list) or .jsonl file, normalized; errors name ``file:line``."""
+    """Rows of a .json (list) or .jsonl file, normalized; errors name ``file:line``.
+
+    JSONL lines end at ``\n`` only: JSON strings may hold U+2028 and other characters that
+    ``str.splitlines`` would also break at. A UTF-8 byte-order mark is skipped. No rows is an error.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     if path.suffix == ".jsonl":
         rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -65,14 +72,17 @@ def load_rows(path: Path) -> list[dict[str, str]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             rows.append(normalize_row(raw, f"{path}:{lineno}"))
-        return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: a .json data file must hold a list of rows")
-    return [normalize_row(raw, f"{path}: row {i}") for i, raw in enumerate(data)]
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a .json data file must hold a list of rows")
+        rows = [normalize_row(raw, f"{path}: row {i}") for i, raw in enumerate(data)]
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    return rows
 
 
 def encode_row(row: dict[str, str], tokenizer: Tokenizer, style: PromptStyle, max_seq_length: int, mask_prompt: bool = True) -> dict[str, torch.Tensor]:
