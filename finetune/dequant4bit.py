@@ -171,12 +171,10 @@ def check_against_bitsandbytes(layer: torch.nn.Module, form: str = "compiled") -
     Returns a short verdict; raises ``ValueError`` when they differ by more than one rounding step of
     that dtype (then training should use bitsandbytes' kernels).
     """
-    import bitsandbytes.functional as bnbF
-
     dtype = getattr(layer, "compute_dtype", None) or layer.weight.quant_state.dtype
     with torch.no_grad():  # as in training (inside the autograd function): the same compiled graph
         ours = dequantize(Packed4bit.of(layer.weight), form, out_dtype=dtype)
-        theirs = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).view(ours.shape).to(dtype)
+        theirs = bitsandbytes_dequantize_flat(layer.weight).view(ours.shape).to(dtype)
     if torch.equal(ours, theirs):
         return "bit-identical to bitsandbytes"
     diff = (ours.float() - theirs.float()).abs()
@@ -184,3 +182,20 @@ def check_against_bitsandbytes(layer: torch.nn.Module, form: str = "compiled") -
     if bool((diff <= tolerance).all()):
         return f"within one rounding step of bitsandbytes (max |diff| {diff.max().item():.2e})"
     raise ValueError(f"{form} dequantization differs from bitsandbytes' (max |diff| {diff.max().item():.3e})")
+
+
+def bitsandbytes_dequantize_flat(weight) -> torch.Tensor:
+    """bitsandbytes' dequantization of a ``Params4bit``, asked for as one flat vector, then shaped back.
+
+    Its CUDA kernel treats every weight as flat (element i scaled by absmax[i // blocksize]), which is
+    what the quantizer wrote. Its AVX-512 CPU kernel (0.49) instead restarts the block count on each row
+    of a 2-D shape, so for rows that are not a multiple of the blocksize it reads the wrong scales; asked
+    for the flat vector, every kernel (CUDA, AVX-512, AVX2, the generic torch one) agrees.
+    """
+    import copy
+
+    import bitsandbytes.functional as bnbF
+
+    state = copy.copy(weight.quant_state)
+    state.shape = torch.Size([weight.quant_state.shape.numel()])
+    return bnbF.dequantize_4bit(weight.data, state).view(weight.quant_state.shape)
