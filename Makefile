@@ -61,7 +61,7 @@ test: setup ## run the test suite
 download: setup ## download + convert + verify an approved model: make download MODEL=mistralai/Mistral-7B-v0.1
 	$(PYTHON) -m core.hub download --repo_id $(MODEL) $(if $(filter 1 true yes,$(ALLOW_UNLISTED)),--allow_unlisted true) $(ARGS)
 
-convert: setup ## convert HF files already in CHECKPOINT: make convert CHECKPOINT=checkpoints/org/name ARGS='--model_name ...'
+convert: setup ## convert HF files already in CHECKPOINT (litgpt config read from config.json): make convert CHECKPOINT=checkpoints/org/name
 	$(PYTHON) -m core.hub convert --checkpoint_dir $(CHECKPOINT) $(ARGS)
 
 plan: setup ## will it fit? micro-batch + checkpointing per track: make plan MODEL=... [METHOD=lora QUANTIZE=bnb.nf4]

@@ -71,6 +71,26 @@ def load_config(checkpoint_dir: Path) -> Config:
     return Config.from_file(path)
 
 
+def shape_mismatches(expected: dict[str, tuple], got: dict[str, tuple], shown: int = 4) -> str:
+    """Every way ``got`` differs from ``expected`` (name -> shape), each kind with its first tensors named; "" if none."""
+    wrong = [k for k in expected if k in got and expected[k] != got[k]]
+    absent = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+
+    def listed(names: list[str], describe) -> str:
+        more = f", and {len(names) - shown} more" if len(names) > shown else ""
+        return ", ".join(describe(k) for k in names[:shown]) + more
+
+    parts = []
+    if wrong:
+        parts.append(f"{len(wrong)} tensors with the wrong shape: " + listed(wrong, lambda k: f"{k} expected {expected[k]} got {got[k]}"))
+    if absent:
+        parts.append(f"{len(absent)} tensors missing: " + listed(absent, lambda k: f"{k} {expected[k]}"))
+    if extra:
+        parts.append(f"{len(extra)} unexpected tensors: " + listed(extra, lambda k: f"{k} {got[k]}"))
+    return "; ".join(parts)
+
+
 def verify_checkpoint(checkpoint_dir: Path) -> Config:
     """Check that every file is there, the weights match the config exactly, and the tokenizer fits.
 
@@ -90,13 +110,8 @@ def verify_checkpoint(checkpoint_dir: Path) -> Config:
         raise CheckpointError(f"{checkpoint_dir / WEIGHTS}: cannot be read as a state dict ({e})") from None
     weights = weights.get("model", weights)
     got = {k: tuple(v.shape) for k, v in weights.items()}
-    if absent := sorted(set(expected) - set(got)):
-        raise CheckpointError(f"{checkpoint_dir / WEIGHTS}: {len(absent)} tensors missing, e.g. {absent[:3]}")
-    if extra := sorted(set(got) - set(expected)):
-        raise CheckpointError(f"{checkpoint_dir / WEIGHTS}: {len(extra)} unexpected tensors, e.g. {extra[:3]}")
-    if wrong := [k for k in expected if expected[k] != got[k]]:
-        k = wrong[0]
-        raise CheckpointError(f"{checkpoint_dir / WEIGHTS}: {k} has shape {got[k]}, config expects {expected[k]}")
+    if problems := shape_mismatches(expected, got):
+        raise CheckpointError(f"{checkpoint_dir / WEIGHTS} does not match {CONFIG} ({config.name}): {problems}")
 
     from litgpt import Tokenizer
 

@@ -102,20 +102,28 @@ def unreachable_message(repo_id: str, checkpoint_dir: Path, model_name: str | No
         f"and HF_HUB_OFFLINE (now {os.environ.get('HF_HUB_OFFLINE') or 'unset'}). "
         f"To work offline instead, copy the model's Hugging Face files (config.json, the *.safetensors or *.bin "
         f"weights and the tokenizer files) into {target} and run "
-        f"`python -m core.hub convert --checkpoint_dir {target} --model_name {model_name or '<litgpt config name>'}` "
-        f"(what `make convert` runs)."
+        f"`make convert CHECKPOINT={target}" + (f" ARGS='--model_name {model_name}'" if model_name else "") + "` "
+        f"(.venv/bin/python -m core.hub convert; the litgpt config is read from config.json when not given)."
     )
 
 
-def convert(checkpoint_dir: Path, model_name: str, dtype: str | None = None) -> Config:
-    """Convert the Hugging Face files in ``checkpoint_dir`` to litgpt's format in place and verify the result.
+def convert(checkpoint_dir: Path, model_name: str | None = None, dtype: str | None = None) -> Config:
+    """Convert the Hugging Face files in ``checkpoint_dir`` to litgpt's format and verify the result.
 
-    Calls litgpt's ``convert_hf_checkpoint`` (which writes ``lit_model.pth`` and ``model_config.yaml``
-    next to the HF files), then ``verify_checkpoint``. Returns the checkpoint's config. Raises
-    CheckpointError if the directory is missing or the result does not match the config, ValueError
-    for an unknown ``model_name`` or a directory without weight files.
+    ``model_name`` (a litgpt config) defaults to the one ``config.json`` describes (``core.hf_config``).
+    litgpt's ``convert_hf_checkpoint`` runs in a scratch directory next to ``checkpoint_dir`` (links to
+    the HF files); ``lit_model.pth`` and ``model_config.yaml`` are moved in only once they verify, so a
+    failed conversion leaves ``checkpoint_dir`` as it was. Returns the checkpoint's config. Raises
+    CheckpointError (missing directory, weights that do not match the config, naming each tensor),
+    HFConfigError (no single litgpt config fits ``config.json``) and ValueError (an unknown
+    ``model_name``, no weight files).
     """
+    import tempfile
+
     from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
+
+    from core.checkpoints import CONFIG, WEIGHTS
+    from core.hf_config import check_matches, infer_model_name
 
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -123,8 +131,20 @@ def convert(checkpoint_dir: Path, model_name: str, dtype: str | None = None) -> 
             f"checkpoint directory {checkpoint_dir} does not exist; put the model's Hugging Face files "
             "(config.json, *.safetensors or *.bin, tokenizer files) there first"
         )
-    config_from_name(model_name)  # a clear ValueError for unknown names, before litgpt's KeyError-ish one
-    convert_hf_checkpoint(checkpoint_dir, model_name=model_name, dtype=dtype)
+    if model_name is None:
+        model_name = infer_model_name(checkpoint_dir)
+        print(f"{checkpoint_dir / 'config.json'}: litgpt config {model_name}")
+    config = config_from_name(model_name)  # a clear ValueError for unknown names, before litgpt's KeyError-ish one
+    check_matches(checkpoint_dir, config)
+    with tempfile.TemporaryDirectory(dir=checkpoint_dir.parent, prefix=f".{checkpoint_dir.name}.convert-") as tmp:
+        scratch = Path(tmp)
+        for f in checkpoint_dir.iterdir():
+            if f.name not in (WEIGHTS, CONFIG):
+                (scratch / f.name).symlink_to(f.resolve())
+        convert_hf_checkpoint(scratch, model_name=model_name, dtype=dtype)
+        verify_checkpoint(scratch)
+        for name in (CONFIG, WEIGHTS):  # the config first: weights next to a stale config never verify
+            (scratch / name).replace(checkpoint_dir / name)
     return verify_checkpoint(checkpoint_dir)
 
 
@@ -237,13 +257,14 @@ def download_cli(
     print(summary(out))
 
 
-def convert_cli(*, checkpoint_dir: Path, model_name: str, dtype: str | None = None) -> None:
+def convert_cli(*, checkpoint_dir: Path, model_name: str | None = None, dtype: str | None = None) -> None:
     """Convert Hugging Face files already in a directory (no download) to litgpt's format, then verify.
 
     Args:
         checkpoint_dir: directory holding config.json, *.safetensors or *.bin and the tokenizer files;
-            lit_model.pth and model_config.yaml are written next to them.
-        model_name: litgpt config name (see checkpoints_manifest.json's litgpt_config), e.g. Mistral-7B-v0.1.
+            lit_model.pth and model_config.yaml are written next to them, only if the conversion verifies.
+        model_name: litgpt config name (see checkpoints_manifest.json's litgpt_config), e.g. Mistral-7B-v0.1;
+            default: the one whose shapes config.json describes.
         dtype: convert the weights to this dtype (e.g. bfloat16); default: keep the files' dtype.
     """
     convert(checkpoint_dir, model_name, dtype)

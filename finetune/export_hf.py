@@ -30,9 +30,9 @@ import yaml
 from litgpt import Config
 
 from core.checkpoints import WEIGHTS, CheckpointError, verify_checkpoint
+from core.hf_config import HF_CONFIG, mismatches
 
 HF_WEIGHTS = "model.safetensors"
-HF_CONFIG = "config.json"
 # Copied when present (first found in the checkpoint directory, then in the base checkpoint).
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -43,17 +43,6 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# config.json fields that must agree with the litgpt config (a config.json of another model is worse than none).
-_CONSISTENCY = (
-    ("num_hidden_layers", "n_layer"),
-    ("hidden_size", "n_embd"),
-    ("num_attention_heads", "n_head"),
-    ("num_key_value_heads", "n_query_groups"),
-    ("intermediate_size", "intermediate_size"),
-    ("vocab_size", "padded_vocab_size"),
-)
-
-
 class ExportError(CheckpointError):
     """The checkpoint cannot be exported as it is; the message says what to do."""
 
@@ -189,12 +178,12 @@ def _hf_config(config: Config, sources: list[Path]) -> dict:
     for d in sources:
         if (d / HF_CONFIG).is_file():
             hf = json.loads((d / HF_CONFIG).read_text())
-            for hf_key, lit_key in _CONSISTENCY:
-                if hf.get(hf_key) is not None and hf[hf_key] != getattr(config, lit_key):
-                    raise ExportError(
-                        f"{d / HF_CONFIG} has {hf_key}={hf[hf_key]} but the checkpoint's model_config.yaml has "
-                        f"{lit_key}={getattr(config, lit_key)}: it belongs to another model"
-                    )
+            if diff := mismatches(hf, config):
+                hf_key, lit_key, value, expected = diff[0]
+                raise ExportError(
+                    f"{d / HF_CONFIG} has {hf_key}={value} but the checkpoint's model_config.yaml has "
+                    f"{lit_key}={expected}: it belongs to another model"
+                )
             return hf
     looked_in = " or ".join(str(d / HF_CONFIG) for d in sources)
     if problems := llama_incompatibilities(config):

@@ -3,6 +3,7 @@ verify_checkpoint rejects corrupted conversions with a message naming what is wr
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -149,3 +150,84 @@ def test_convert_rejects_missing_dir_and_unknown_config(tiny_hf_dir: Path, tmp_p
     with pytest.raises(ValueError, match="not a litgpt config name"):
         convert(tmp_path / "x", "no-such-config")
     assert not (tmp_path / "x" / WEIGHTS).exists()
+
+
+# ----------------------------------------------------------------------------- config.json -> litgpt config
+
+
+def test_convert_infers_the_litgpt_config_from_config_json(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_hf_dir, tmp_path / "x")
+    assert convert(tmp_path / "x").name == "tiny"  # no model_name: config.json's shapes are tiny's
+    _assert_same_logits(tiny_hf_dir, tmp_path / "x", "llama")
+
+
+@pytest.mark.parametrize(
+    ("hf_cls", "directory", "expected"),
+    [
+        ("MistralConfig", "mistralai/Mistral-7B-v0.1", "Mistral-7B-v0.1"),
+        ("LlamaConfig", "meta-llama/Llama-2-7b-hf", "Llama-2-7b-hf"),
+    ],
+)
+def test_infer_model_name_from_transformers_default_configs(hf_cls: str, directory: str, expected: str, tmp_path: Path) -> None:
+    # transformers' default MistralConfig / LlamaConfig are Mistral-7B-v0.1's and Llama-2-7b's: the real reference.
+    import transformers
+
+    from core.hf_config import HFConfigError, infer_model_name, mismatches
+
+    from litgpt import Config
+
+    hf = getattr(transformers, hf_cls)().to_dict()
+    assert mismatches(hf, Config.from_name(expected)) == []
+    twin = tmp_path / "elsewhere"  # the base model and its instruct twin share shapes: the name decides
+    twin.mkdir()
+    (twin / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(HFConfigError, match="litgpt configs have these shapes") as err:
+        infer_model_name(twin)
+    assert expected in str(err.value) and "--model_name" in str(err.value)
+    named = tmp_path / directory
+    named.mkdir(parents=True)
+    (named / "config.json").write_text(json.dumps(hf))
+    assert infer_model_name(named) == expected
+    (twin / "config.json").write_text(json.dumps({**hf, "_name_or_path": directory}))
+    assert infer_model_name(twin) == expected
+
+
+def test_infer_model_name_refuses_shapes_litgpt_lacks(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    from core.hf_config import HFConfigError
+
+    shutil.copytree(tiny_hf_dir, tmp_path / "x")
+    hf = json.loads((tmp_path / "x" / "config.json").read_text())
+    (tmp_path / "x" / "config.json").write_text(json.dumps({**hf, "num_hidden_layers": 5}))
+    with pytest.raises(HFConfigError, match=r"closest: tiny, which differs in num_hidden_layers=5 \(litgpt n_layer=4\)"):
+        convert(tmp_path / "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # no scratch directory left behind
+    assert not (tmp_path / "x" / WEIGHTS).exists() and not (tmp_path / "x" / "model_config.yaml").exists()
+
+
+def test_convert_refuses_model_name_that_contradicts_config_json(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    from core.hf_config import HFConfigError
+
+    shutil.copytree(tiny_hf_dir, tmp_path / "x")
+    with pytest.raises(HFConfigError, match="num_hidden_layers=4 but pythia-14m has n_layer=6"):
+        convert(tmp_path / "x", "pythia-14m")
+    assert not (tmp_path / "x" / WEIGHTS).exists()
+
+
+def test_failed_conversion_names_the_shapes_and_writes_nothing(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    # HF weights of a wider MLP than config.json says: litgpt converts them, our verification refuses them.
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_hf_dir, tmp_path / "x")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "x").iterdir()}
+    (tmp_path / "x" / WEIGHTS).write_bytes(b"an older conversion")  # kept as it was on failure
+    weights = load_file(tmp_path / "x" / "model.safetensors")
+    name = "model.layers.1.mlp.gate_proj.weight"
+    weights[name] = torch.zeros(weights[name].shape[0] + 8, weights[name].shape[1])
+    save_file(weights, tmp_path / "x" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as err:
+        convert(tmp_path / "x", "tiny")
+    assert "transformer.h.1.mlp.fc_1.weight expected (704, 256) got (712, 256)" in str(err.value)
+    assert (tmp_path / "x" / WEIGHTS).read_bytes() == b"an older conversion"
+    assert not (tmp_path / "x" / "model_config.yaml").exists()
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == sorted([*before, WEIGHTS])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]

@@ -82,7 +82,7 @@ def test_download_cli_hub_unreachable(tmp_path: Path, env: dict) -> None:
     assert err.startswith("error: cannot reach the Hugging Face Hub"), err
     assert repo_id in err
     assert (env.get("HF_ENDPOINT") or "https://huggingface.co") in err
-    for hint in ("HF_ENDPOINT", "HF_HUB_OFFLINE", "python -m core.hub convert", str(ckpt / repo_id), "pythia-14m"):
+    for hint in ("HF_ENDPOINT", "HF_HUB_OFFLINE", "make convert CHECKPOINT=", str(ckpt / repo_id), "pythia-14m"):
         assert hint in err, hint
     assert len(err.splitlines()) == 1
     assert not (ckpt / repo_id / WEIGHTS).exists()
@@ -126,7 +126,7 @@ def test_download_maps_connection_errors(monkeypatch: pytest.MonkeyPatch, tmp_pa
     with pytest.raises(hub.HubUnreachableError) as err:
         hub.download("EleutherAI/pythia-14m", checkpoint_dir=tmp_path)
     msg = str(err.value)
-    assert "EleutherAI/pythia-14m" in msg and "python -m core.hub convert" in msg
+    assert "EleutherAI/pythia-14m" in msg and "make convert CHECKPOINT=" in msg
     assert err.value.__cause__ is exc
     if exc.__context__ is not None:  # the innermost reason is shown
         assert "Connection refused" in msg
@@ -215,6 +215,7 @@ def test_convert_cli_errors_in_process(tmp_path: Path, capsys: pytest.CaptureFix
         (["--checkpoint_dir", str(tmp_path / "absent"), "--model_name", "tiny"], "does not exist"),
         (["--checkpoint_dir", str(tmp_path / "empty"), "--model_name", "tiny"], ".safetensors"),
         (["--checkpoint_dir", str(tmp_path / "empty"), "--model_name", "no-such-config"], "not a litgpt config name"),
+        (["--checkpoint_dir", str(tmp_path / "empty")], "config.json: not found; pass --model_name"),
     ]:
         assert hub.main(["convert", *args]) == 1, args
         err = capsys.readouterr().err
