@@ -64,31 +64,43 @@ def validate(fabric: L.Fabric, model: torch.nn.Module, batches: list[dict]) -> f
 
 
 class LossReadout:
-    """A step's loss on its way to the host without stopping the GPU.
+    """A step's loss and end time on their way to the host without stopping the GPU.
 
     ``loss.item()`` right after a step makes the CPU wait for the GPU to drain, so the next step's batch,
     kernel launches and logging start on an idle GPU. Instead the loss is copied into pinned memory
     behind the step's own kernels and read one step later, while the GPU runs the next step.
+
+    The step's end is timed the same way: a CUDA timing event behind its kernels, measured against one
+    origin event recorded on an idle GPU when the readout is made (the one sync of the loop). So a row's
+    time is when its own step finished on the GPU, not when the host got round to reading it (a step
+    later, or after the next step's queueing when the host is the bottleneck). On the CPU a step has
+    finished when ``start`` is called, so the clock is read there.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            self.origin = torch.cuda.Event(enable_timing=True)
+            self.origin.record()
+        self.origin_wall = time.perf_counter()
 
-    def start(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    def start(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | float]:
         if not self.cuda:
-            return loss.detach(), None
+            return loss.detach(), time.perf_counter()
         host = torch.empty((), dtype=loss.dtype, pin_memory=True)
         host.copy_(loss.detach(), non_blocking=True)
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(enable_timing=True)
         event.record()
         return host, event
 
-    @staticmethod
-    def value(started: tuple[torch.Tensor, torch.cuda.Event | None]) -> float:
-        host, event = started
-        if event is not None:
-            event.synchronize()  # waits for that step only, not for the steps queued after it
-        return host.item()
+    def value(self, started: tuple[torch.Tensor, torch.cuda.Event | float]) -> tuple[float, float]:
+        """The loss, and the ``time.perf_counter()`` at which its step finished."""
+        host, done = started
+        if isinstance(done, float):
+            return host.item(), done
+        done.synchronize()  # waits for that step only, not for the steps queued after it
+        return host.item(), self.origin_wall + self.origin.elapsed_time(done) / 1000.0
 
 
 @dataclass
@@ -120,8 +132,9 @@ def fit(
 ) -> Progress:
     """Optimizer steps until ``schedule.total_steps`` or the budget, whichever comes first.
 
-    Each step's loss is read (logged, checked, timed) while the next step runs (``LossReadout``); a
-    step that validates, saves or ends the run is read before anything looks at the model.
+    Each step's loss is read (logged, checked) while the next step runs (``LossReadout``); a step that
+    validates, saves or ends the run is read before anything looks at the model. A row's ``elapsed_s``
+    is when that step itself finished (validation and saving included in the step after them).
     """
     accumulate = train.gradient_accumulation_iters(devices=fabric.world_size, num_nodes=1)
     started = time.perf_counter() - progress.elapsed_s
@@ -130,8 +143,8 @@ def fit(
     readout = LossReadout(fabric.device)
 
     def finish(queued: _Queued, validating: bool = False) -> None:
-        progress.last_loss = readout.value(queued.loss)
-        progress.elapsed_s = elapsed()
+        progress.last_loss, done_at = readout.value(queued.loss)
+        progress.elapsed_s = done_at - started  # when this step finished, not when it was read
         if not math.isfinite(progress.last_loss):
             raise FloatingPointError(f"training loss is {progress.last_loss} at step {queued.step}; lower the learning rate")
         if (new_total := planner.observe(queued.step, progress.elapsed_s, queued.tokens)) is not None:

@@ -281,3 +281,32 @@ def test_batch_to_device_keeps_the_token_mask_on_the_cpu():
     moved = batch_to_device(batch, torch.device("meta"))
     assert moved.keys() == batch.keys() and moved["mask"] is batch["mask"]
     assert all(v.device.type == "meta" and v.shape == batch[k].shape for k, v in moved.items() if k != "mask")
+
+
+def test_each_rows_elapsed_is_when_its_own_step_finished(tiny, monkeypatch):
+    """Step s takes s seconds of a fake clock a micro-batch: rows read a step late still carry their own step's end."""
+    import finetune.loop as loop
+
+    base_dir, train_file = tiny
+    fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
+    fabric.seed_everything(0, verbose=False)
+    model = build_model(fabric, METHODS["lora"], METHOD_CONFIG["lora"], base_dir, quantize=None)
+    optimizer = build_optimizer(fabric, model, LR["lora"], 0.0)
+    tokenizer, style = Tokenizer(base_dir), get_style("qa")
+    rows = [encode_row(r, tokenizer, style, 64) for r in load_rows(train_file)[:40]]
+    batches = iter([Collate()(rows[i : i + 4]) for i in range(0, 40, 4)])
+    clock, calls = [100.0], []
+    real_batch_loss = loop.batch_loss
+
+    def slow_batch_loss(*args, **kwargs):
+        calls.append(1)
+        clock[0] += (len(calls) + 1) // 2  # micro-batches 1,2 are step 1, 3,4 step 2, ...
+        return real_batch_loss(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "batch_loss", slow_batch_loss)
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+    logged = []
+    fit(fabric, model, optimizer, lambda: next(batches), Schedule(5, 1), LR["lora"], BudgetPlanner(float("inf"), 5), Progress(total_steps=5),
+        small_train(max_steps=5, micro_batch_size=4, global_batch_size=8), EvalArgs(interval=0), log=logged.append)
+    step_seconds = [b - a for a, b in zip([0.0] + [r["elapsed_s"] for r in logged], [r["elapsed_s"] for r in logged])]
+    assert step_seconds == [2.0, 4.0, 6.0, 8.0, 10.0]
