@@ -36,6 +36,7 @@ from finetune.batching import EpochBatches, batch_to_device
 from finetune.budget import BudgetPlanner, Schedule, parse_duration
 from finetune.data import IGNORE_INDEX, Collate, encode_row, load_rows
 from finetune.loop import Progress, fit
+from finetune import neftune
 from finetune.packing import PackCollate, PackedBatches
 from finetune.plot import plot_metrics
 from finetune.provenance import build_manifest
@@ -228,12 +229,14 @@ def run(
     train: TrainArgs,
     eval: EvalArgs,
     speed: SpeedArgs = SpeedArgs(),
+    neftune_alpha: float = 0.0,
 ) -> Path:
     """Finetune with ``method``; returns the ``final`` directory."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     precision = precision or default_precision()
     verify_checkpoint(checkpoint_dir)
     max_seconds = parse_duration(max_time)
+    neftune.check_alpha(neftune_alpha)
     fabric = make_fabric(precision, quantize, method, out_dir)
     fabric.seed_everything(seed, verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -248,6 +251,7 @@ def run(
     val_encoded = keep_trainable([encode(r) for r in val_rows], data.max_seq_length, fabric)
 
     model = build_model(fabric, method, method_config, checkpoint_dir, quantize, data.max_seq_length)
+    neftune.attach(model, neftune_alpha)
     optimizer = build_optimizer(fabric, model, lr, weight_decay)
     resume_dir = find_resume_dir(resume, out_dir)
     resumed_micro_batch = saved_micro_batch_size(resume_dir) if resume_dir else None
@@ -258,6 +262,7 @@ def run(
     hparams = {
         "method": method.name, "checkpoint_dir": str(checkpoint_dir), "out_dir": str(out_dir), "precision": precision,
         "quantize": quantize, "seed": seed, "lr": lr, "weight_decay": weight_decay, "max_time": max_time, "template": template,
+        "neftune_alpha": neftune_alpha,
         **method_config,
         "data": _plain(dataclasses.asdict(data)), "train": _plain(dataclasses.asdict(train)), "eval": _plain(dataclasses.asdict(eval)),
         "speed": {

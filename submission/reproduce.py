@@ -83,7 +83,7 @@ def finetune(manifest: Path = Path("submission.json"), out_dir: Path = Path("out
     run(
         method, method.config_kwargs(hp), checkpoint_dir / m["base_model"]["repo_id"], out_dir, hp["precision"], hp.get("quantize"),
         hp["seed"], hp["lr"], hp["weight_decay"], hp["max_time"], "auto", _data_args(m), TrainArgs(**hp["train"]), EvalArgs(**hp["eval"]),
-        speed,
+        speed, hp.get("neftune_alpha", 0.0),
     )
 
 
