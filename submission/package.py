@@ -7,8 +7,10 @@ organizers later rebuild the model with ``Dockerfile.train``. So the zip holds: 
 and the repo's tracked source. Never weights.
 
 Refused, with the reason: a second ``Dockerfile``, a file over the size bound, weight files, a base
-model that is not in the manifest, and anything that looks like a secret (HF/W&B/AWS/OpenAI
-tokens, private keys). The zip is deterministic (sorted names, fixed timestamps).
+model that is not in the manifest, a tracked symlink that leads out of the repo (its target's content
+would be zipped), and anything that looks like a secret in any text encoding (``submission/secrets.py``:
+HF/W&B/AWS/OpenAI/GitHub tokens, private keys, ``api_key:`` settings). The zip is deterministic
+(sorted names, fixed timestamps).
 """
 
 from __future__ import annotations
@@ -22,16 +24,10 @@ from pathlib import Path
 
 from core.manifest import UnlistedModelError, lookup
 from core.paths import REPO_ROOT
+from submission.secrets import scan
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".gguf", ".ckpt", ".lora", ".adapter", ".adapter_v2")
 HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
-SECRETS = {
-    "Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),
-    "Weights & Biases API key": re.compile(r"(?i)(wandb[_-]?api[_-]?key|wandb\s+login)\W{0,4}['\"]?[0-9a-f]{40}\b"),
-    "private key": re.compile(r"-----BEGIN (?:RSA |EC |DSA |OPENSSH |ENCRYPTED )?PRIVATE KEY-----"),
-    "AWS access key": re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
-    "OpenAI API key": re.compile(r"\bsk-[A-Za-z0-9_-]{32,}\b"),
-}
 ZIP_TIME = (2023, 10, 1, 0, 0, 0)
 
 
@@ -51,7 +47,19 @@ def tracked_files(repo_root: Path) -> list[str]:
         out = subprocess.run(["git", "ls-files", "-z"], cwd=repo_root, capture_output=True, check=True, timeout=30).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise SubmissionError(f"{repo_root}: `git ls-files` failed ({e}); make submission packs the tracked files of a git checkout") from None
-    return sorted(p for p in out.decode().split("\0") if p and (repo_root / p).is_file())
+    root = repo_root.resolve()
+    files = []
+    for p in sorted(p for p in out.decode(errors="surrogateescape").split("\0") if p):
+        path = repo_root / p
+        if path.is_symlink():
+            target = path.resolve()
+            if not target.is_relative_to(root):
+                raise SubmissionError(f"{p}: a tracked symlink to {target}, outside the repo; its content would be zipped. Remove it or copy the file in")
+            if not target.exists():
+                raise SubmissionError(f"{p}: a tracked symlink to {target}, which does not exist")
+        if path.is_file():  # a tracked file deleted from the checkout, or a symlink to a directory whose files are tracked, adds nothing
+            files.append(p)
+    return files
 
 
 def eval_dockerfile(template: str, weights_repo: str, litgpt_config: str) -> str:
@@ -81,15 +89,10 @@ def check_entries(entries: list[Entry], max_file_bytes: int) -> None:
                 f"{e.arcname}: {len(e.data) / 2**20:.1f} MiB is over the {max_file_bytes / 2**20:.1f} MiB bound per file "
                 "(raise --max_file_mb if it really belongs in the submission)"
             )
-        try:
-            text = e.data.decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        for kind, pattern in SECRETS.items():
-            if match := pattern.search(text):
-                line = text.count("\n", 0, match.start()) + 1
-                shown = match.group(0)[:8] + "…"
-                raise SubmissionError(f"{e.arcname}:{line}: looks like a {kind} ({shown}); remove it and rotate it, it may have leaked")
+        if found := scan(e.data):
+            kind, line, start = found
+            article = "an" if kind[0] in "AEIOU" else "a"
+            raise SubmissionError(f"{e.arcname}:{line}: looks like {article} {kind} ({start}…); remove it and rotate it, it may have leaked")
 
 
 def collect(run_dir: Path, weights_repo: str, repo_root: Path = REPO_ROOT) -> list[Entry]:
