@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 import uvicorn
 
+from core.workload import HELM_WINDOW
 from server.app import create_app
-from server.engine import make_engine
-from server.loading import load_generator
+from server.engine import Engine, EngineKind, make_engine
+from server.gpu_memory import cap
+from server.loading import load_generator, resolve_device
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, whose SIGTERM/SIGINT first tells the engine to refuse new work and then, however the
+    engine is doing, ends the process once ``drain_s`` has passed."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, drain_s: float) -> None:
+        super().__init__(config)
+        self.engine, self.drain_s, self._deadline = engine, drain_s, None
+
+    def handle_exit(self, sig, frame) -> None:
+        self.engine.drain()
+        if self._deadline is None:
+            self._deadline = threading.Timer(self.drain_s, _exit_now, (self.drain_s,))
+            self._deadline.daemon = True
+            self._deadline.start()
+        super().handle_exit(sig, frame)
+
+
+def _exit_now(drain_s: float) -> None:
+    print(f"shutdown: in-flight work did not finish within --drain_s {drain_s:g}; exiting", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def serve(
@@ -17,16 +45,21 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8080,
     device: str = "auto",
-    dtype: str | None = None,
-    quantize: str | None = None,
+    dtype: Literal["bf16", "fp16", "fp32"] | None = None,
+    quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"] | None = None,
     use_template: bool = False,
     base_checkpoint_dir: Path | None = None,
-    engine: str = "auto",
-    decode_rows: int = 32,
-    prompt_rows: int = 32,
+    engine: EngineKind = "auto",
+    max_seq_length: int = HELM_WINDOW,
+    gpu_memory_gib: float | None = None,
+    kv_block_size: int = 16,
+    kv_tokens: int | None = None,
+    max_batch: int = 32,
+    max_queue: int = 1024,
     prefill_tokens: int = 4096,
     cuda_graphs: bool = True,
     warmup: bool = True,
+    drain_s: float = 30.0,
 ) -> None:
     """Serve ``/process``, ``/tokenize``, ``/decode`` and ``/health``.
 
@@ -35,25 +68,36 @@ def serve(
         host: interface to bind; the Docker image uses 0.0.0.0.
         port: TCP port; the Docker image uses 80.
         device: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N".
-        dtype: "bf16", "fp16" or "fp32"; default bf16 on GPUs that support it, fp32 on CPU.
-        quantize: bitsandbytes weights on a CUDA GPU: "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq" or "bnb.int8"
-            (dtype is then the compute dtype). Fits a 13B model on a 24 GB card.
+        dtype: default bf16 on GPUs that support it, fp32 on CPU.
+        quantize: bitsandbytes weights on a CUDA GPU (dtype is then the compute dtype). Fits a 13B model on a 24 GB card.
         use_template: wrap prompts in the template saved with the checkpoint (prompt_style.yaml).
             Off by default because HELM sends complete few-shot prompts.
         base_checkpoint_dir: for an unmerged LoRA output (lit_model.pth.lora only): the base model, if it
             moved since training (default: as recorded in hyperparameters.yaml).
         engine: "auto" (continuous batching unless the model needs the serial path, e.g. adapter
             methods), "batched" or "serial" (one request at a time on litgpt's own forward).
-        decode_rows: sequences generated together (HELM sends 30 requests at once).
-        prompt_rows: KV-cache rows that hold computed prompts, reused for shared few-shot prefixes.
-            Both shrink to fit free GPU memory.
+        max_seq_length: the served window, prompt plus generation (HELM's neurips/local window is
+            2048); longer prompts are left-truncated. At most the model's block_size.
+        gpu_memory_gib: behave as on a GPU with this much memory (e.g. 24 for an RTX 4090): the process
+            cannot allocate more, and the KV cache takes what the weights leave.
+        kv_block_size: positions per KV-cache block.
+        kv_tokens: KV-cache size in tokens (all sequences together); default: what GPU memory holds
+            after the weights and a margin for activations, or 4 full windows on the CPU.
+        max_batch: sequences in flight at most (HELM sends 30 requests at once); at least 16, the
+            most sequences one request may ask for.
+        max_queue: requests waiting at most; past it /process answers 503 with Retry-After.
         prefill_tokens: prompt tokens computed per forward pass; longer prompts are split.
         cuda_graphs: replay each decode step as a CUDA graph (CUDA only).
         warmup: capture every decode graph before accepting requests (~a few seconds per 10 graphs).
+        drain_s: on SIGTERM, seconds to finish the requests in flight before the process exits.
     """
     try:
-        generator = load_generator(checkpoint_dir, device, dtype, quantize, use_template, base_checkpoint_dir)
-        options = dict(decode_rows=decode_rows, prompt_rows=prompt_rows, prefill_tokens=prefill_tokens, cuda_graphs=cuda_graphs)
+        if drain_s <= 0:
+            raise ValueError(f"drain_s: must be positive, got {drain_s}")
+        cap(resolve_device(device), gpu_memory_gib)
+        generator = load_generator(checkpoint_dir, device, dtype, quantize, use_template, base_checkpoint_dir, max_seq_length)
+        options = dict(max_batch=max_batch, prefill_tokens=prefill_tokens, kv_block_size=kv_block_size, kv_tokens=kv_tokens,
+                       max_queue=max_queue, cuda_graphs=cuda_graphs, gpu_memory_gib=gpu_memory_gib)  # fmt: skip
         served = make_engine(generator, engine, **options)
     except ValueError as e:  # includes CheckpointError: a clear one-line refusal, not a traceback
         raise SystemExit(f"error: {e}") from None
@@ -62,11 +106,14 @@ def serve(
         graphs = served.warmup()
         if graphs:
             print(f"captured {graphs} decode graphs in {time.perf_counter() - start:.1f} s", flush=True)
-    app = create_app(served, generator.codec, model_name=Path(checkpoint_dir).name)
+    app = create_app(served, generator.codec, model_name=Path(checkpoint_dir).name, drain_s=0.05 * drain_s)
     mode = f"{quantize} ({generator.dtype} compute)" if quantize else str(generator.dtype)
     kind = type(served).__name__
-    print(f"serving {checkpoint_dir} on http://{host}:{port} ({generator.device}, {mode}, {kind})", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    pool = getattr(served, "stats", {})
+    cache = f", KV cache {pool['kv_blocks'] * pool['kv_block_size']} tokens" if "kv_blocks" in pool else ""
+    print(f"serving {checkpoint_dir} on http://{host}:{port} ({generator.device}, {mode}, {kind}{cache})", flush=True)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=0.9 * drain_s)
+    _DrainingServer(config, served, drain_s).run()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from server.engine import Engine
+from server.engine import Busy, ClientGone, Engine, RequestFailed, Unavailable
 from server.generate import RequestTooLong
 from server.schemas import (
     DecodeRequest,
@@ -31,11 +31,19 @@ def _field_error(field: str | list, message: str) -> RequestValidationError:
     return RequestValidationError([{"loc": tuple(loc), "msg": message, "type": "value_error"}])
 
 
-def create_app(engine: Engine, codec: Codec, model_name: str = "model") -> FastAPI:
+async def _disconnect(request: Request) -> None:
+    """Completes when the client goes away (the body has been read, so only http.disconnect is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(engine: Engine, codec: Codec, model_name: str = "model", drain_s: float = 30.0) -> FastAPI:
+    """``drain_s``: at shutdown, how long the engine may take to finish before it is abandoned."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        engine.close()
+        engine.close(timeout=drain_s)
 
     app = FastAPI(
         title="onegpu server",
@@ -44,12 +52,20 @@ def create_app(engine: Engine, codec: Codec, model_name: str = "model") -> FastA
     )
 
     @app.post("/process", response_model=ProcessResponse)
-    async def process(req: ProcessRequest) -> ProcessResponse:
+    async def process(req: ProcessRequest, request: Request):
         start = time.perf_counter()
         try:
-            completions, dropped = await engine.process(req)
+            completions, dropped = await engine.process(req, lambda: _disconnect(request))
         except RequestTooLong as e:
             raise _field_error("max_new_tokens", str(e)) from None
+        except Busy as e:
+            return JSONResponse(status_code=503, content={"detail": str(e)}, headers={"Retry-After": str(e.retry_after)})
+        except Unavailable as e:
+            return JSONResponse(status_code=503, content={"detail": str(e)}, headers={"Retry-After": "5"})
+        except RequestFailed as e:
+            return JSONResponse(status_code=500, content={"detail": str(e)})
+        except ClientGone:
+            return JSONResponse(status_code=499, content={"detail": "the client disconnected"})  # nobody reads it
         first = completions[0]
         return ProcessResponse(
             text=first.text,
@@ -77,9 +93,12 @@ def create_app(engine: Engine, codec: Codec, model_name: str = "model") -> FastA
         return DecodeResponse(text=codec.decode(req.tokens), request_time=time.perf_counter() - start)
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health():
         stats = getattr(engine, "stats", None)  # the batched engine's counters (prefix reuse, steps)
-        return {"status": "ready", "model": model_name, **({"engine": dict(stats)} if stats else {})}
+        extra = {"engine": dict(stats)} if stats else {}
+        if (reason := engine.health()) is not None:
+            return JSONResponse(status_code=503, content={"status": "unavailable", "reason": reason, "model": model_name, **extra})
+        return {"status": "ready", "model": model_name, **extra}
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

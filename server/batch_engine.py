@@ -1,340 +1,373 @@
 """Continuous batching: many requests share each forward pass; they join and leave between steps.
 
-One engine thread owns the GPU and loops:
-1. admit: take requests the app submitted (already tokenized and fitted on a helper thread);
-2. prefill round: pack the new tokens of waiting prompts into one forward, up to
-   ``prefill_tokens`` (a longer prompt continues next round: chunked prefill). Each prompt first
-   copies the longest prefix some prompt row already holds (``PromptRows``), so a run spec's
-   shared few-shot examples are computed once. A prompt that shares more with a prompt being
-   computed right now waits one round for it rather than recomputing the same prefix;
-3. decode step: one token for every generating sequence (rows 0..B-1 of the cache).
+Three parts with narrow seams (as vLLM v1 splits them):
+- ``server.scheduler``: which requests run and how many prompt tokens each computes (blocks from
+  ``server.kv_pool``; no tensors);
+- ``server.paged_model``: runs a step's prefill segments and decode batch over the paged KV cache;
+- ``server.generate``: sampling, logprobs, stop sequences, EOS and echo, the same functions as the
+  serial ``Generator``, so a request returns what it would return alone (its samples come from
+  its own seeded generator, and its ``n`` sequences stay in the batch together until all are done).
 
-Sampling, logprobs, stop sequences, EOS and echo use the same functions as the serial
-``Generator`` (``server.generate``), so a request returns what it would return alone: a
-request's samples come from its own seeded generator, and its ``n`` sequences stay in the batch
-together until all are done (the serial loop's order of random draws).
+This module is the loop that joins them, on one engine thread that owns the GPU:
+1. take the requests the app submitted (tokenized and fitted on a helper thread) and the ones whose
+   clients went away (cancelled: their blocks are freed now);
+2. run the scheduler's prefill segments, then one decode step;
+3. answer what is done.
+A failure fails only the requests it touched (a sampling error its own request; a failed forward
+the requests in that forward); the loop goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 import threading
+import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from server.batched_model import BatchedModel, Segment
-from server.generate import (
-    Generator,
-    Prompt,
-    Sequence,
-    advance,
-    completions,
-    echo_tokens,
-    new_generator,
-    pick,
-)
-from server.prompt_rows import PromptRows, common_prefix
+from server.engine import Busy, RequestFailed, Unavailable, until_done_or_gone
+from server.generate import Generator, Prompt, Sequence, advance, completions, echo_scores, echo_tokens, new_generator, pick
+from server.gpu_memory import usable_bytes
+from server.kv_pool import KVPool
+from server.paged_model import PagedModel, Segment, activation_bytes, kv_bytes_per_token
+from server.scheduler import Job, Scheduler
 from server.schemas import MAX_SEQUENCES, Completion, ProcessRequest
 
-MIN_SHARED = 16  # fewer shared tokens than this are recomputed rather than copied
-WAIT_FOR_SHARED = 32  # wait a round when a prompt being computed shares this many more tokens
+CPU_WINDOWS = 4  # on the CPU the pool holds this many full windows (tests and demos), unless --kv_tokens
+STALL_S = 120.0  # /health says "stalled" when a step with work to do has taken longer than this
 
 
-@dataclass
+@dataclass(eq=False)
 class _Live:
-    """A request inside the engine."""
+    """A request inside the engine: its scheduler job and its sampling state."""
 
     req: ProcessRequest
     prompt: Prompt
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
-    ids: np.ndarray = field(init=False)
-    row: int | None = None  # prompt row while its prompt is computed (and until decode rows free up)
-    cached: int = 0  # prompt tokens whose K/V the prompt row holds
-    echo_logits: list[torch.Tensor] = field(default_factory=list)
+    job: Job = field(init=False)
+    echo_chosen: list[float] = field(default_factory=list)
+    echo_tops: list = field(default_factory=list)
     echo: tuple = ([], "")
     seqs: list[Sequence] = field(default_factory=list)
     generator: torch.Generator | None = None
-    rows: list[int] = field(default_factory=list)  # decode rows, one per sequence
     next_ids: list[int] = field(default_factory=list)
     step: int = 0
-    pos: int = 0
 
     def __post_init__(self) -> None:
-        self.ids = np.asarray(self.prompt.ids, dtype=np.int64)
+        self.job = Job(list(self.prompt.ids), self.req.n, self.req.max_new_tokens, echo=self.req.echo_prompt, payload=self)
 
-    @property
-    def n(self) -> int:
-        return self.req.n
+
+def pool_blocks(generator: Generator, block_size: int, kv_tokens: int | None, prefill_tokens: int, max_batch: int, gpu_memory_gib: float | None) -> int:
+    """Blocks in the KV pool: ``kv_tokens`` if given; on the CPU ``CPU_WINDOWS`` full windows; on a GPU
+    what is left under the memory cap after the weights, minus what a step's activations take."""
+    window = generator.max_seq_length
+    per_block = block_size * kv_bytes_per_token(generator.model)
+    if kv_tokens is not None:
+        tokens = kv_tokens
+    elif generator.device.type != "cuda":
+        tokens = CPU_WINDOWS * window
+    else:
+        margin = activation_bytes(generator.model, prefill_tokens, max_batch, window)
+        free = usable_bytes(generator.device, gpu_memory_gib)
+        tokens = max(free - margin, 0) // per_block * block_size
+        if tokens < window:
+            raise ValueError(
+                f"the KV cache needs {window * per_block / block_size / 2**20:.0f} MiB for one {window}-token sequence but only "
+                f"{max(free - margin, 0) / 2**20:.0f} MiB are left ({free / 2**30:.1f} GiB free after the weights, "
+                f"{margin / 2**30:.1f} GiB kept for activations); lower --max_seq_length, serve quantized (--quantize bnb.nf4) or a smaller model"
+            )
+    if tokens < window:
+        raise ValueError(f"kv_tokens: {tokens} cannot hold one {window}-token sequence (--max_seq_length); ask for at least {window}")
+    return math.ceil(tokens / block_size) + 1  # + block 0, the padding block
 
 
 class BatchEngine:
     def __init__(
         self,
         generator: Generator,
-        decode_rows: int = 32,
-        prompt_rows: int = 32,
+        max_batch: int = 32,
         prefill_tokens: int = 4096,
+        kv_block_size: int = 16,
+        kv_tokens: int | None = None,
+        max_queue: int = 1024,
         cuda_graphs: bool = True,
-        kv_memory_fraction: float = 0.9,
+        gpu_memory_gib: float | None = None,
     ) -> None:
+        """See ``python -m server --help`` for the arguments."""
+        for name, value, low in (("max_batch", max_batch, MAX_SEQUENCES), ("prefill_tokens", prefill_tokens, 1), ("kv_block_size", kv_block_size, 1), ("max_queue", max_queue, 1)):
+            if value < low:
+                raise ValueError(f"{name}: must be at least {low}, got {value}")
         self.generator = generator
         self.codec = generator.codec
-        decode_rows, prompt_rows = self._fit_rows(generator, decode_rows, prompt_rows, kv_memory_fraction)
-        self.model = BatchedModel(generator.model, decode_rows + prompt_rows, decode_rows, cuda_graphs=cuda_graphs)
-        self.decode_rows = decode_rows
-        self.prompts = PromptRows(range(decode_rows, decode_rows + prompt_rows))
-        self.prefill_tokens = prefill_tokens
+        blocks = pool_blocks(generator, kv_block_size, kv_tokens, prefill_tokens, max_batch, gpu_memory_gib)
+        self.pool = KVPool(blocks, kv_block_size)
+        self.model = PagedModel(generator.model, blocks, kv_block_size, max_batch, generator.max_seq_length, cuda_graphs=cuda_graphs)
+        self.scheduler = Scheduler(self.pool, max_batch, prefill_tokens)
+        self.max_batch, self.max_queue = max_batch, max_queue
         self._inbox: deque[_Live] = deque()
+        self._cancelled: deque[_Live] = deque()
         self._wake = threading.Condition()
-        self._pending: list[_Live] = []  # prompts not fully computed
-        self._waiting: deque[_Live] = deque()  # prompt done, waiting for decode rows
-        self._decoding: list[_Live] = []
-        self._stop = False
-        self.stats = {"requests": 0, "prompt_tokens": 0, "computed_prompt_tokens": 0, "prefill_rounds": 0, "decode_steps": 0, "decoded_tokens": 0}
+        self._submitted = 0  # requests in the inbox or the scheduler's queue (guarded by _wake)
+        self._stop = self._draining = False
+        self._error: BaseException | None = None  # what killed the engine thread
+        self._step_started: float | None = None  # monotonic start of the step in progress
+        self.stats = {"requests": 0, "prompt_tokens": 0, "computed_prompt_tokens": 0, "prefill_rounds": 0, "decode_steps": 0,
+                      "decoded_tokens": 0, "cancelled": 0, "failed": 0, "max_sequences": 0, "kv_blocks": blocks - 1,
+                      "kv_block_size": kv_block_size}  # fmt: skip
         self._tokenizer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def _fit_rows(generator: Generator, decode_rows: int, prompt_rows: int, fraction: float) -> tuple[int, int]:
-        """Shrink the prompt rows, then the decode rows, to what free GPU memory holds."""
-        decode_rows = max(decode_rows, MAX_SEQUENCES)  # one request may ask for that many sequences
-        prompt_rows = max(prompt_rows, 1)
-        device = generator.device
-        if device.type != "cuda":  # CPU serving is for tests and demos: keep the cache small
-            return decode_rows, min(prompt_rows, 8)
-        free = torch.cuda.mem_get_info(device)[0] * fraction
-        row = BatchedModel.row_bytes(generator.model)
-        fits = int(free // row)
-        if fits < MAX_SEQUENCES + 1:
-            raise ValueError(
-                f"the KV cache needs {MAX_SEQUENCES + 1} rows of {row / 2**20:.0f} MiB but only {fits} fit in free GPU "
-                f"memory; serve a quantized model (--quantize bnb.nf4) or a smaller one"
-            )
-        prompt_rows = min(prompt_rows, max(1, fits - decode_rows))
-        decode_rows = min(decode_rows, fits - prompt_rows)
-        return decode_rows, prompt_rows
-
-    def warmup(self, max_length: int = 2048) -> int:
-        """Capture the CUDA graphs of every decode batch and length bucket up to ``max_length`` (HELM's
-        window) now; longer ones are captured when first needed. Returns how many."""
-        return self.model.warmup(self.decode_rows, max_length)
+    def warmup(self, max_length: int | None = None) -> int:
+        """Capture the CUDA graphs of every decode batch and length bucket now; returns how many."""
+        return self.model.warmup(self.max_batch, max_length or self.generator.max_seq_length)
 
     # --- the app's side -----------------------------------------------------------------------
 
-    async def process(self, request: ProcessRequest) -> tuple[list[Completion], int]:
+    async def process(self, request: ProcessRequest, disconnected: Callable[[], Awaitable] | None = None) -> tuple[list[Completion], int]:
+        if (reason := self.health()) is not None:
+            raise Unavailable(reason)
+        with self._wake:
+            if self._submitted >= self.max_queue:
+                raise Busy(f"{self._submitted} requests are waiting (--max_queue {self.max_queue}); retry shortly")
+            self._submitted += 1
         loop = asyncio.get_running_loop()
-        prompt = await loop.run_in_executor(self._tokenizer, self.generator.prompt, request)  # may raise RequestTooLong
+        try:
+            prompt = await loop.run_in_executor(self._tokenizer, self.generator.prompt, request)  # may raise RequestTooLong
+        except BaseException:
+            with self._wake:
+                self._submitted -= 1
+            raise
         if not prompt.ids:  # empty prompt on a model without BOS: nothing to condition on
+            with self._wake:
+                self._submitted -= 1
             return [Completion(text="", tokens=[], logprob=0.0) for _ in range(request.n)], prompt.dropped
         live = _Live(request, prompt, loop.create_future(), loop)
-        self.stats["requests"] += 1
-        self.stats["prompt_tokens"] += len(prompt.ids)
+        live.future.add_done_callback(lambda f: f.cancelled() and self._cancel(live))
         with self._wake:
+            self.stats["requests"] += 1
+            self.stats["prompt_tokens"] += len(prompt.ids)
             self._inbox.append(live)
             self._wake.notify()
-        return await live.future
+        return await until_done_or_gone(live.future, disconnected)
 
-    def close(self) -> None:
+    def _cancel(self, live: _Live) -> None:
+        with self._wake:
+            self._cancelled.append(live)
+            self._wake.notify()
+
+    def health(self) -> str | None:
+        if self._error is not None or not self._thread.is_alive():
+            return f"the engine thread stopped: {type(self._error).__name__}: {self._error}" if self._error else "the engine thread stopped"
+        if self._stop or self._draining:
+            return "the server is shutting down"
+        started = self._step_started
+        if started is not None and time.monotonic() - started > STALL_S:
+            return f"the engine has been in one step for {time.monotonic() - started:.0f} s"
+        return None
+
+    def drain(self) -> None:
+        self._draining = True
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, running or held: every block is back in the pool."""
+        with self._wake:
+            return not self._inbox and not self.scheduler.busy and self._submitted == 0 and self.pool.held == 0
+
+    def close(self, timeout: float = 30.0) -> None:
         with self._wake:
             self._stop = True
             self._wake.notify()
-        self._thread.join()
-        self._tokenizer.shutdown(wait=True)
+        self._thread.join(timeout)
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
 
     # --- the engine thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stop and not self._inbox and not (self._pending or self._waiting or self._decoding):
-                    self._wake.wait()
-                if self._stop:
-                    break
-                self._pending.extend(self._inbox)
-                self._inbox.clear()
-            try:
-                self._start_decoding()
-                if self._pending:
-                    self._prefill_round()
-                    self._start_decoding()
-                if self._decoding:
-                    self._decode_step()
-            except Exception as e:  # a failed forward fails the requests in flight, not the server
-                print(f"engine: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                self._fail_all(e)
-        self._fail_all(RuntimeError("the server is shutting down"))
+        try:
+            while True:
+                with self._wake:
+                    while not (self._stop or self._inbox or self._cancelled or self.scheduler.busy):
+                        self._wake.wait()
+                    if self._stop:
+                        break
+                    new, self._inbox = list(self._inbox), deque()
+                    gone, self._cancelled = list(self._cancelled), deque()
+                for live in new:  # O(new requests)
+                    self.scheduler.add(live.job)
+                for live in gone:
+                    if live.job.state == "queued" and not live.job.cancelled:
+                        with self._wake:
+                            self._submitted -= 1
+                    self.scheduler.cancel(live.job)
+                    self.stats["cancelled"] += 1
+                self._step_started = time.monotonic()
+                self._step()
+                self._step_started = None
+        except BaseException as e:  # a bug in the loop itself: say so on /health and fail everyone
+            self._error = e
+            print(f"engine: stopped by {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        self._fail_all(Unavailable("the server is shutting down" if self._error is None else f"the engine stopped: {self._error}"))
 
-    def _prefill_round(self) -> None:
-        budget = self.prefill_tokens
-        chosen: list[tuple[_Live, int]] = []
-        for live in list(self._pending):
-            if budget <= 0:
-                break
-            if live.future.cancelled():  # the client went away
-                self._pending.remove(live)
-                self._release_prompt_row(live)
-                continue
-            if live.row is None and not self._assign_row(live, chosen):
-                continue
-            take = min(len(live.ids) - live.cached, budget)
-            chosen.append((live, take))
-            budget -= take
-        if not chosen:
+    def _step(self) -> None:
+        queued_before = self.scheduler.queued
+        step = self.scheduler.schedule()
+        admitted = queued_before - self.scheduler.queued
+        if admitted:
+            with self._wake:
+                self._submitted -= admitted
+        for job, reason in step.refused:
+            self._fail([job.payload], RequestFailed(f"num_return_sequences: {job.n} sequences of this request {reason}"), "refused")
+        self.stats["max_sequences"] = max(self.stats["max_sequences"], self.scheduler.sequences)
+        if step.prefill:
+            self._prefill(step.prefill)
+        decoding = [job for job in self.scheduler.running if job.state == "decode"]
+        if decoding:
+            self._decode([job.payload for job in decoding])
+
+    def _prefill(self, chunks: list[tuple[Job, int, int]]) -> None:
+        segments = [Segment(job.blocks, start, job.ids[start : start + take], all_logits=job.echo) for job, start, take in chunks]
+        try:
+            outputs = self.model.prefill(segments)
+        except Exception as e:  # a failed forward fails the requests in it, not the server
+            self._fail([job.payload for job, _, _ in chunks], e, "prefill")
             return
         self.stats["prefill_rounds"] += 1
-        self.stats["computed_prompt_tokens"] += sum(take for _, take in chosen)
-        segments = [
-            Segment(live.row, live.cached, live.prompt.ids[live.cached : live.cached + take], all_logits=live.req.echo_prompt)
-            for live, take in chosen
-        ]
-        done: list[tuple[_Live, torch.Tensor]] = []
-        for (live, take), logits in zip(chosen, self.model.prefill(segments)):
-            live.cached += take
-            self.prompts.set_tokens(live.row, live.ids[: live.cached])
-            if live.req.echo_prompt:
-                live.echo_logits.append(logits)
-            if live.cached == len(live.ids):
-                self._pending.remove(live)
-                done.append((live, logits[-1:]))
+        self.stats["computed_prompt_tokens"] += sum(take for _, _, take in chunks)
+        done = []
+        for (job, start, take), logits in zip(chunks, outputs):
+            live = job.payload
+            try:
+                if job.echo:  # row i predicts prompt token start + i + 1
+                    chosen, tops = echo_scores(logits, job.ids[start + 1 : start + take + 1], live.req.top_k_per_token)
+                    live.echo_chosen += chosen
+                    live.echo_tops += tops
+                if self.scheduler.computed(job, take):
+                    done.append((live, logits[-1:]))
+            except Exception as e:
+                self._fail([live], e, "prefill")
         if done:
             self._first_tokens(done)
-
-    def _assign_row(self, live: _Live, chosen: list[tuple[_Live, int]]) -> bool:
-        """Give ``live`` a prompt row, starting from the longest cached prefix; False to wait."""
-        limit = len(live.ids) - 1  # the last prompt token is always computed: it gives the first logits
-        source, shared = (None, 0) if live.req.echo_prompt else self.prompts.best_match(live.ids, limit)
-        if not live.req.echo_prompt:
-            in_flight = [other for other, _ in chosen] + [p for p in self._pending if p.row is not None]
-            if any(min(common_prefix(o.ids, live.ids), limit) >= shared + WAIT_FOR_SHARED for o in in_flight if o is not live):
-                return False
-        row = self.prompts.free_row(prefer=source if shared >= MIN_SHARED else None)
-        if row is None:
-            return False
-        if shared < MIN_SHARED:
-            shared = 0
-        elif row != source:
-            self.model.copy_rows(source, row, shared)
-        self.prompts.claim(row, live, live.ids[:shared])
-        live.row, live.cached = row, shared
-        return True
 
     def _first_tokens(self, done: list[tuple[_Live, torch.Tensor]]) -> None:
         """Prompts just computed: echo, then the first generated token of each sequence."""
         sampling = []
         for live, _ in done:
-            live.seqs = [Sequence(stream=self.codec.stream(live.prompt.ids)) for _ in range(live.n)]
-            if live.req.echo_prompt:
-                live.echo = echo_tokens(self.codec, live.prompt.ids, live.prompt.skip, torch.cat(live.echo_logits), live.req.top_k_per_token)
-                live.echo_logits = []
-            if live.req.max_new_tokens > 0:
-                sampling.append(live)
-            else:
-                self._finish(live)
+            try:
+                live.seqs = [Sequence(stream=self.codec.stream(live.prompt.ids)) for _ in range(live.req.n)]
+                if live.req.echo_prompt:
+                    k = live.req.top_k_per_token
+                    live.echo = echo_tokens(self.codec, live.prompt.ids, live.prompt.skip, live.echo_chosen, live.echo_tops, k)
+                    live.echo_chosen, live.echo_tops = [], []
+                if live.req.max_new_tokens > 0:
+                    live.generator = new_generator(live.req, self.generator.device)
+                    sampling.append((live, _))
+                else:
+                    self._finish(live)
+            except Exception as e:
+                self._fail([live], e, "output")
         if not sampling:
             return
-        last = {id(live): logits for live, logits in done}
-        logits = torch.cat([last[id(live)].expand(live.n, -1) for live in sampling])
+        logits = torch.cat([last.expand(live.req.n, -1) for live, last in sampling])
+        lives = [live for live, _ in sampling]
+        for live, rows, picked in self._pick(logits, lives, [live.req.n for live in lives]):
+            try:
+                self._advance(live, picked, rows)
+                if all(s.done for s in live.seqs) or not live.job.forks:
+                    self._finish(live)
+                else:
+                    for src, dst in self.scheduler.fork(live.job):
+                        self.model.copy_block(src, dst)
+            except Exception as e:
+                self._fail([live], e, "output")
+
+    def _pick(self, logits: torch.Tensor, lives: list[_Live], counts: list[int]):
+        """Sample every request's rows; yields (live, its rows, Picked). A request whose sampling fails
+        fails alone: on an error the batch is sampled again one request at a time."""
         groups, start = [], 0
-        for live in sampling:
-            live.generator = new_generator(live.req, self.generator.device)
-            groups.append((slice(start, start + live.n), live.req, live.generator))
-            start += live.n
-        picked = pick(logits, groups)
-        start = 0
-        for live in sampling:
-            self._advance(live, picked, list(range(start, start + live.n)))
-            start += live.n
-            if all(s.done for s in live.seqs):
-                self._finish(live)
-            else:
-                live.pos = len(live.ids)
-                self._waiting.append(live)
+        for live, n in zip(lives, counts):
+            groups.append((slice(start, start + n), live.req, live.generator))
+            start += n
+        try:
+            picked = pick(logits, groups)
+        except Exception:
+            for live, group in zip(lives, groups):
+                try:
+                    alone = pick(logits[group[0]], [(slice(0, group[0].stop - group[0].start), live.req, live.generator)])
+                except Exception as e:
+                    self._fail([live], e, "sampling")
+                    continue
+                yield live, list(range(len(alone.ids))), alone
+            return
+        for live, group in zip(lives, groups):
+            yield live, list(range(group[0].start, group[0].stop)), picked
 
     def _advance(self, live: _Live, picked, rows: list[int]) -> None:
         for seq, r in zip(live.seqs, rows):
             advance(seq, picked.ids[r], picked.logprobs[r], picked.top[r], live.req, live.step, self.codec.eos_id)
         live.next_ids = [picked.ids[r] for r in rows]
 
-    def _start_decoding(self) -> None:
-        """Move computed prompts into the dense decode rows while there is room, oldest first."""
-        used = sum(live.n for live in self._decoding)
-        while self._waiting and used + self._waiting[0].n <= self.decode_rows:
-            live = self._waiting.popleft()
-            if live.future.cancelled():
-                self._release_prompt_row(live)
-                continue
-            live.rows = list(range(used, used + live.n))
-            for r in live.rows:
-                self.model.copy_rows(live.row, r, len(live.ids))
-            self._release_prompt_row(live)
-            self._decoding.append(live)
-            used += live.n
-
-    def _decode_step(self) -> None:
-        used = sum(live.n for live in self._decoding)
-        tokens, positions, groups = [0] * used, [0] * used, []
-        for live in self._decoding:  # logits row r is cache row r
-            for r, tid in zip(live.rows, live.next_ids):
-                tokens[r], positions[r] = tid, live.pos
-            groups.append((live.rows, live.req, live.generator))
-        logits = self.model.decode(tokens, positions)
+    def _decode(self, lives: list[_Live]) -> None:
+        tokens, positions, tables = [], [], []
+        for live in lives:
+            for table, tid in zip(live.job.tables, live.next_ids):
+                tokens.append(tid)
+                positions.append(live.job.pos)
+                tables.append(table)
+        try:
+            logits = self.model.decode(tokens, positions, tables)
+        except Exception as e:
+            self._fail(lives, e, "decode")
+            return
         self.stats["decode_steps"] += 1
-        self.stats["decoded_tokens"] += used
-        picked = pick(logits, groups)
-        finished = []
-        for live in self._decoding:
-            live.step += 1
-            live.pos += 1
-            self._advance(live, picked, live.rows)
-            if all(s.done for s in live.seqs) or live.future.cancelled():
-                finished.append(live)
-        if finished:
-            for live in finished:
-                self._decoding.remove(live)
-                self._finish(live)
-            self._compact()
-
-    def _compact(self) -> None:
-        """Keep decoding rows dense (0..B-1): move the sequences above B into the holes below it."""
-        used = sum(live.n for live in self._decoding)
-        taken = {r for live in self._decoding for r in live.rows if r < used}
-        holes = iter(sorted(set(range(used)) - taken))
-        for live in self._decoding:
-            for i, r in enumerate(live.rows):
-                if r >= used:
-                    hole = next(holes)
-                    self.model.copy_rows(r, hole, live.pos)
-                    live.rows[i] = hole
-
-    def _release_prompt_row(self, live: _Live) -> None:
-        if live.row is not None:
-            if live.cached < len(live.ids) and live.cached > 0:
-                self.prompts.set_tokens(live.row, live.ids[: live.cached])
-            self.prompts.release(live.row)
-            live.row = None
+        self.stats["decoded_tokens"] += len(tokens)
+        for live, rows, picked in self._pick(logits, lives, [live.req.n for live in lives]):
+            try:
+                live.step += 1
+                live.job.pos += 1
+                self._advance(live, picked, rows)
+                if all(s.done for s in live.seqs):
+                    self._finish(live)
+            except Exception as e:
+                self._fail([live], e, "output")
 
     def _finish(self, live: _Live) -> None:
-        self._release_prompt_row(live)
+        self.scheduler.finish(live.job)
         result = (completions(live.seqs, live.echo), live.prompt.dropped)
         live.loop.call_soon_threadsafe(_resolve, live.future, result, None)
 
+    def _fail(self, lives: list[_Live], error: Exception, where: str) -> None:
+        """Answer ``lives`` with ``error`` and free what they hold; the rest of the batch goes on."""
+        if not isinstance(error, (RequestFailed, Unavailable)):
+            print(f"engine: {where} failed for {len(lives)} request(s): {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            error = RequestFailed(f"{where} failed: {type(error).__name__}: {error}")
+        for live in lives:
+            self.stats["failed"] += 1
+            self.scheduler.finish(live.job)
+            live.loop.call_soon_threadsafe(_resolve, live.future, None, error)
+
     def _fail_all(self, error: Exception) -> None:
         with self._wake:
-            lives = self._pending + list(self._waiting) + self._decoding + list(self._inbox)
+            lives = list(self._inbox)
             self._inbox.clear()
-        self._pending, self._waiting, self._decoding = [], deque(), []
+            self._submitted = 0
+        lives += [job.payload for job in self.scheduler.running] + [job.payload for job in self.scheduler.queue if not job.cancelled]
         for live in lives:
-            if live.row is not None:
-                self.prompts.forget(live.row)
-                live.row = None
+            try:
+                self.scheduler.finish(live.job)
+            except Exception:  # the loop died mid-update: answering matters more than the pool now
+                pass
             live.loop.call_soon_threadsafe(_resolve, live.future, None, error)
+        self.scheduler.queue.clear()
+        self.scheduler.queued = 0
 
 
 def _resolve(future: asyncio.Future, result, error: Exception | None) -> None:

@@ -1,52 +1,113 @@
 """The seam between HTTP and the model: the app submits work, the engine decides how it runs.
 
-- ``BatchEngine`` (server/batch_engine.py): continuous batching; the default.
+- ``BatchEngine`` (server/batch_engine.py): continuous batching over the paged KV cache; the default.
 - ``SerialEngine``: one request at a time on litgpt's own forward, on a single worker thread (so
   the event loop stays free to accept HELM's 30 concurrent connections). It is the reference the
   batched engine is tested against, and the fallback for models the batched forward doesn't cover.
+
+Both answer what the app needs to tell the truth: ``health()`` (None when ready, else the reason),
+and errors the app maps to HTTP statuses (``Busy`` 503 with Retry-After, ``Unavailable`` 503,
+``RequestFailed`` 500).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Literal, Protocol
 
-from server.batched_model import unsupported_reason
 from server.generate import Generator
+from server.paged_model import unsupported_reason
 from server.schemas import Completion, ProcessRequest
 
-ENGINES = ("auto", "batched", "serial")
+EngineKind = Literal["auto", "batched", "serial"]
+
+
+class Busy(RuntimeError):
+    """The queue is full: come back in ``retry_after`` seconds (HTTP 503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(RuntimeError):
+    """The engine is draining, stopped or dead (HTTP 503)."""
+
+
+class RequestFailed(RuntimeError):
+    """This request failed inside the engine; others go on (HTTP 500 with the reason)."""
+
+
+class ClientGone(RuntimeError):
+    """The client disconnected before its answer; nobody reads the response."""
 
 
 class Engine(Protocol):
-    async def process(self, request: ProcessRequest) -> tuple[list[Completion], int]:
-        """Completions for ``request`` and the number of prompt tokens dropped to fit the context."""
+    async def process(self, request: ProcessRequest, disconnected: Callable[[], Awaitable] | None = None) -> tuple[list[Completion], int]:
+        """Completions for ``request`` and the number of prompt tokens dropped to fit the window.
+
+        ``disconnected()`` completes when the client goes away; the request is then cancelled."""
         ...
 
-    def close(self) -> None: ...
+    def health(self) -> str | None:
+        """None while the engine serves; otherwise why not."""
+        ...
+
+    def drain(self) -> None:
+        """Refuse new requests (503); the ones in flight go on."""
+        ...
+
+    def close(self, timeout: float = 30.0) -> None: ...
+
+
+async def until_done_or_gone(future: asyncio.Future, disconnected: Callable[[], Awaitable] | None):
+    """The future's result, or ``ClientGone`` (the future cancelled) if ``disconnected()`` completes first."""
+    if disconnected is None:
+        return await future
+    gone = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not future.done():
+            future.cancel()
+    if future.cancelled():
+        raise ClientGone("the client disconnected")
+    return future.result()
 
 
 class SerialEngine:
     def __init__(self, generator: Generator) -> None:
         self.generator = generator
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._draining = False
 
-    async def process(self, request: ProcessRequest) -> tuple[list[Completion], int]:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, self.generator.run, request)
+    async def process(self, request: ProcessRequest, disconnected: Callable[[], Awaitable] | None = None) -> tuple[list[Completion], int]:
+        if self._draining:
+            raise Unavailable("the server is shutting down")
+        future = asyncio.wrap_future(self._worker.submit(self.generator.run, request))
+        return await until_done_or_gone(future, disconnected)
 
-    def close(self) -> None:
-        self._worker.shutdown(wait=True)
+    def health(self) -> str | None:
+        return "the server is shutting down" if self._draining else None
+
+    def drain(self) -> None:
+        self._draining = True
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._draining = True
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
 
-def make_engine(generator: Generator, kind: str = "auto", **batch_options) -> Engine:
+def make_engine(generator: Generator, kind: EngineKind = "auto", **batch_options) -> Engine:
     """``kind``: "batched", "serial", or "auto" (batched unless the model needs the serial path).
 
-    ``batch_options`` go to ``BatchEngine`` (decode_rows, prompt_rows, prefill_tokens, cuda_graphs).
-    """
-    if kind not in ENGINES:
-        raise ValueError(f"engine: choose one of {list(ENGINES)}, got {kind!r}")
+    ``batch_options`` go to ``BatchEngine`` (see its arguments)."""
+    if kind not in ("auto", "batched", "serial"):
+        raise ValueError(f"engine: choose one of auto, batched, serial, got {kind!r}")
     reason = unsupported_reason(generator.model)
     if kind == "batched" and reason is not None:
         raise ValueError(f"engine: the batched engine does not support {reason}; use --engine serial")

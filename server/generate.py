@@ -58,14 +58,14 @@ class Picked:
     top: list[list[tuple[int, float]]]  # per row: (id, logprob) of the most likely, best first
 
 
-def fit_prompt(ids: list[int], block_size: int, bos_id: int | None, max_new_tokens: int) -> tuple[list[int], int]:
-    """Left-truncate ``ids`` (keeping BOS) so that ``max_new_tokens`` fit; returns (ids, dropped)."""
-    room = block_size - max_new_tokens
+def fit_prompt(ids: list[int], window: int, bos_id: int | None, max_new_tokens: int) -> tuple[list[int], int]:
+    """Left-truncate ``ids`` (keeping BOS) so that ``max_new_tokens`` fit ``window``; returns (ids, dropped)."""
+    room = window - max_new_tokens
     keep_bos = bool(ids) and bos_id is not None and ids[0] == bos_id
     if room < 1 + int(keep_bos):
         raise RequestTooLong(
-            f"max_new_tokens: {max_new_tokens} leaves no room for the prompt in this model's "
-            f"{block_size}-token context; ask for at most {block_size - 1 - int(keep_bos)}"
+            f"max_new_tokens: {max_new_tokens} leaves no room for the prompt in the served "
+            f"{window}-token window; ask for at most {window - 1 - int(keep_bos)}"
         )
     if len(ids) <= room:
         return ids, 0
@@ -85,7 +85,9 @@ def sample(logits: torch.Tensor, req: ProcessRequest, generator: torch.Generator
     if req.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
         # drop tokens once the mass *before* them already reaches top_p (the top token always stays)
+        # (a top_p below float32's range rounds to 0: the top token must still stay)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= req.top_p
+        drop[..., 0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -169,18 +171,25 @@ def advance(seq: Sequence, tid: int, logprob: float, top: list[tuple[int, float]
         cut_at_stop(seq, req.stop_sequences, start)
 
 
-def echo_tokens(codec: Codec, ids: list[int], skip: int, logits: torch.Tensor, k: int) -> tuple[list[Token], str]:
-    """Prompt tokens with the logprob each got from the tokens before it (``logits`` row i predicts i+1)."""
+def echo_scores(logits: torch.Tensor, targets: list[int], k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Logprob of ``targets[i]`` under ``logits`` row i, and row i's ``k`` likeliest (id, logprob).
+
+    Small CPU lists, so a long echoed prompt never keeps its (T, vocab) logits around."""
+    if not targets:
+        return [], []
+    logprobs = torch.log_softmax(logits[: len(targets)].float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None]).squeeze(1).tolist()
+    k = min(k, logprobs.size(-1))
+    if k <= 0:
+        return chosen, [[] for _ in chosen]
+    values, top_ids = torch.topk(logprobs, k, dim=-1)
+    return chosen, [list(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())]
+
+
+def echo_tokens(codec: Codec, ids: list[int], skip: int, chosen: list[float], tops: list[list[tuple[int, float]]], k: int) -> tuple[list[Token], str]:
+    """Prompt tokens with the logprob each got from the tokens before it (``echo_scores`` of ``ids[1:]``)."""
     if len(ids) <= skip:
         return [], ""
-    logprobs = torch.log_softmax(logits[: len(ids) - 1].float(), dim=-1)
-    targets = torch.tensor(ids[1:], device=logits.device)
-    chosen = logprobs.gather(1, targets[:, None]).squeeze(1).tolist() if len(ids) > 1 else []
-    k = min(k, logprobs.size(-1))
-    tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
-    if k > 0 and chosen:
-        values, top_ids = torch.topk(logprobs, k, dim=-1)
-        tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())]
     stream = codec.stream(ids[:skip])
     tokens = []
     for pos in range(skip, len(ids)):
@@ -208,9 +217,12 @@ class Generator:
     models the batched forward does not cover (adapter methods, exotic attention).
     """
 
-    def __init__(self, model: GPT, codec: Codec, prompt_style: PromptStyle | None = None, use_template: bool = False) -> None:
+    def __init__(
+        self, model: GPT, codec: Codec, prompt_style: PromptStyle | None = None, use_template: bool = False, max_seq_length: int | None = None
+    ) -> None:
         """``use_template`` wraps every prompt in the checkpoint's training template. Off by default:
-        HELM sends complete few-shot prompts, and a template around them usually hurts."""
+        HELM sends complete few-shot prompts, and a template around them usually hurts.
+        ``max_seq_length``: the served window (prompt plus generation), at most the model's block_size."""
         if use_template and prompt_style is None:
             raise ValueError("use_template: this checkpoint has no prompt_style.yaml to apply")
         self.model = model
@@ -220,12 +232,12 @@ class Generator:
         self.device = next(model.parameters()).device
         # Compute dtype: the embeddings are never quantized, so they tell it even for bnb models.
         self.dtype = model.transformer.wte.weight.dtype
-        self.block_size = model.config.block_size
+        self.max_seq_length = min(max_seq_length or model.config.block_size, model.config.block_size)
 
     def prompt(self, req: ProcessRequest) -> Prompt:
         """Template (if asked), encode and fit ``req``'s prompt; raises RequestTooLong."""
         text = self.prompt_style.apply(req.prompt) if self.use_template else req.prompt
-        ids, dropped = fit_prompt(self.codec.encode(text), self.block_size, self.codec.bos_id, req.max_new_tokens)
+        ids, dropped = fit_prompt(self.codec.encode(text), self.max_seq_length, self.codec.bos_id, req.max_new_tokens)
         skip = 1 if ids and self.codec.bos_id is not None and ids[0] == self.codec.bos_id else 0
         return Prompt(ids=ids, dropped=dropped, skip=skip)
 
@@ -241,7 +253,10 @@ class Generator:
         try:
             prompt = torch.tensor([ids] * n, device=self.device)
             logits = self.model(prompt, input_pos=torch.arange(len(ids), device=self.device), input_pos_maxp1=len(ids))
-            echo = echo_tokens(self.codec, ids, p.skip, logits[0], req.top_k_per_token) if req.echo_prompt else ([], "")
+            echo = ([], "")
+            if req.echo_prompt:
+                k = req.top_k_per_token
+                echo = echo_tokens(self.codec, ids, p.skip, *echo_scores(logits[0], ids[1:], k), k)
             seqs = [Sequence(stream=self.codec.stream(ids)) for _ in range(n)]
             self._decode(seqs, logits[:, -1], len(ids), req)
         finally:

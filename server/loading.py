@@ -22,6 +22,7 @@ from core.checkpoints import WEIGHTS, CheckpointError, load_config, verify_check
 from core.methods import unmerged_method
 from core.precision import DTYPES, FABRIC_PRECISION, default_dtype
 from core.prompts import load_style
+from core.workload import HELM_WINDOW
 from server.generate import Generator
 from server.text import Codec
 
@@ -69,8 +70,12 @@ def load_generator(
     quantize: str | None = None,
     use_template: bool = False,
     base_checkpoint_dir: Path | None = None,
+    max_seq_length: int = HELM_WINDOW,
 ) -> Generator:
-    """A ready ``Generator`` for a merged, base or unmerged-LoRA checkpoint directory."""
+    """A ready ``Generator`` for a merged, base or unmerged-LoRA checkpoint directory, serving a
+    ``max_seq_length`` window (prompt plus generation; at most the model's block_size)."""
+    if max_seq_length < 2:
+        raise ValueError(f"max_seq_length: must be at least 2, got {max_seq_length}")
     checkpoint_dir = Path(checkpoint_dir)
     torch_device = resolve_device(device)
     check_quantize(quantize, torch_device)
@@ -109,4 +114,5 @@ def load_generator(
         loaded = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
         state.update(loaded.get("model", loaded))
     model.load_state_dict(state, strict=True)
-    return Generator(model, Codec(checkpoint_dir), prompt_style=load_style(checkpoint_dir), use_template=use_template)
+    style = load_style(checkpoint_dir)
+    return Generator(model, Codec(checkpoint_dir), prompt_style=style, use_template=use_template, max_seq_length=max_seq_length)

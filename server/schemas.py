@@ -8,11 +8,25 @@ so a newer client never breaks the eval.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_SEQUENCES = 16  # num_return_sequences / num_samples upper bound
 MAX_TOP_LOGPROBS = 50  # top_k_per_token upper bound
 GREEDY_TEMPERATURE = 1e-5  # at or below this, decoding is greedy (HELM sends 1e-7 for 0)
+
+
+def _unicode(text: str) -> str:
+    """JSON allows lone surrogates (``"\\ud800"``); Unicode text, and so the tokenizer, does not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"contains a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), which is not Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class ProcessRequest(BaseModel):
@@ -20,7 +34,7 @@ class ProcessRequest(BaseModel):
 
     # echo_prompt comes before prompt so that prompt's validator can see it.
     echo_prompt: bool = Field(False, description="return the prompt's tokens and logprobs before the generated ones")
-    prompt: str
+    prompt: Text
     max_new_tokens: int = Field(50, ge=0, description="0 with echo_prompt scores the prompt only")
     temperature: float = Field(0.8, ge=0.0, description=f"<= {GREEDY_TEMPERATURE} means greedy")
     top_k: int = Field(200, ge=0, description="sample from the k most likely tokens; 0 disables")
@@ -30,7 +44,7 @@ class ProcessRequest(BaseModel):
     # The range torch.Generator.manual_seed takes; outside it sampling would fail with a 500.
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="makes sampling for this request deterministic")
     top_k_per_token: int = Field(1, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token in top_logprob")
-    stop_sequences: list[str] = Field(default_factory=list, description="generation stops and is cut before any of these")
+    stop_sequences: list[Text] = Field(default_factory=list, description="generation stops and is cut before any of these")
 
     @field_validator("prompt")
     @classmethod
@@ -79,7 +93,7 @@ class ProcessResponse(BaseModel):
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    text: str
+    text: Text
     truncation: bool = Field(True, description="keep only the first max_length tokens (BOS included)")
     max_length: int = Field(2048, ge=1)
 

@@ -1,12 +1,12 @@
 """The batched engine against references: litgpt's own forward, and the serial engine one at a time.
 
-- ``BatchedModel`` (row cache, packed prefill, batched decode) gives litgpt's ``GPT`` logits on
+- ``PagedModel`` (paged KV cache, packed prefill, batched decode) gives litgpt's ``GPT`` logits on
   architectures that exercise every branch: grouped queries, multi-query with parallel residual
   and partial RoPE, q/k norms, and a sliding window shorter than the sequence.
 - Many requests at once through the HTTP app (30 in flight, as HELM sends them) return what each
   returns alone on the serial engine: same tokens and texts, logprobs within float tolerance;
-  seeded samples included. Small engine settings force chunked prefill, prefix reuse, requests
-  waiting for decode rows, and row moves.
+  seeded samples included. Small engine settings force chunked prefill, prefix sharing, a full
+  pool (requests wait for blocks), and forks with copied partial blocks.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from litgpt import GPT, Config
 
 from server.app import create_app
 from server.batch_engine import BatchEngine
-from server.batched_model import BatchedModel, Segment, unsupported_reason
+from server.kv_pool import KVPool
+from server.paged_model import PagedModel, Segment, unsupported_reason
 from server.engine import SerialEngine, make_engine
 from server.loading import load_generator
 from server.schemas import ProcessRequest
@@ -46,39 +47,57 @@ def _model(arch: str) -> GPT:
     return model
 
 
+def _tables(pool: KVPool, lengths: list[int]) -> list[list[int]]:
+    """Block tables for sequences of these lengths, their blocks interleaved through the pool (so
+    that position order and block order differ)."""
+    blocks = iter(pool.allocate(sum(pool.blocks_for(n) for n in lengths)))
+    tables: list[list[int]] = [[] for _ in lengths]
+    while any(len(t) < pool.blocks_for(n) for t, n in zip(tables, lengths)):
+        for t, n in zip(tables, lengths):
+            if len(t) < pool.blocks_for(n):
+                t.append(next(blocks))
+    return tables
+
+
 @pytest.mark.parametrize("short_segment", [256, 12], ids=["short-segments-batched", "mixed"])
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_batched_forward_matches_litgpt(arch: str, short_segment: int, monkeypatch) -> None:
+def test_paged_forward_matches_litgpt(arch: str, short_segment: int, monkeypatch) -> None:
     """``short_segment`` 12: segments longer than 12 are attended one by one, shorter ones together."""
-    monkeypatch.setattr("server.batched_model.SHORT_SEGMENT", short_segment)
+    monkeypatch.setattr("server.paged_model.SHORT_SEGMENT", short_segment)
     model = _model(arch)
     assert unsupported_reason(model) is None
-    batched = BatchedModel(model, rows=6, decode_rows=3)
+    pool = KVPool(num_blocks=40, block_size=4)
+    paged = PagedModel(model, pool.num_blocks, pool.block_size, max_batch=16)
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (23, 9, 30)]
     with torch.inference_mode():
         refs = [model(torch.tensor([s]))[0] for s in seqs]
-    # prompts: all but their last 4 tokens, packed in one pass; row 0's in two chunks
+    t0, t1, t2, t3 = _tables(pool, [len(s) for s in seqs] + [len(seqs[1])])
+    # prompts: all but their last 4 tokens, packed in one pass; sequence 0's in two chunks
     prompt = [s[:-4] for s in seqs]
-    first = batched.prefill([Segment(0, 0, prompt[0][:10]), Segment(1, 0, prompt[1], all_logits=True)])
+    first = paged.prefill([Segment(t0, 0, prompt[0][:10]), Segment(t1, 0, prompt[1], all_logits=True)])
     torch.testing.assert_close(first[1], refs[1][: len(prompt[1])], atol=1e-5, rtol=1e-5)
     # two short segments and a long one in the same pass (with short_segment 12: batched + alone)
-    out = batched.prefill([Segment(0, 10, prompt[0][10:]), Segment(2, 0, prompt[2][:20]), Segment(5, 0, seqs[1][:3], all_logits=True)])
+    out = paged.prefill([Segment(t0, 10, prompt[0][10:]), Segment(t2, 0, prompt[2][:20]), Segment(t3, 0, seqs[1][:3], all_logits=True)])
     torch.testing.assert_close(out[0][0], refs[0][len(prompt[0]) - 1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1][0], refs[2][19], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[2], refs[1][:3], atol=1e-5, rtol=1e-5)
-    out = batched.prefill([Segment(2, 20, prompt[2][20:])])
+    out = paged.prefill([Segment(t2, 20, prompt[2][20:])])
     torch.testing.assert_close(out[0][0], refs[2][len(prompt[2]) - 1], atol=1e-5, rtol=1e-5)
-    # then the remaining tokens one decode step at a time, all rows together
+    # then the remaining tokens one decode step at a time, all sequences together
+    tables = [t0, t1, t2]
     for step in range(4):
         positions = [len(p) + step for p in prompt]
-        logits = batched.decode([s[p] for s, p in zip(seqs, positions)], positions)
+        logits = paged.decode([s[p] for s, p in zip(seqs, positions)], positions, tables)
         for b, (s, p) in enumerate(zip(seqs, positions)):
             torch.testing.assert_close(logits[b], refs[b][p], atol=1e-5, rtol=1e-5)
-    # a copied prefix continues like the original
-    batched.copy_rows(2, 4, 12)
-    tail = batched.prefill([Segment(4, 12, seqs[2][12:20])])[0]
+    # a shared prefix (by reference) with a copied partial block continues like the original
+    fork = t2[:3] + pool.allocate(3)  # positions 0..11 shared, 12..15 copied, then its own
+    paged.copy_block(t2[3], fork[3])
+    tail = paged.prefill([Segment(fork, 14, seqs[2][14:20])])[0]
     torch.testing.assert_close(tail[0], refs[2][19], atol=1e-5, rtol=1e-5)
+    logits = paged.decode([seqs[2][20]], [20], [fork])
+    torch.testing.assert_close(logits[0], refs[2][20], atol=1e-5, rtol=1e-5)
 
 
 def _requests() -> list[dict]:
@@ -129,7 +148,7 @@ def test_thirty_in_flight_equal_one_at_a_time(make_tiny_checkpoint, backend: str
     generator = load_generator(make_tiny_checkpoint(backend), device="cpu")
     bodies = _requests()
     serial = asyncio.run(_send_all(create_app(SerialEngine(generator), generator.codec), bodies, concurrency=1))
-    engine = BatchEngine(generator, decode_rows=16, prompt_rows=4, prefill_tokens=96)
+    engine = BatchEngine(generator, max_batch=16, prefill_tokens=96, kv_block_size=8, kv_tokens=2048)
     try:
         batched = asyncio.run(_send_all(create_app(engine, generator.codec), bodies, concurrency=30))
         stats = dict(engine.stats)
@@ -151,7 +170,7 @@ def test_greedy_batch_equals_one_at_a_time_many_generations(make_tiny_checkpoint
     generator = load_generator(make_tiny_checkpoint(), device="cpu")
     bodies = [{"prompt": f"Which number is larger, {a} or {a * 7 % 97}?\nAnswer:", "temperature": 0, "max_new_tokens": 5 + a % 23}
               for a in range(3, 40)]  # fmt: skip
-    engine = BatchEngine(generator, decode_rows=16, prompt_rows=8, prefill_tokens=128)
+    engine = BatchEngine(generator, max_batch=16, prefill_tokens=128, kv_block_size=4, kv_tokens=2048)
     try:
         batched = asyncio.run(_send_all(create_app(engine, generator.codec), bodies, concurrency=30))
     finally:

@@ -71,8 +71,8 @@ def servers(make_tiny_checkpoint) -> Callable[[str, str], Server]:
     def get(backend: str, engine: str) -> Server:
         if (backend, engine) not in started:
             generator = load_generator(make_tiny_checkpoint(backend), device="cpu")
-            # small batched settings so that chunked prefill, prefix reuse and row moves all happen
-            options = {"prompt_rows": 4, "prefill_tokens": 64} if engine == "batched" else {}
+            # small batched settings so that chunked prefill, prefix sharing and forks all happen
+            options = {"prefill_tokens": 64, "kv_block_size": 8, "kv_tokens": 4096} if engine == "batched" else {}
             client = TestClient(create_app(make_engine(generator, engine, **options), generator.codec))
             client.__enter__()
             started[backend, engine] = Server(client, generator, backend)
@@ -511,7 +511,7 @@ def test_echo_scores_the_prompt(server):
 
 
 def test_context_overflow(server):
-    block = server.generator.block_size
+    block = server.generator.max_seq_length
     assert block == HELM_WINDOW
     n_prompt = len(tokenize(server, LONG_TEXT, truncation=False))
     assert n_prompt > 2 * block

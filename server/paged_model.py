@@ -1,22 +1,22 @@
-"""litgpt's GPT run over a row-based KV cache: packed prefill, batched decode, CUDA graphs.
+"""litgpt's GPT run over the paged KV cache: packed prefill, batched decode, CUDA graphs (the model runner).
 
-litgpt's own KV cache holds one batch that moves together (one position for every row).
-Continuous batching needs each row at its own position, prompts of different lengths packed into
-one forward, and rows copied (a shared few-shot prefix, n samples of one prompt). This module runs
-litgpt's own submodules — norms, the qkv/proj and MLP linears (LoRA and bitsandbytes layers
-included), the head — and does only the attention and the cache itself:
+Continuous batching needs each sequence at its own position, prompts of different lengths packed
+into one forward, and prefixes shared between sequences. This module runs litgpt's own submodules
+(norms, the qkv/proj and MLP linears, LoRA and bitsandbytes layers included, the head) and does only
+the attention and the K/V storage:
 
-- the cache is one tensor per K and V: (layer, row, kv_head, position, head_size);
-- prefill: the new tokens of several rows go through the linears as one sequence; attention runs
-  per row over that row's cache (flash attention when a row starts empty);
-- decode: one token per row for rows 0..B-1 (the engine keeps decoding rows dense). Grouped
-  queries attend as a (kv_head, queries-per-kv-head) block, so each row's K/V is read once and no
-  repeat_interleave copy is made. The length read is bucketed (multiples of 256) and, on CUDA,
-  each (batch bucket, length bucket) step is captured once as a CUDA graph and replayed: a 7B
-  decode step is ~1,000 small kernels, and launching them one by one costs more than running them.
+- K and V are one tensor each: (layer, kv_head, block, position in block, head_size). Which blocks a
+  sequence reads is its block table (``server.kv_pool`` hands them out); block 0 is padding.
+- prefill: the new tokens of several sequences go through the linears as one sequence; each token's
+  K/V is written to its slot; attention runs per sequence over its blocks gathered in order (flash
+  attention when it starts empty), short segments together in one call.
+- decode: one token per sequence. Each layer gathers the batch's blocks into one (B, kv_head,
+  length, head_size) buffer sized by the length bucket (multiples of 256) and grouped queries attend
+  as a (kv_head, queries-per-kv-head) block, so no repeat_interleave copy is made. On CUDA each
+  (batch bucket, length bucket) step is captured once as a CUDA graph over static token, position,
+  slot and block-table buffers, and replayed: a 7B decode step is ~1,000 small kernels.
 
-Mistral's sliding window is applied only where a row is longer than the window (litgpt applies a
-mask that disables flash attention even when the window can't matter).
+Mistral's sliding window is applied only where a sequence is longer than the window.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ SHORT_SEGMENT = 256  # prefill segments up to this long share one attention call
 
 
 def unsupported_reason(model: GPT) -> str | None:
-    """Why the batched forward cannot run ``model`` exactly as litgpt does, or None."""
+    """Why the paged forward cannot run ``model`` exactly as litgpt does, or None."""
     config = model.config
     if config.latent_attention:
         return "multi-head latent attention"
@@ -56,19 +56,42 @@ def batch_bucket(n: int) -> int:
     return n if n <= 2 else 4 if n <= 4 else 8 * math.ceil(n / 8)
 
 
+def kv_bytes_per_token(model: GPT) -> int:
+    c = model.config
+    return 2 * c.n_layer * c.n_query_groups * c.head_size * model.transformer.wte.weight.element_size()
+
+
+def activation_bytes(model: GPT, prefill_tokens: int, max_batch: int, max_len: int, echo_tokens: int = 512) -> int:
+    """What a step needs beside the weights and the KV pool (an estimate with headroom): one prefill
+    chunk's activations, the logits of a step (echo positions or the decode batch) and their
+    softmax/sort copies, one layer's gathered K/V for the largest decode batch, the decode graphs'
+    outputs, and 1 GiB for CUDA graph pools, cuBLAS workspaces and fragmentation."""
+    c, itemsize = model.config, model.transformer.wte.weight.element_size()
+    qkv = (c.n_head + 2 * c.n_query_groups) * c.head_size
+    prefill = prefill_tokens * (6 * c.n_embd + 3 * c.intermediate_size + qkv) * itemsize * 2
+    logits = (echo_tokens + max_batch) * c.padded_vocab_size * 16
+    gathered = 2 * max_batch * max_len * c.n_query_groups * c.head_size * itemsize
+    graphs = (max_len // LENGTH_BUCKET + 1) * 8 * max_batch * c.padded_vocab_size * itemsize
+    return prefill + logits + gathered + graphs + 2**30
+
+
 @dataclass
 class Segment:
-    """New tokens of one row for a prefill pass: ``ids`` go to positions ``start..start+len-1``."""
+    """New tokens of one sequence for a prefill pass: ``ids`` go to positions ``start..start+len-1``
+    of the sequence whose blocks are ``table``."""
 
-    row: int
+    table: list[int]
     start: int
     ids: list[int]
     all_logits: bool = False  # logits for every position (echo), else only the last
 
 
-class BatchedModel:
-    def __init__(self, model: GPT, rows: int, decode_rows: int, max_len: int | None = None, cuda_graphs: bool = True) -> None:
-        """``rows`` cache rows in all; decode steps use rows 0..decode_rows-1 (padding included)."""
+class PagedModel:
+    def __init__(
+        self, model: GPT, num_blocks: int, block_size: int, max_batch: int, max_len: int | None = None, cuda_graphs: bool = True
+    ) -> None:
+        """K/V storage for ``num_blocks`` blocks of ``block_size``; decode steps run up to ``max_batch``
+        sequences of at most ``max_len`` positions."""
         if (reason := unsupported_reason(model)) is not None:
             raise ValueError(f"the batched engine does not support {reason}")
         self.model = model
@@ -76,16 +99,17 @@ class BatchedModel:
         self.device = model.transformer.wte.weight.device
         self.dtype = model.transformer.wte.weight.dtype
         self.max_len = min(max_len or c.block_size, c.block_size, model.cos.size(0))
-        if not 0 < decode_rows <= rows:
-            raise ValueError(f"decode_rows must be in 1..rows ({rows}), got {decode_rows}")
-        self.rows, self.decode_rows = rows, decode_rows
-        shape = (c.n_layer, rows, c.n_query_groups, self.max_len, c.head_size)
+        self.block_size, self.max_batch = block_size, max_batch
+        self.max_blocks = -(-self.max_len // block_size)  # block-table width of the longest sequence
+        shape = (c.n_layer, c.n_query_groups, num_blocks, block_size, c.head_size)
         # zeros, not empty: decode reads whole length buckets, and masked-out garbage that happens to
         # be NaN would still poison the softmax (NaN * 0 = NaN)
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        flat = (c.n_layer, c.n_query_groups, num_blocks * block_size, c.head_size)
+        self._k_slots, self._v_slots = self.k.view(flat), self.v.view(flat)  # (layer, kv_head, slot, hs)
         self.scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
-        # a window at least as long as the cache can't exclude anything (Mistral-7B-v0.1: 4096 and 4096)
+        # a window at least as long as the served window can't exclude anything (Mistral-7B-v0.1: 4096)
         self.windows = [
             c.sliding_window_size if block.attn.apply_sliding_window_attention and c.sliding_window_size < self.max_len else None
             for block in model.transformer.h
@@ -93,24 +117,30 @@ class BatchedModel:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
-        self._tokens = torch.zeros(decode_rows, dtype=torch.long, device=self.device)  # decode inputs (static for graphs)
-        self._positions = torch.zeros(decode_rows, dtype=torch.long, device=self.device)
+        # decode inputs, static so that CUDA graphs can replay them
+        self._tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self._positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self._slots = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self._tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.long, device=self.device)
 
-    @staticmethod
-    def row_bytes(model: GPT, max_len: int | None = None) -> int:
-        c = model.config
-        itemsize = model.transformer.wte.weight.element_size()
-        return 2 * c.n_layer * c.n_query_groups * min(max_len or c.block_size, c.block_size) * c.head_size * itemsize
+    # --- blocks -------------------------------------------------------------------------------
 
-    # --- cache rows ---------------------------------------------------------------------------
+    def copy_block(self, src: int, dst: int) -> None:
+        """Make block ``dst`` hold block ``src``'s K/V (copy-on-write of a partly filled last block)."""
+        self.k[:, :, dst] = self.k[:, :, src]
+        self.v[:, :, dst] = self.v[:, :, src]
 
-    def copy_rows(self, src: int, dst: int, length: int) -> None:
-        """Make row ``dst`` hold row ``src``'s first ``length`` positions."""
-        if src != dst and length > 0:
-            self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-            self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+    def _slot(self, table: list[int], pos: int) -> int:
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    # --- shared pieces ------------------------------------------------------------------------
+    def _gather(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``tables`` (S, M) blocks in order: (S, kv_head, M * block_size, hs) each."""
+        S, M = tables.shape
+        c, flat = self.config, tables.reshape(-1)
+        shape = (c.n_query_groups, S, M * self.block_size, c.head_size)
+        keys = self.k[layer][:, flat].view(shape).transpose(0, 1)
+        values = self.v[layer][:, flat].view(shape).transpose(0, 1)
+        return keys, values
 
     def _embed(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.model.transformer.wte(idx)
@@ -175,13 +205,14 @@ class BatchedModel:
 
     @torch.inference_mode()
     def prefill(self, segments: list[Segment]) -> list[torch.Tensor]:
-        """Run the segments' tokens, fill their rows' cache; logits per segment: (T or 1, vocab)."""
+        """Run the segments' tokens, write their K/V; logits per segment: (T or 1, vocab)."""
         for s in segments:
-            if not s.ids or s.start + len(s.ids) > self.max_len:
-                raise ValueError(f"segment for row {s.row} must have 1..{self.max_len - s.start} tokens")
+            end = s.start + len(s.ids)
+            if not s.ids or end > self.max_len or len(s.table) * self.block_size < end:
+                raise ValueError(f"a segment needs 1..{self.max_len - s.start} tokens and blocks for positions up to {end}")
         idx = torch.tensor([t for s in segments for t in s.ids], device=self.device)[None]
         positions = torch.cat([torch.arange(s.start, s.start + len(s.ids)) for s in segments]).to(self.device)
-        rows = torch.cat([torch.full((len(s.ids),), s.row) for s in segments]).to(self.device)
+        slots = torch.tensor([self._slot(s.table, p) for s in segments for p in range(s.start, s.start + len(s.ids))], device=self.device)
         cos, sin = self.model.cos[positions][None], self.model.sin[positions][None]
         bounds, offset = [], 0
         for s in segments:
@@ -190,18 +221,19 @@ class BatchedModel:
         short = [i for i, s in enumerate(segments) if len(s.ids) <= SHORT_SEGMENT]
         batch = _ShortBatch(self, [segments[i] for i in short], [bounds[i] for i in short]) if len(short) > 1 else None
         alone = [i for i in range(len(segments)) if batch is None or i not in short]
+        tables = {i: torch.tensor(segments[i].table[: -(-(segments[i].start + len(segments[i].ids)) // self.block_size)], device=self.device)[None] for i in alone}
 
         x = self._embed(idx)
         for layer, block in enumerate(self.model.transformer.h):
 
             def attend(attn, x_normed, layer=layer):
                 q, k, v = self._qkv(attn, x_normed, cos, sin)
-                self.k[layer, rows, :, positions] = k[0].transpose(0, 1)  # every segment's K/V in one write
-                self.v[layer, rows, :, positions] = v[0].transpose(0, 1)
+                self._k_slots[layer][:, slots] = k[0]  # every segment's K/V in one write
+                self._v_slots[layer][:, slots] = v[0]
                 y = torch.empty_like(q)
                 for i in alone:
                     a, b = bounds[i]
-                    y[:, :, a:b] = self._segment_attention(layer, q[:, :, a:b], segments[i])
+                    y[:, :, a:b] = self._segment_attention(layer, q[:, :, a:b], segments[i], tables[i])
                 if batch is not None:
                     batch.attend(layer, q, y)
                 return attn.proj(y.transpose(1, 2).reshape(1, x_normed.size(1), -1))
@@ -213,11 +245,12 @@ class BatchedModel:
         logits = self._head(x[0, keep])
         return list(logits.split([len(s.ids) if s.all_logits else 1 for s in segments]))
 
-    def _segment_attention(self, layer: int, q: torch.Tensor, s: Segment) -> torch.Tensor:
-        """One row's new queries (1, nh, T, hs) against its cache, flash attention when it starts empty."""
+    def _segment_attention(self, layer: int, q: torch.Tensor, s: Segment, table: torch.Tensor) -> torch.Tensor:
+        """One sequence's new queries (1, nh, T, hs) against its blocks, flash attention when it starts empty."""
         c = self.config
         end = s.start + q.size(2)
-        keys, values = self.k[layer, s.row, :, :end][None], self.v[layer, s.row, :, :end][None]
+        keys, values = self._gather(layer, table)
+        keys, values = keys[:, :, :end], values[:, :, :end]
         if c.n_query_groups != c.n_head:
             keys = keys.repeat_interleave(c.n_head // c.n_query_groups, dim=1)
             values = values.repeat_interleave(c.n_head // c.n_query_groups, dim=1)
@@ -233,32 +266,43 @@ class BatchedModel:
 
     # --- decode -------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One token for each of rows 0..B-1 at its position; logits (B, vocab)."""
-        B = len(tokens)
-        if not 0 < B <= self.decode_rows or max(positions) >= self.max_len:
-            raise ValueError(f"decode needs 1..{self.decode_rows} rows at positions < {self.max_len}")
-        padded = min(batch_bucket(B), self.decode_rows) if self.cuda_graphs else B
+    def _bucket(self, B: int, positions: list[int]) -> tuple[int, int]:
+        """(padded batch, blocks read per sequence) of the step that runs these positions."""
+        padded = min(batch_bucket(B), self.max_batch) if self.cuda_graphs else B
         length = min(self.max_len, LENGTH_BUCKET * math.ceil((max(positions) + 1) / LENGTH_BUCKET))
-        fill = padded - B  # padding rows are free rows: they write position 0 of themselves only
+        return padded, -(-length // self.block_size)
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """One token for each sequence at its position (its blocks in ``tables``); logits (B, vocab)."""
+        B = len(tokens)
+        if not 0 < B <= self.max_batch or max(positions) >= self.max_len:
+            raise ValueError(f"decode needs 1..{self.max_batch} sequences at positions < {self.max_len}")
+        padded, blocks = self._bucket(B, positions)
+        fill = padded - B  # padding sequences read and write block 0 only
+        table = torch.zeros(padded, blocks, dtype=torch.long)
+        for b, t in enumerate(tables):
+            t = t[:blocks]
+            table[b, : len(t)] = torch.tensor(t)
+        slots = [self._slot(t, p) for t, p in zip(tables, positions)]
         self._tokens[:padded].copy_(torch.tensor(tokens + [0] * fill), non_blocking=True)
         self._positions[:padded].copy_(torch.tensor(positions + [0] * fill), non_blocking=True)
+        self._slots[:padded].copy_(torch.tensor(slots + [0] * fill), non_blocking=True)
+        self._tables[:padded, :blocks].copy_(table, non_blocking=True)
         if not self.cuda_graphs:
-            return self._decode_step(padded, length)
-        key = (padded, length)
+            return self._decode_step(padded, blocks)
+        key = (padded, blocks)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(padded, length)
+            self._graphs[key] = self._capture(padded, blocks)
         graph, out = self._graphs[key]
         graph.replay()
         return out[:B]
 
-    def _decode_step(self, B: int, length: int) -> torch.Tensor:
+    def _decode_step(self, B: int, blocks: int) -> torch.Tensor:
         c = self.config
-        positions = self._positions[:B]
-        rows = torch.arange(B, device=self.device)
+        positions, slots, tables = self._positions[:B], self._slots[:B], self._tables[:B, :blocks]
         cos, sin = self.model.cos[positions][:, None], self.model.sin[positions][:, None]  # (B, 1, rope_n_elem)
-        key_pos = torch.arange(length, device=self.device)
+        key_pos = torch.arange(blocks * self.block_size, device=self.device)
         masks: dict[int | None, torch.Tensor] = {}  # additive, built once per step, not once per layer
         for window in set(self.windows):
             allowed = key_pos[None] <= positions[:, None]  # (B, length)
@@ -271,46 +315,47 @@ class BatchedModel:
 
             def attend(attn, x_normed, layer=layer, mask=mask):
                 q, k, v = self._qkv(attn, x_normed, cos, sin)
-                self.k[layer, rows, :, positions] = k[:, :, 0]
-                self.v[layer, rows, :, positions] = v[:, :, 0]
+                self._k_slots[layer][:, slots] = k[:, :, 0].transpose(0, 1)
+                self._v_slots[layer][:, slots] = v[:, :, 0].transpose(0, 1)
+                keys, values = self._gather(layer, tables)
                 # (B, n_kv, queries per kv head, hs) against (B, n_kv, length, hs)
                 q = q.view(B, c.n_query_groups, c.n_head // c.n_query_groups, c.head_size)
-                y = F.scaled_dot_product_attention(
-                    q, self.k[layer, :B, :, :length], self.v[layer, :B, :, :length],
-                    attn_mask=mask, scale=self.scale,
-                )  # fmt: skip
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
                 return attn.proj(y.reshape(B, 1, c.n_head * c.head_size))
 
             x = self._block(block, x, attend)
         return self._head(x[:, 0])
 
-    def _capture(self, B: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Record the decode step for (B, length) once; later steps replay it with new inputs."""
+    def _capture(self, B: int, blocks: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Record the decode step for (B, blocks) once; later steps replay it with new inputs."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph (cuBLAS workspaces, lazy init)
-            self._decode_step(B, length)
+            self._decode_step(B, blocks)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self._decode_step(B, length)
+            out = self._decode_step(B, blocks)
         return graph, out
 
     def warmup(self, max_batch: int, max_length: int | None = None) -> int:
-        """Capture the decode graphs up front (so the first requests don't pay for it); returns how many."""
+        """Capture the decode graphs up front (so the first requests don't pay for it); returns how many.
+
+        Padding inputs point at block 0, so capturing writes nothing any sequence reads."""
         if not self.cuda_graphs:
             return 0
         max_length = min(max_length or self.max_len, self.max_len)
-        batches = sorted({min(batch_bucket(b), self.decode_rows) for b in range(1, min(max_batch, self.decode_rows) + 1)})
+        batches = sorted({min(batch_bucket(b), self.max_batch) for b in range(1, min(max_batch, self.max_batch) + 1)})
         with torch.inference_mode():
-            for length in range(LENGTH_BUCKET, max_length + 1, LENGTH_BUCKET):
+            for length in range(LENGTH_BUCKET, max_length + LENGTH_BUCKET, LENGTH_BUCKET):
                 for b in batches:
-                    if (b, length) not in self._graphs:
-                        self._positions[:b].zero_()
-                        self._tokens[:b].zero_()
-                        self._graphs[(b, length)] = self._capture(b, length)
+                    key = self._bucket(b, [min(length, max_length) - 1])
+                    if key not in self._graphs:
+                        for buffer in (self._positions, self._tokens, self._slots, self._tables):
+                            buffer.zero_()
+                        self._graphs[key] = self._capture(*key)
         return len(self._graphs)
 
 
@@ -324,12 +369,17 @@ class _ShortBatch:
     key 0 only, so no row is fully masked.
     """
 
-    def __init__(self, model: BatchedModel, segments: list[Segment], bounds: list[tuple[int, int]]) -> None:
+    def __init__(self, model: PagedModel, segments: list[Segment], bounds: list[tuple[int, int]]) -> None:
         c, device = model.config, model.device
         self.model, self.n_kv, self.per_kv = model, c.n_query_groups, c.n_head // c.n_query_groups
         self.T = max(len(s.ids) for s in segments)
-        self.L = max(s.start + len(s.ids) for s in segments)
-        self.rows = torch.tensor([s.row for s in segments], device=device)
+        blocks = -(-max(s.start + len(s.ids) for s in segments) // model.block_size)
+        self.L = blocks * model.block_size
+        tables = torch.zeros(len(segments), blocks, dtype=torch.long)
+        for j, s in enumerate(segments):
+            used = s.table[:blocks]
+            tables[j, : len(used)] = torch.tensor(used)
+        self.tables = tables.to(device)
         S = len(segments)
         gather = torch.zeros(S, self.T, dtype=torch.long)  # packed index of each padded query
         valid = torch.zeros(S, self.T, dtype=torch.bool)
@@ -362,8 +412,7 @@ class _ShortBatch:
         S, hs = self.gather.size(0), q.size(-1)
         queries = q[0][:, self.gather]  # (nh, S, T, hs)
         queries = queries.permute(1, 0, 2, 3).reshape(S, self.n_kv, self.per_kv * self.T, hs)
-        keys = self.model.k[layer, self.rows, :, : self.L]  # (S, n_kv, L, hs)
-        values = self.model.v[layer, self.rows, :, : self.L]
+        keys, values = self.model._gather(layer, self.tables)  # (S, n_kv, L, hs)
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self._mask(self.model.windows[layer]), scale=self.model.scale)
         out = out.reshape(S, self.n_kv * self.per_kv, self.T, hs).permute(1, 0, 2, 3)  # (nh, S, T, hs)
         y[0][:, self.dst] = out[:, self.valid]

@@ -1,0 +1,34 @@
+"""How much GPU memory the server may use: all of it, or what a smaller card would have (``--gpu_memory_gib``).
+
+The cap is real, not arithmetic: ``torch.cuda.set_per_process_memory_fraction`` makes the caching
+allocator refuse to grow past it (as ``--speed.gpu_memory_gib`` does for finetuning), so a server
+rehearsed under 24 GiB on a larger GPU runs out of memory where a 24 GiB card would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GIB = 2**30
+
+
+def cap(device: torch.device, gpu_memory_gib: float | None) -> None:
+    """Limit this process to ``gpu_memory_gib`` on ``device`` (before the weights are loaded)."""
+    if gpu_memory_gib is None:
+        return
+    if gpu_memory_gib <= 0:
+        raise ValueError(f"gpu_memory_gib: must be positive, got {gpu_memory_gib}")
+    if device.type != "cuda":
+        raise ValueError(f"gpu_memory_gib: caps GPU memory and needs a CUDA device; this server runs on {device.type}")
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory_gib * GIB / total), device)
+
+
+def usable_bytes(device: torch.device, gpu_memory_gib: float | None) -> int:
+    """Bytes this process can still allocate on ``device``: free memory plus what the allocator holds
+    unused, and never more than the cap leaves."""
+    allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+    usable = torch.cuda.mem_get_info(device)[0] + reserved - allocated
+    if gpu_memory_gib is not None:
+        usable = min(usable, int(gpu_memory_gib * GIB) - allocated)
+    return max(usable, 0)

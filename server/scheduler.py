@@ -1,0 +1,211 @@
+"""Which requests run, and how many prompt tokens each computes this step (no tensors, no model).
+
+A ``Job`` is one request as the scheduler sees it: prompt ids, how many sequences, how many new
+tokens at most. Each step:
+
+1. admission, first come first served: the request at the head of the queue starts when its blocks
+   fit the pool and its sequences fit the batch; otherwise it waits (backpressure) and so does
+   everything behind it. A request gets, up front, every block it can ever write (prompt plus
+   ``max_new_tokens`` for each sequence), so a running request never runs out of cache. Its
+   prompt's first full blocks come from the shared-prefix index when some earlier prompt computed
+   them (by reference: nothing is copied). A request that shares a longer prefix with a prompt being
+   computed right now waits a round for it rather than computing the same prefix twice. Admission
+   looks at the head of the queue only: its cost is the requests admitted, not the queue's length.
+2. prefill: the prompts not fully computed share ``prefill_tokens`` (a longer prompt continues next
+   step: chunked prefill); computed full blocks go into the index at once.
+3. decode: every request whose prompt is done generates one token per sequence.
+
+When a prompt is done its ``n`` sequences fork: they share the prompt's full blocks, and each but
+the first gets its own copy of a partly filled last block (the engine copies it). A cancelled or
+failed request frees its blocks at the next step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+
+from server.kv_pool import KVPool
+
+WAIT_FOR_SHARED = 32  # wait a round when a prompt being computed shares this many more tokens
+
+
+@dataclass(eq=False)
+class Job:
+    ids: list[int]
+    n: int
+    max_new_tokens: int
+    echo: bool = False  # logits for every prompt position: no prefix is taken from the index
+    payload: object = None  # the engine's own state for this request
+    blocks: list[int] = field(default_factory=list)  # the prompt's block table
+    spare: list[int] = field(default_factory=list)  # blocks for generation (and copies), handed out at fork
+    tables: list[list[int]] = field(default_factory=list)  # one block table per sequence, after fork
+    computed: int = 0  # prompt tokens whose K/V is in the cache
+    pos: int = 0  # position the next decode step writes
+    state: str = "queued"  # queued -> prefill -> decode -> done
+    cancelled: bool = False
+
+    @property
+    def stored(self) -> int:
+        """Positions with K/V per sequence at the end: the last sampled token is never fed back."""
+        return len(self.ids) + max(self.max_new_tokens - 1, 0)
+
+    @property
+    def forks(self) -> bool:
+        return self.max_new_tokens > 1
+
+
+@dataclass
+class Step:
+    prefill: list[tuple[Job, int, int]] = field(default_factory=list)  # (job, start, tokens)
+    decode: list[Job] = field(default_factory=list)
+    refused: list[tuple[Job, str]] = field(default_factory=list)  # can never fit this pool
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return len(os.path.commonprefix([a, b]))
+
+
+class Scheduler:
+    def __init__(self, pool: KVPool, max_batch: int, prefill_tokens: int, echo_tokens: int = 512) -> None:
+        """``max_batch``: sequences in flight at most; ``echo_tokens``: prompt positions a prefill step
+        returns logits for (echo requests), which bounds that step's logits memory."""
+        self.pool, self.max_batch, self.prefill_tokens, self.echo_tokens = pool, max_batch, prefill_tokens, echo_tokens
+        self.queue: deque[Job] = deque()
+        self.queued = 0  # jobs in the queue that are not cancelled
+        self.running: list[Job] = []  # admitted, in order: prefilling or decoding
+        self.sequences = 0  # sequences of the running jobs
+
+    # --- bookkeeping --------------------------------------------------------------------------
+
+    def add(self, job: Job) -> None:
+        self.queue.append(job)
+        self.queued += 1
+
+    def cancel(self, job: Job) -> None:
+        """Free ``job``'s blocks now (a queued job is skipped when it reaches the head)."""
+        if job.cancelled or job.state == "done":
+            return
+        job.cancelled = True
+        if job.state == "queued":
+            self.queued -= 1
+        else:
+            self.finish(job)
+
+    def finish(self, job: Job) -> None:
+        """``job`` is done (answered, cancelled or failed): its blocks go back to the pool."""
+        if job.state == "done":
+            return
+        if job.state in ("prefill", "decode"):
+            self.running.remove(job)
+            self.sequences -= job.n
+        if job.tables:
+            for table in job.tables:
+                self.pool.free(table)
+        else:
+            self.pool.free(job.blocks + job.spare)
+        job.blocks, job.spare, job.tables, job.state = [], [], [], "done"
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.queued)
+
+    # --- one step -----------------------------------------------------------------------------
+
+    def schedule(self) -> Step:
+        step = Step()
+        self._admit(step)
+        budget, echo_budget = self.prefill_tokens, self.echo_tokens
+        for job in self.running:
+            if job.state != "prefill" or budget <= 0:
+                continue
+            take = min(len(job.ids) - job.computed, budget)
+            if job.echo:
+                take = min(take, echo_budget)
+                if take <= 0:
+                    continue
+                echo_budget -= take
+            step.prefill.append((job, job.computed, take))
+            budget -= take
+        step.decode = [job for job in self.running if job.state == "decode"]
+        return step
+
+    def _blocks_needed(self, job: Job, shared: int) -> tuple[int, int]:
+        """(prompt blocks to allocate, blocks for generation and copies) given ``shared`` indexed blocks."""
+        pool = self.pool
+        prompt = pool.blocks_for(len(job.ids))
+        generation = pool.blocks_for(job.stored) - prompt
+        partial = int(len(job.ids) % pool.block_size != 0)
+        spare = generation + (job.n - 1) * (partial + generation) if job.forks else 0
+        return prompt - shared, spare
+
+    def _admit(self, step: Step) -> None:
+        pool = self.pool
+        while self.queue:
+            job = self.queue[0]
+            if job.cancelled:
+                self.queue.popleft()
+                continue
+            if self.running and self.sequences + job.n > self.max_batch:
+                return
+            own, spare = self._blocks_needed(job, 0)
+            if own + spare > pool.num_blocks - 1:  # even an empty pool can't hold it
+                self.queue.popleft()
+                self.queued -= 1
+                job.state = "done"
+                step.refused.append((job, f"needs {own + spare} KV blocks of {pool.block_size} tokens, the pool has {pool.num_blocks - 1}"))
+                continue
+            limit = (len(job.ids) - 1) // pool.block_size  # the last prompt token is always computed
+            shared = [] if job.echo else pool.match(job.ids, limit)
+            if not job.echo and self._shares_more_with_running(job, len(shared) * pool.block_size):
+                return
+            own, spare = self._blocks_needed(job, len(shared))
+            held_by_nobody = sum(1 for b in shared if pool.refs(b) == 0)  # taking these uses up available blocks
+            if own + spare + held_by_nobody > pool.available:
+                return
+            self.queue.popleft()
+            self.queued -= 1
+            pool.share(shared)
+            job.blocks = shared + pool.allocate(own)
+            job.spare = pool.allocate(spare)
+            job.computed = len(shared) * pool.block_size
+            job.state = "prefill"
+            self.running.append(job)
+            self.sequences += job.n
+
+    def _shares_more_with_running(self, job: Job, cached: int) -> bool:
+        limit = len(job.ids) - 1
+        return any(
+            min(common_prefix(other.ids, job.ids), limit) >= cached + WAIT_FOR_SHARED
+            for other in self.running
+            if other.state == "prefill"
+        )
+
+    # --- after the model ran ------------------------------------------------------------------
+
+    def computed(self, job: Job, tokens: int) -> bool:
+        """``job``'s next ``tokens`` prompt tokens were computed; True when its prompt is done."""
+        job.computed += tokens
+        self.pool.register(job.ids, job.blocks, job.computed)
+        return job.computed == len(job.ids)
+
+    def fork(self, job: Job) -> list[tuple[int, int]]:
+        """Start decoding ``job``: one block table per sequence; returns the (src, dst) block copies to make."""
+        pool, bs = self.pool, self.pool.block_size
+        generation = pool.blocks_for(job.stored) - len(job.blocks)
+        full = len(job.ids) // bs
+        spare, copies = iter(job.spare), []
+        job.tables = [job.blocks + [next(spare) for _ in range(generation)]]
+        for _ in range(job.n - 1):
+            shared = job.blocks[:full]
+            pool.share(shared)
+            own = []
+            if full < len(job.blocks):  # a partly filled last prompt block: copied on write
+                own.append(next(spare))
+                copies.append((job.blocks[full], own[0]))
+            job.tables.append(shared + own + [next(spare) for _ in range(generation)])
+        job.spare = []
+        job.pos = len(job.ids)
+        job.state = "decode"
+        return copies
