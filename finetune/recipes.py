@@ -52,7 +52,7 @@ sources           non-empty list of mappings:
   filter            {column: value}, optional: keep rows whose column equals the value (a list of
                     values: any of them), e.g. ``{subject: high_school_physics}``. Matching no row is
                     an error (the message shows values that do occur).
-  force_eval_split  bool (default false): allow a split listed in ``EVAL_SPLITS`` (recorded in the card).
+  force_eval_split  bool (default false): allow a source the guard refuses (``finetune.eval_guard``; recorded in the card).
   skip_bad_rows     bool (default false): drop rows that fail normalization instead of raising
                     (counted, first few reasons recorded in the card).
 
@@ -67,7 +67,8 @@ assistant reply; ``filter`` applies to the messages before pairing (e.g. ``{lang
 Pipeline of ``build``: per source load -> filter -> format -> cap -> map fields -> normalize
 (``finetune.data.normalize_row``; a bad row raises ``DataError`` naming ``<source> row <i>``, the row's
 index in the split) -> min_output_chars -> weight; then across sources dedupe -> max_chars/max_tokens ->
-seeded shuffle. Sources on a split the challenge evaluates (``EVAL_SPLITS``) are refused by
+seeded shuffle. Sources of data the challenge evaluates (``finetune.eval_guard``: derived from the HELM
+confs in ``data/helm/``, matched by dataset id and mirrors, by ``hf://`` data files and by name) are refused by
 ``load_recipe`` and by ``build`` before anything is loaded. When the hub cannot be reached (no network,
 ``HF_DATASETS_OFFLINE=1``/``HF_HUB_OFFLINE=1``, a dead ``HF_ENDPOINT``) sources are read from the local
 ``datasets`` cache only, and every source that is not there is listed in one ``DataError`` with the
@@ -92,6 +93,7 @@ from typing import Any
 
 import yaml
 
+from finetune import eval_guard
 from finetune.data import DataError, normalize_row
 
 FORMATS = ("fields", "multiple_choice", "oasst")
@@ -103,68 +105,10 @@ BAD_ROWS_RECORDED = 5  # reasons of skipped rows kept in the card, per source
 # ----------------------------------------------------------------------------- eval splits
 
 
-@dataclass(frozen=True)
-class EvalRule:
-    """Splits of a dataset that the challenge's HELM run evaluates on.
-
-    ``splits=None``: every split. ``configs=None``: whatever the configuration.
-    """
-
-    benchmark: str
-    splits: frozenset[str] | None
-    configs: frozenset[str] | None = None
-
-
-def _rules(benchmark: str, ids: tuple[str, ...], splits: tuple[str, ...] | None, configs: tuple[str, ...] | None = None):
-    rule = EvalRule(benchmark, None if splits is None else frozenset(splits), None if configs is None else frozenset(configs))
-    return {i.lower(): (rule,) for i in ids}
-
-
-# BIG-bench tasks in the open-set HELM conf. HELM's BIG-bench scenario shuffles ALL of a task's
-# examples (seed 0) and carves its own test split, so tasksource/bigbench's train split of these tasks
-# holds most of HELM's test instances: every split is refused, not only validation.
-HELM_BIGBENCH_TASKS = (
-    "analytic_entailment", "causal_judgment", "emoji_movie", "empirical_judgments", "known_unknowns",
-    "logical_deduction", "strange_stories", "snarks", "dark_humor_detection",
-)
-_MMLU_SPLITS = ("test", "validation", "dev")
-
-EVAL_SPLITS: dict[str, tuple[EvalRule, ...]] = {
-    **_rules("TruthfulQA", ("truthful_qa", "truthfulqa/truthful_qa", "EleutherAI/truthful_qa_mc"), None),
-    **_rules("MMLU", ("cais/mmlu", "hendrycks_test", "lukaemon/mmlu", "tasksource/mmlu", "hails/mmlu_no_train"), _MMLU_SPLITS),
-    **_rules("GSM8K", ("gsm8k", "openai/gsm8k"), ("test",)),
-    **_rules("CNN/DailyMail", ("cnn_dailymail", "abisee/cnn_dailymail", "ccdv/cnn_dailymail"), ("test",)),
-    **_rules("SAMSum", ("samsum", "Samsung/samsum", "knkarthick/samsum"), ("test",)),
-    **_rules("MATH", ("hendrycks/competition_math", "competition_math", "lighteval/MATH", "EleutherAI/hendrycks_math"), ("test",)),
-    **_rules("BBQ", ("heegyu/bbq", "lighteval/bbq_helm"), None),
-    **_rules("ETHICS", ("hendrycks/ethics", "lighteval/hendrycks_ethics"), ("test",)),
-    **_rules("corr2cause", ("causalnlp/corr2cause", "causal-nlp/corr2cause"), ("test",)),
-    **{
-        i.lower(): (
-            EvalRule("BIG-bench (validation split)", frozenset({"validation"})),
-            EvalRule("BIG-bench task in HELM's open set", None, frozenset(HELM_BIGBENCH_TASKS)),
-        )
-        for i in ("tasksource/bigbench", "bigbench", "google/bigbench")
-    },
-}
-
-
-def _split_names(split: str) -> set[str]:
-    """``train[:10%]+test`` -> {train, test}."""
-    return {re.sub(r"\[.*?\]$", "", part.strip()).strip().lower() for part in split.split("+")}
-
-
-def eval_split_reason(dataset: str, config: str | None, split: str) -> str | None:
-    """Why (dataset, config, split) is an evaluation split of the challenge, or None when it is not."""
-    for rule in EVAL_SPLITS.get(dataset.strip().strip("/").lower(), ()):
-        if rule.configs is not None and (config or "").lower() not in rule.configs:
-            continue
-        hit = _split_names(split) if rule.splits is None else _split_names(split) & rule.splits
-        if hit:
-            which = "every split" if rule.splits is None else f"split {'/'.join(sorted(hit))}"
-            scope = f" (config {config})" if rule.configs is not None else ""
-            return f"{rule.benchmark}: {dataset}{scope} {which} is evaluated by the challenge"
-    return None
+def eval_split_reason(dataset: str, config: str | None, split: str, data_files=None, base: Path | None = None) -> str | None:
+    """Why a source is data the challenge evaluates on (``finetune.eval_guard``, derived from the shipped HELM confs), or None."""
+    found = eval_guard.reasons(dataset, config, split, data_files, base)
+    return "; ".join(found) if found else None
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -398,8 +342,9 @@ def load_recipe(path: Path | str) -> Recipe:
 def check_eval_splits(recipe: Recipe) -> None:
     """Raise one ``DataError`` naming every source on an evaluation split that is not forced."""
     bad = []
+    base = recipe.path.parent if recipe.path else None
     for i, s in enumerate(recipe.sources):
-        reason = eval_split_reason(s.dataset, s.config, s.split)
+        reason = eval_split_reason(s.dataset, s.config, s.split, s.data_files, base)
         if reason and not s.force_eval_split:
             bad.append(f"  - sources[{i}] {s.name!r}: {reason}")
     if bad:
@@ -846,12 +791,13 @@ def build(
     random.Random(f"{recipe.seed}:shuffle").shuffle(kept)
 
     card_sources = []
+    base = recipe.path.parent if recipe.path else None
     for s, st, d, n in zip(recipe.sources, stats, drops, final_counts):
         card_sources.append({
             "name": s.name, "dataset": s.dataset, "config": s.config, "split": s.split, "revision": s.revision,
             "license": s.license, "note": s.note, "format": s.format, "fields": s.fields, "filter": s.filter,
             "weight": s.weight, "max_rows": s.max_rows, "data_files": _data_file_hashes(s),
-            "forced_eval_split": bool(s.force_eval_split and eval_split_reason(s.dataset, s.config, s.split)),
+            "forced_eval_split": bool(s.force_eval_split and eval_split_reason(s.dataset, s.config, s.split, s.data_files, base)),
             **{k: v for k, v in st.items() if k != "bad_rows_first"},
             "rows_dropped_duplicate": d["duplicate"], "rows_dropped_max_chars": d["max_chars"],
             "rows_dropped_max_tokens": d["max_tokens"], "rows_kept_after_dedupe_and_filters": n,

@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from core.run_specs import parse_run_entries  # one parser for make helm and the contamination guard (finetune.eval_guard)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HELM_VERSION = "0.5.16"  # newest on PyPI; pip refuses 0.3.0-0.5.3 here (Requires-Python <3.11).
 # 0.5.16 still ships neurips/local (helm/config/model_deployments.yaml).
@@ -120,12 +122,6 @@ class DownloadFailure:
     scenario: str | None  # module name under helm/benchmark/scenarios/, e.g. "big_bench"
     error: str  # the last exception line, e.g. "urllib.error.URLError: <urlopen error ...>"
     urls: tuple[str, ...] = ()  # URLs named in HELM's output for this error (wget / Hugging Face)
-
-
-def parse_run_entries(conf_text: str) -> list[str]:
-    """The ``description`` strings of a HELM run-spec conf (HOCON), in order; comment lines skipped."""
-    lines = [line for line in conf_text.splitlines() if not line.lstrip().startswith(("#", "//"))]
-    return re.findall(r'description\s*:\s*"([^"]*)"', "\n".join(lines))
 
 
 def cap_run_specs(conf_text: str, max_eval_instances: int) -> str:
