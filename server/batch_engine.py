@@ -118,7 +118,7 @@ class BatchEngine:
         self._stop = self._draining = False
         self._error: BaseException | None = None  # what killed the engine thread
         self._step_started: float | None = None  # monotonic start of the step in progress
-        self.stats = {"requests": 0, "prompt_tokens": 0, "computed_prompt_tokens": 0, "prefill_rounds": 0, "decode_steps": 0,
+        self.counters = {"requests": 0, "prompt_tokens": 0, "computed_prompt_tokens": 0, "prefill_rounds": 0, "decode_steps": 0,
                       "decoded_tokens": 0, "cancelled": 0, "failed": 0, "max_sequences": 0, "kv_blocks": blocks - 1,
                       "kv_block_size": kv_block_size}  # fmt: skip
         self._tokenizer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
@@ -152,8 +152,8 @@ class BatchEngine:
         live = _Live(request, prompt, loop.create_future(), loop)
         live.future.add_done_callback(lambda f: f.cancelled() and self._cancel(live))
         with self._wake:
-            self.stats["requests"] += 1
-            self.stats["prompt_tokens"] += len(prompt.ids)
+            self.counters["requests"] += 1
+            self.counters["prompt_tokens"] += len(prompt.ids)
             self._inbox.append(live)
             self._wake.notify()
         return await until_done_or_gone(live.future, disconnected)
@@ -175,6 +175,11 @@ class BatchEngine:
 
     def drain(self) -> None:
         self._draining = True
+
+    @property
+    def stats(self) -> dict:
+        """Counters since start, and what is in flight now (read without stopping the engine)."""
+        return {**self.counters, "queued": self._submitted, "sequences": self.scheduler.sequences, "kv_blocks_held": self.pool.held}
 
     @property
     def idle(self) -> bool:
@@ -208,7 +213,7 @@ class BatchEngine:
                         with self._wake:
                             self._submitted -= 1
                     self.scheduler.cancel(live.job)
-                    self.stats["cancelled"] += 1
+                    self.counters["cancelled"] += 1
                 self._step_started = time.monotonic()
                 self._step()
                 self._step_started = None
@@ -226,7 +231,7 @@ class BatchEngine:
                 self._submitted -= admitted
         for job, reason in step.refused:
             self._fail([job.payload], RequestFailed(f"num_return_sequences: {job.n} sequences of this request {reason}"), "refused")
-        self.stats["max_sequences"] = max(self.stats["max_sequences"], self.scheduler.sequences)
+        self.counters["max_sequences"] = max(self.counters["max_sequences"], self.scheduler.sequences)
         if step.prefill:
             self._prefill(step.prefill)
         decoding = [job for job in self.scheduler.running if job.state == "decode"]
@@ -240,8 +245,8 @@ class BatchEngine:
         except Exception as e:  # a failed forward fails the requests in it, not the server
             self._fail([job.payload for job, _, _ in chunks], e, "prefill")
             return
-        self.stats["prefill_rounds"] += 1
-        self.stats["computed_prompt_tokens"] += sum(take for _, _, take in chunks)
+        self.counters["prefill_rounds"] += 1
+        self.counters["computed_prompt_tokens"] += sum(take for _, _, take in chunks)
         done = []
         for (job, start, take), logits in zip(chunks, outputs):
             live = job.payload
@@ -327,8 +332,8 @@ class BatchEngine:
         except Exception as e:
             self._fail(lives, e, "decode")
             return
-        self.stats["decode_steps"] += 1
-        self.stats["decoded_tokens"] += len(tokens)
+        self.counters["decode_steps"] += 1
+        self.counters["decoded_tokens"] += len(tokens)
         for live, rows, picked in self._pick(logits, lives, [live.req.n for live in lives]):
             try:
                 live.step += 1
@@ -350,7 +355,7 @@ class BatchEngine:
             print(f"engine: {where} failed for {len(lives)} request(s): {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             error = RequestFailed(f"{where} failed: {type(error).__name__}: {error}")
         for live in lives:
-            self.stats["failed"] += 1
+            self.counters["failed"] += 1
             self.scheduler.finish(live.job)
             live.loop.call_soon_threadsafe(_resolve, live.future, None, error)
 
