@@ -125,7 +125,8 @@ def _benchmarks(ev: Evaluated) -> list[tuple[Benchmark, str]]:
     return [(SCENARIO_DATA[s], where) for s, where in ev.scenarios.items()] + [(b, "the challenge's closed set") for b in CLOSED_SET]
 
 
-def _word(name: str, text: str) -> bool:
+def holds_word(name: str, text: str) -> bool:
+    """Whether ``text`` holds ``name`` as a word (letters and digits do not continue it on either side)."""
     return re.search(rf"(?<![a-z0-9]){re.escape(name.lower())}(?![a-z0-9])", text.lower()) is not None
 
 
@@ -139,7 +140,7 @@ def _task_of_config(config: str | None, tasks: dict[str, str]) -> str | None:
 
 
 def _task_in_text(text: str, tasks: dict[str, str]) -> str | None:
-    return next((t for t in tasks if _word(t, text)), None)
+    return next((t for t in tasks if holds_word(t, text)), None)
 
 
 def _split_words(text: str) -> set[str]:
@@ -191,7 +192,7 @@ def reasons(dataset: str, config: str | None, split: str, data_files=None, base:
         if ds in b.hub_ids:
             task = _task_of_config(config, ev.tasks) if b.per_task else None
             r = _verdict(b, why, f"{dataset}" + (f" (config {config})" if config else "") + f" split {split}", _split_names(split), task, ev)
-        elif any(_word(n, ds) for n in b.names):
+        elif any(holds_word(n, ds) for n in b.names):
             task = (_task_of_config(config, ev.tasks) or _task_in_text(ds, ev.tasks)) if b.per_task else None
             r = _verdict(b, why, f"{dataset} (named like {b.label})" + (f" config {config}" if config else "") + f" split {split}",
                          _split_names(split), task, ev)
@@ -214,7 +215,7 @@ def _file_reasons(f: str, base: Path | None, ev: Evaluated) -> list[str]:
     out = []
     for b, why in _benchmarks(ev):
         named = hub_id in b.hub_ids if hub_id else False
-        if not (named or any(_word(n, text) for n in b.names)):
+        if not (named or any(holds_word(n, text) for n in b.names)):
             continue
         task = _task_in_text(inner, ev.tasks) or _task_of_config(PurePosixPath(inner).parts[0] if inner else None, ev.tasks) if b.per_task else None
         if r := _verdict(b, why, f"data file {f}", splits, task, ev):

@@ -50,7 +50,8 @@ sources           non-empty list of mappings:
                     1.5 = once + a seeded half.
   max_rows          int, optional: seeded random cap (original order kept), applied before weighting.
   filter            {column: value}, optional: keep rows whose column equals the value (a list of
-                    values: any of them), e.g. ``{subject: high_school_physics}``. Matching no row is
+                    values: any of them; ``{file: path}``: the values a text file lists, one a line, ``#``
+                    comments skipped), e.g. ``{subject: high_school_physics}``. Matching no row is
                     an error (the message shows values that do occur).
   force_eval_split  bool (default false): allow a source the guard refuses (``finetune.eval_guard``; recorded in the card).
   skip_bad_rows     bool (default false): drop rows that fail normalization instead of raising
@@ -249,6 +250,17 @@ def _resolve_data_files(value: object, base: Path, where: str):
     return many(value, where)
 
 
+def _filter_file(want: dict, base: Path, where: str) -> list[str]:
+    """``{file: path}``: the values listed in a text file, one a line (blank lines and ``#`` comments skipped)."""
+    _check(set(want) == {"file"} and isinstance(want["file"], str), where, f"a mapping must be {{file: <path>}} (one value a line), got {want!r}")
+    path = Path(want["file"]).expanduser()
+    path = path if path.is_absolute() else (base / path).resolve()
+    _check(path.is_file(), f"{where}.file", f"file not found: {path}")
+    values = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    _check(bool(values), f"{where}.file", f"{path} lists no value")
+    return values
+
+
 def _parse_source(raw: object, i: int, base: Path, file: str) -> Source:
     where = f"{file}: sources[{i}]"
     _check(isinstance(raw, dict), where, f"must be a mapping, got {type(raw).__name__}")
@@ -273,6 +285,7 @@ def _parse_source(raw: object, i: int, base: Path, file: str) -> Source:
     _check(max_rows is None or (_is_int(max_rows) and max_rows > 0), f"{where}.max_rows", f"must be a positive integer, got {max_rows!r}")
     filt = raw.get("filter") or {}
     _check(isinstance(filt, dict), f"{where}.filter", f"must map columns to values, got {filt!r}")
+    filt = {col: _filter_file(want, base, f"{where}.filter.{col}") if isinstance(want, dict) else want for col, want in filt.items()}
     for col, want in filt.items():
         scalar = (str, int, float, bool, type(None))
         ok = isinstance(want, scalar) or (isinstance(want, list) and want and all(isinstance(w, scalar) for w in want))
@@ -637,6 +650,17 @@ def _filter_indices(s: Source, ds) -> list[int]:
     return idx
 
 
+def _unmatched_filter_values(s: Source, ds) -> dict[str, list]:
+    """For each filter column given a list: the listed values that no row of the dataset holds."""
+    out = {}
+    for col, want in s.filter.items():
+        if isinstance(want, list) and len(want) > 1:
+            seen = {str(v) for v in ds.unique(col)} if hasattr(ds, "unique") else {str(v) for v in ds[col]}
+            if missing := [w for w in want if str(w) not in seen]:
+                out[col] = missing
+    return out
+
+
 def _check_columns(s: Source, ds) -> None:
     for path in _all_paths(s):
         top = _PATH_PART.match(path.strip()).group(1)
@@ -658,6 +682,8 @@ def _source_rows(recipe: Recipe, s: Source, ds, stats: dict[str, Any]) -> list[d
     stats["rows_loaded"] = len(ds)
     idx = _filter_indices(s, ds)
     stats["rows_after_filter"] = len(idx)
+    if unmatched := _unmatched_filter_values(s, ds):
+        stats["filter_values_unmatched"] = unmatched  # listed values no row has: recorded, never dropped silently
     if s.format == "oasst":
         candidates: list[tuple[int, Any]] = _oasst_pairs(ds, idx, f"source {s.name!r}")
     else:
@@ -871,6 +897,8 @@ def main(recipe: Path, out_dir: Path | None = None, tokenizer_dir: Path | None =
     write_data_card(card, out_dir / "data_card.json")
     for s in card["sources"]:
         print(f"  {s['name']:<28} {s['rows_loaded']:>8} loaded {s['rows_after_cap']:>7} capped {s['rows_kept_after_dedupe_and_filters']:>7} kept  ({s['license']})")
+        for col, values in s.get("filter_values_unmatched", {}).items():
+            print(f"    note: {len(values)} filter values of {col!r} match no row (listed in the card), e.g. {values[:3]}")
     print(f"{len(rows)} rows -> {out_dir / 'train.jsonl'} (sha256 {card['rows_sha256'][:16]}...); card: {out_dir / 'data_card.json'}")
     return out_dir
 
