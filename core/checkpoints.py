@@ -22,7 +22,7 @@ WEIGHTS = "lit_model.pth"
 CONFIG = "model_config.yaml"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json")
 # Files worth carrying along with the weights when a checkpoint is copied or merged.
-SIDE_FILES = (*TOKENIZER_FILES, "prompt_style.yaml", "config.json")
+SIDE_FILES = (*TOKENIZER_FILES, "prompt_style.yaml", "chat_template.jinja", "config.json")
 
 
 class CheckpointError(ValueError):

@@ -1,10 +1,10 @@
 """Instruction data: read local JSON/JSONL, render with the shared template, tokenize, batch.
 
-Rows may come in the common shapes; all are normalized to ``instruction / input / output``:
-- ``{"instruction", "input"?, "output"}`` (Alpaca, Dolly after renaming),
-- ``{"prompt", "response"}``,
-- ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`` (first user turn -> instruction,
-  the assistant turn that follows -> output).
+Rows may come in the common shapes:
+- ``{"instruction", "input"?, "output"}`` (Alpaca, Dolly after renaming) and ``{"prompt", "response"}``,
+  both normalized to ``instruction / input / output`` and rendered with the prompt style;
+- ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``: a conversation,
+  every turn kept, rendered with a chat template (``core.chat``), the loss on every assistant turn.
 A bad row raises ``DataError`` naming the file and line, and nothing is silently dropped.
 """
 
@@ -18,6 +18,8 @@ import torch
 from litgpt import Tokenizer
 from litgpt.prompts import PromptStyle
 
+from core.chat import ROLES, ChatTemplate, ChatTemplateError, encode_conversation
+
 IGNORE_INDEX = -100  # label value that cross-entropy skips (prompt tokens, padding)
 
 
@@ -25,18 +27,44 @@ class DataError(ValueError):
     """A data file or row is malformed; the message names the file and line."""
 
 
-def normalize_row(row: object, where: str) -> dict[str, str]:
+class Row(dict):
+    """A normalized row that remembers where it came from (``file:line``), for errors found later."""
+
+    def __init__(self, fields: dict, where: str) -> None:
+        super().__init__(fields)
+        self.where = where
+
+
+def normalize_messages(msgs: object, where: str) -> list[dict[str, str]]:
+    """A conversation as ``[{role, content}]``, every turn kept; refused (naming the turn) unless well formed."""
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} turns")
+    turns = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: messages[{i}] must be a {{role, content}} object, got {m!r}")
+        if extra := sorted(set(m) - {"role", "content"}):
+            raise DataError(f"{where}: messages[{i}] has keys {extra}; a turn is {{role, content}} only")
+        if m.get("role") not in ROLES:
+            raise DataError(f"{where}: messages[{i}].role must be one of {list(ROLES)}, got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}].content must be a string, got {m.get('content')!r}")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise DataError(f"{where}: messages[{i}] is an empty assistant turn")
+        turns.append({"role": m["role"], "content": m["content"]})
+    if not any(t["role"] == "assistant" for t in turns):
+        raise DataError(f"{where}: 'messages' has no assistant turn, so nothing to learn")
+    return turns
+
+
+def normalize_row(row: object, where: str) -> Row:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
-            raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
-        user = next((i for i, m in enumerate(msgs) if m.get("role") == "user"), None)
-        if user is None or user + 1 >= len(msgs) or msgs[user + 1].get("role") != "assistant":
-            raise DataError(f"{where}: 'messages' needs a user turn followed by an assistant turn")
-        out = {"instruction": msgs[user].get("content"), "input": "", "output": msgs[user + 1].get("content")}
-    elif "prompt" in row or "response" in row:
+        if extra := sorted(set(row) - {"messages", "source"}):
+            raise DataError(f"{where}: a conversation row holds 'messages' only, got also {extra}")
+        return Row({"messages": normalize_messages(row["messages"], where)}, where)
+    if "prompt" in row or "response" in row:
         out = {"instruction": row.get("prompt"), "input": "", "output": row.get("response")}
     else:
         out = {"instruction": row.get("instruction"), "input": row.get("input", ""), "output": row.get("output")}
@@ -46,7 +74,15 @@ def normalize_row(row: object, where: str) -> dict[str, str]:
             raise DataError(f"{where}: field {field!r} must be a string (row shapes accepted: {shape}), got {value!r}")
     if not out["output"].strip():
         raise DataError(f"{where}: empty output")
-    return out
+    return Row(out, where)
+
+
+def as_messages(row: dict[str, str]) -> list[dict[str, str]]:
+    """An instruction row as the one exchange it is, for runs that render everything with a chat template."""
+    if "messages" in row:
+        return row["messages"]
+    user = f"{row['instruction']}\n{row['input']}" if row["input"] else row["instruction"]
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
 
 
 def load_rows(path: Path) -> list[dict[str, str]]:
@@ -85,8 +121,26 @@ def load_rows(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def encode_row(row: dict[str, str], tokenizer: Tokenizer, style: PromptStyle, max_seq_length: int, mask_prompt: bool = True) -> dict[str, torch.Tensor]:
-    """Token ids and labels for one row; the response ends with EOS so the model learns to stop."""
+def encode_row(
+    row: dict, tokenizer: Tokenizer, style: PromptStyle, max_seq_length: int, mask_prompt: bool = True, chat: ChatTemplate | None = None
+) -> dict[str, torch.Tensor]:
+    """Token ids and labels for one row; the response ends with EOS so the model learns to stop.
+
+    With ``chat`` every row is a conversation in that template, labelled on its assistant turns;
+    without, a conversation is an error and instruction rows take ``style``.
+    """
+    if chat is not None:
+        try:
+            ids, assistant = encode_conversation(tokenizer, chat, as_messages(row))
+        except ChatTemplateError as e:
+            raise DataError(f"{getattr(row, 'where', 'a row')}: {e}") from None
+        input_ids = torch.tensor(ids[:max_seq_length], dtype=torch.long)
+        labels = input_ids.clone()
+        if mask_prompt:
+            labels[~torch.tensor(assistant[:max_seq_length], dtype=torch.bool)] = IGNORE_INDEX
+        return {"input_ids": input_ids, "labels": labels}
+    if "messages" in row:
+        raise DataError(f"{getattr(row, 'where', 'a row')}: a conversation needs a chat template (--data.chat_template)")
     prompt = style.apply(row["instruction"], input=row["input"])
     prompt_ids = tokenizer.encode(prompt, max_length=max_seq_length)
     response_ids = tokenizer.encode(row["output"], bos=False, eos=True, max_length=max_seq_length)

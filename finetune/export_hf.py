@@ -41,6 +41,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
     "generation_config.json",
+    "chat_template.jinja",  # a run's chat template (core.chat); transformers reads it from this file
 )
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 class ExportError(CheckpointError):

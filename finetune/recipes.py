@@ -2,7 +2,7 @@
 
     python -m finetune.recipes --recipe data/recipes/rtx4090_mix.yaml --out_dir out/data/rtx4090_mix
 
-writes ``train.jsonl`` (rows ``{instruction, input, output, source}``, what ``finetune.data.load_rows``
+writes ``train.jsonl`` (rows ``{instruction, input, output, source}`` or ``{messages, source}``, what ``finetune.data.load_rows``
 reads) and ``data_card.json`` (every source with its license, counts at each stage, sha256 of each local
 data file, and ``rows_sha256``: the sha256 of ``train.jsonl`` itself, so the card proves exactly what was
 trained on). Every source is loaded through Hugging Face ``datasets.load_dataset`` (hub ids, or builders
@@ -15,13 +15,15 @@ description       str, optional free text.
 template          prompt style the rows are rendered with for length filtering, and the one to train
                   and serve with (default ``qa``; any ``core.prompts`` / litgpt style name).
 seed              int (default 1337): caps, fractional weights and the final shuffle derive from it.
-dedupe            bool (default true): drop rows whose instruction+input+output (whitespace-collapsed)
-                  equal an earlier row's (the first kept, sources in recipe order). Repeats made by a
+dedupe            bool (default true): drop rows whose instruction+input+output (a conversation: every
+                  turn; whitespace-collapsed) equal an earlier row's (the first kept, sources in recipe order). Repeats made by a
                   source's own ``weight`` are not duplicates.
-max_chars         int, optional: drop rows whose rendered prompt + output is longer (counted).
+max_chars         int, optional: drop rows whose rendered prompt + output is longer (counted); a
+                  conversation counts the text of all its turns (its chat template is chosen at training).
 max_tokens        int, optional: the same in tokens; ``build(count_tokens=...)`` must be given a
                   ``str -> int`` counter (called on the rendered prompt and on the output, summed).
-min_output_chars  int (default 0): drop rows whose output (stripped) is shorter (counted).
+min_output_chars  int (default 0): drop rows whose output (a conversation: its assistant turns together,
+                  stripped) is shorter (counted).
 x-...             top-level keys starting with ``x-`` are ignored: a place for YAML anchors
                   (``x-bigbench: &bigbench {...}``, then ``- {<<: *bigbench, name: ..., config: ...}``).
 sources           non-empty list of mappings:
@@ -41,7 +43,9 @@ sources           non-empty list of mappings:
                       prompt, response
                       messages                        (list of {role, content} / {from, value}
                                                        turns, or a plain list of strings that
-                                                       alternate user, assistant)
+                                                       alternate user, assistant; every turn is
+                                                       kept, system turns too, and trained with
+                                                       a chat template: --data.chat_template)
                     A value is a column, a path into one (``conversations[0]``, ``train.question``),
                     a template with ``{column}`` placeholders (``"{article}\\n\\nSummarize it."``;
                     ``{{``/``}}`` for literal braces), or a list of those joined with a blank line
@@ -95,7 +99,7 @@ from typing import Any
 import yaml
 
 from finetune import eval_guard
-from finetune.data import DataError, normalize_row
+from finetune.data import DataError, Row, normalize_row
 
 FORMATS = ("fields", "multiple_choice", "oasst")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -673,7 +677,12 @@ def _seeded(recipe: Recipe, s: Source, what: str) -> random.Random:
 
 
 def _short_output(row: Mapping[str, Any], min_chars: int) -> bool:
-    out = row.get("output", row.get("response"))
+    """Whether the row's output (a conversation's assistant turns together) is under ``min_chars``."""
+    if isinstance(row.get("messages"), list):
+        turns = [t for t in row["messages"] if isinstance(t, Mapping) and t.get("role") == "assistant"]
+        out = "".join(t["content"] for t in turns if isinstance(t.get("content"), str)) if turns else None
+    else:
+        out = row.get("output", row.get("response"))
     return min_chars > 0 and isinstance(out, str) and len(out.strip()) < min_chars
 
 
@@ -716,7 +725,7 @@ def _source_rows(recipe: Recipe, s: Source, ds, stats: dict[str, Any]) -> list[d
         if _short_output(row, recipe.min_output_chars):
             short += 1
             continue
-        rows.append({**row, "source": s.name, "_origin": i})
+        rows.append(Row({**row, "source": s.name, "_origin": i}, where))
     stats["rows_dropped_min_output"] = short
     stats["rows_skipped_bad"] = len(bad)
     if bad:
@@ -742,8 +751,17 @@ def _all_paths(s: Source) -> list[str]:
     return paths
 
 
-def _dedupe_key(row: Mapping[str, str]) -> tuple[str, str, str]:
-    return tuple(" ".join(row[k].split()) for k in ("instruction", "input", "output"))  # type: ignore[return-value]
+def _dedupe_key(row: Mapping[str, Any]) -> tuple[str, ...]:
+    if "messages" in row:
+        return tuple(f"{t['role']}: {' '.join(t['content'].split())}" for t in row["messages"])
+    return tuple(" ".join(row[k].split()) for k in ("instruction", "input", "output"))
+
+
+def _texts(row: Mapping[str, Any], style) -> tuple[str, ...]:
+    """What a row's length is counted on: the rendered prompt and the output, or every turn of a conversation."""
+    if "messages" in row:
+        return tuple(t["content"] for t in row["messages"])
+    return style.apply(row["instruction"], input=row["input"]), row["output"]
 
 
 def rows_bytes(rows: list[dict[str, Any]]) -> bytes:
@@ -775,7 +793,7 @@ def build(
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """Load, mix and filter the recipe's sources; returns ``(rows, data_card)``.
 
-    Rows are ``{instruction, input, output, source}`` in their final (seeded, shuffled) order; the card
+    Rows are ``{instruction, input, output, source}`` or ``{messages, source}`` in their final (seeded, shuffled) order; the card
     records every source and count, and ``rows_sha256`` over ``rows_bytes(rows)``.
     """
     check_eval_splits(recipe)
@@ -802,9 +820,9 @@ def build(
                     drops[k]["duplicate"] += 1
                     continue
             if origin not in lengths:
-                prompt = style.apply(row["instruction"], input=row["input"])
-                tokens = count_tokens(prompt) + count_tokens(row["output"]) if recipe.max_tokens is not None else None
-                lengths[origin] = (len(prompt) + len(row["output"]), tokens)
+                texts = _texts(row, style)
+                tokens = sum(count_tokens(t) for t in texts) if recipe.max_tokens is not None else None
+                lengths[origin] = (sum(len(t) for t in texts), tokens)
             chars, tokens = lengths[origin]
             if recipe.max_chars is not None and chars > recipe.max_chars:
                 drops[k]["max_chars"] += 1
@@ -812,7 +830,7 @@ def build(
             if recipe.max_tokens is not None and tokens > recipe.max_tokens:
                 drops[k]["max_tokens"] += 1
                 continue
-            kept.append({key: value for key, value in row.items() if key != "_origin"})
+            kept.append(Row({key: value for key, value in row.items() if key != "_origin"}, row.where))
             final_counts[k] += 1
     random.Random(f"{recipe.seed}:shuffle").shuffle(kept)
 

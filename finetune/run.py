@@ -28,6 +28,7 @@ from litgpt.args import EvalArgs, TrainArgs
 from litgpt.utils import load_checkpoint, num_parameters
 from lightning.fabric.plugins import BitsandbytesPrecision
 
+from core.chat import ChatTemplate, save_chat_template
 from core.checkpoints import WEIGHTS, copy_side_files, load_config, verify_checkpoint
 from core.methods import Method
 from core.precision import FABRIC_PRECISION, default_dtype
@@ -56,6 +57,9 @@ class DataArgs:
     val_file: Path | None = None  # None: hold out val_fraction of the training rows
     val_fraction: float = 0.05
     prompt_style: str = "qa"  # a recipe's own template wins
+    # conversations ({"messages": [...]}) and, once there is one, every row: None = the base model's own
+    # chat template (tokenizer_config.json), or one of core.chat.NAMED ("chatml", "qa"), or a .jinja file
+    chat_template: str | None = None
     max_seq_length: int = 512
     mask_prompt: bool = True  # loss on response tokens only
 
@@ -156,7 +160,9 @@ class MetricsLog:
             writer.writerows(rows)
 
 
-def save_servable(model, method: Method, save_dir: Path, base_dir: Path, template: str, hparams: dict, card: dict) -> None:
+def save_servable(
+    model, method: Method, save_dir: Path, base_dir: Path, template: str, hparams: dict, card: dict, chat: ChatTemplate | None = None
+) -> None:
     """The method's weights plus everything merge and serving need, in litgpt's layout."""
     save_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items() if method.keep(k, v)}
@@ -166,6 +172,8 @@ def save_servable(model, method: Method, save_dir: Path, base_dir: Path, templat
     (save_dir / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
     (save_dir / "data_card.json").write_text(json.dumps(card, indent=2))
     save_style(template, save_dir)
+    if chat is not None:
+        save_chat_template(chat, save_dir)  # the server renders prompts with this same file
 
 
 def attention_overrides(config, max_seq_length: int | None) -> dict:
@@ -244,7 +252,11 @@ def run(
     tokenizer = Tokenizer(checkpoint_dir)
     rows, val_rows, card, template = load_training_rows(data, tokenizer, seed)
     style = get_style(template)
-    encode = lambda r: encode_row(r, tokenizer, style, data.max_seq_length, data.mask_prompt)  # noqa: E731
+    chat = None
+    if data.chat_template is not None or any("messages" in r for r in (*rows, *val_rows)):
+        chat = ChatTemplate.for_checkpoint(checkpoint_dir, tokenizer, data.chat_template)
+        fabric.print(f"chat template: {chat.origin}; every row is rendered as a conversation, the loss on its assistant turns")
+    encode = lambda r: encode_row(r, tokenizer, style, data.max_seq_length, data.mask_prompt, chat)  # noqa: E731
     train_set = keep_trainable([encode(r) for r in rows], data.max_seq_length, fabric)
     collate = Collate(pad_id=0)
     to_device = lambda b: batch_to_device(b, fabric.device)  # noqa: E731
@@ -294,7 +306,7 @@ def run(
 
     def save(p: Progress) -> None:
         step_dir = out_dir / f"step-{p.step:06d}"
-        save_servable(model, method, step_dir, checkpoint_dir, template, hparams, card)
+        save_servable(model, method, step_dir, checkpoint_dir, template, hparams, card, chat)
         save_state(fabric, step_dir, model, optimizer, {**p.state_dict(), "batches": batches.state_dict()}, method.keep)
 
     progress = fit(
@@ -302,7 +314,7 @@ def run(
     )
     final_dir = out_dir / "final"
     hparams["trained"] = {"steps": progress.step, "tokens": progress.tokens, "seconds": round(progress.elapsed_s, 1), "stopped_by_time": progress.stopped_by_time}
-    save_servable(model, method, final_dir, checkpoint_dir, template, hparams, card)
+    save_servable(model, method, final_dir, checkpoint_dir, template, hparams, card, chat)
     (final_dir / "submission.json").write_text(json.dumps(build_manifest(hparams, card), indent=2))
     plot_metrics(metrics.path, out_dir / "loss.png")
     fabric.print(

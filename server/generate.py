@@ -22,6 +22,7 @@ import torch
 from litgpt import GPT
 from litgpt.prompts import PromptStyle
 
+from core.chat import ChatTemplate, encode_prompt
 from server.schemas import Completion, ProcessRequest, Token
 from server.text import Codec, TextStream
 
@@ -218,16 +219,24 @@ class Generator:
     """
 
     def __init__(
-        self, model: GPT, codec: Codec, prompt_style: PromptStyle | None = None, use_template: bool = False, max_seq_length: int | None = None
+        self,
+        model: GPT,
+        codec: Codec,
+        prompt_style: PromptStyle | None = None,
+        use_template: bool = False,
+        max_seq_length: int | None = None,
+        chat_template: ChatTemplate | None = None,
     ) -> None:
-        """``use_template`` wraps every prompt in the checkpoint's training template. Off by default:
-        HELM sends complete few-shot prompts, and a template around them usually hurts.
+        """``use_template`` wraps every prompt in the checkpoint's training template: its chat template (the
+        prompt as one user turn, then the generation prompt) when it has one, else its prompt style. Off by
+        default: HELM sends complete few-shot prompts, and a template around them usually hurts.
         ``max_seq_length``: the served window (prompt plus generation), at most the model's block_size."""
-        if use_template and prompt_style is None:
-            raise ValueError("use_template: this checkpoint has no prompt_style.yaml to apply")
+        if use_template and prompt_style is None and chat_template is None:
+            raise ValueError("use_template: this checkpoint has no chat_template.jinja or prompt_style.yaml to apply")
         self.model = model
         self.codec = codec
         self.prompt_style = prompt_style
+        self.chat_template = chat_template
         self.use_template = use_template
         self.device = next(model.parameters()).device
         # Compute dtype: the embeddings are never quantized, so they tell it even for bnb models.
@@ -236,8 +245,11 @@ class Generator:
 
     def prompt(self, req: ProcessRequest) -> Prompt:
         """Template (if asked), encode and fit ``req``'s prompt; raises RequestTooLong."""
-        text = self.prompt_style.apply(req.prompt) if self.use_template else req.prompt
-        ids, dropped = fit_prompt(self.codec.encode(text), self.max_seq_length, self.codec.bos_id, req.max_new_tokens)
+        if self.use_template and self.chat_template is not None:
+            ids = encode_prompt(self.codec.tokenizer, self.chat_template, req.prompt)
+        else:
+            ids = self.codec.encode(self.prompt_style.apply(req.prompt) if self.use_template else req.prompt)
+        ids, dropped = fit_prompt(ids, self.max_seq_length, self.codec.bos_id, req.max_new_tokens)
         skip = 1 if ids and self.codec.bos_id is not None and ids[0] == self.codec.bos_id else 0
         return Prompt(ids=ids, dropped=dropped, skip=skip)
 

@@ -18,6 +18,7 @@ import yaml
 from litgpt import GPT
 from lightning.fabric.plugins import BitsandbytesPrecision
 
+from core.chat import CHAT_TEMPLATE_FILE, ChatTemplate, model_chat_template, special_tokens
 from core.checkpoints import WEIGHTS, CheckpointError, load_config, verify_checkpoint
 from core.methods import unmerged_method
 from core.precision import DTYPES, FABRIC_PRECISION, default_dtype
@@ -114,5 +115,11 @@ def load_generator(
         loaded = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
         state.update(loaded.get("model", loaded))
     model.load_state_dict(state, strict=True)
-    style = load_style(checkpoint_dir)
-    return Generator(model, Codec(checkpoint_dir), prompt_style=style, use_template=use_template, max_seq_length=max_seq_length)
+    codec = Codec(checkpoint_dir)
+    style, chat = load_style(checkpoint_dir), None
+    # A run's own chat template (it trained on conversations) comes first; a model that has neither that nor a
+    # prompt style (an instruct base model) may still carry one in tokenizer_config.json.
+    if (checkpoint_dir / CHAT_TEMPLATE_FILE).is_file() or (style is None and model_chat_template(checkpoint_dir) is not None):
+        source = model_chat_template(checkpoint_dir)
+        chat = ChatTemplate(source, special_tokens(checkpoint_dir, codec.tokenizer), origin=str(checkpoint_dir))
+    return Generator(model, codec, prompt_style=style, use_template=use_template, max_seq_length=max_seq_length, chat_template=chat)

@@ -82,7 +82,7 @@ def test_merge_then_serve(finetuned, tiny):
         ('{"instruction": "a", "output": "b"}\n{"instruction": "a"\n', ".jsonl", ":2: invalid JSON"),
         ('{"instruction": "a", "output": "b"}\n{"instruction": 3, "output": "b"}\n', ".jsonl", ":2: field 'instruction'"),
         ('{"prompt": "p", "response": ""}\n', ".jsonl", ":1: empty output"),
-        ('{"messages": [{"role": "assistant", "content": "x"}]}\n', ".jsonl", ":1: 'messages' needs a user turn"),
+        ('{"messages": [{"role": "user", "content": "x"}]}\n', ".jsonl", ":1: 'messages' has no assistant turn"),
         ('{"rows": []}', ".json", "must hold a list"),
     ],
 )
@@ -105,5 +105,5 @@ def test_all_row_shapes_normalize(tmp_path):
     assert load_rows(path) == [
         {"instruction": "i", "input": "x", "output": "o"},
         {"instruction": "p", "input": "", "output": "r"},
-        {"instruction": "u", "input": "", "output": "a"},
+        rows[2],  # a conversation keeps every turn, the system turn included
     ]

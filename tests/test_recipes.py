@@ -104,10 +104,13 @@ def test_messages_prompt_response_and_csv(tmp_path):
         {"name": "pr", "dataset": "json", "data_files": "pr.jsonl", "license": "mit", "fields": {"prompt": "p", "response": "r"}},
         {"name": "csv", "dataset": "csv", "data_files": "t.csv", "license": "mit", "fields": {"instruction": "question", "output": "answer"}},
     ])
-    got = {r["source"]: (r["instruction"], r["input"], r["output"]) for r in rows}
-    assert got == {
-        "chat": ("Hi?", "", "Hello."),
-        "lima": ("Tell me a fact.", "", "Water boils at 100 C."),
+    got = {r["source"]: r["messages"] if "messages" in r else (r["instruction"], r["input"], r["output"]) for r in rows}
+    assert got == {  # conversations keep every turn, the system turn included
+        "chat": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+        "lima": [
+            {"role": "user", "content": "Tell me a fact."}, {"role": "assistant", "content": "Water boils at 100 C."},
+            {"role": "user", "content": "More?"}, {"role": "assistant", "content": "No."},
+        ],
         "pr": ("Say yes.", "", "yes"),
         "csv": ("Is the sky blue?", "", "yes"),
     }
