@@ -82,7 +82,7 @@ def serve(
             cannot allocate more, and the KV cache takes what the weights leave.
         kv_block_size: positions per KV-cache block.
         kv_tokens: KV-cache size in tokens (all sequences together); default: what GPU memory holds
-            after the weights and a margin for activations, or 4 full windows on the CPU.
+            after the weights and a margin for activations, or 2 full windows on the CPU.
         max_batch: sequences in flight at most (HELM sends 30 requests at once); at least 16, the
             most sequences one request may ask for.
         max_queue: requests waiting at most; past it /process answers 503 with Retry-After.

@@ -39,7 +39,7 @@ from server.paged_model import PagedModel, Segment, activation_bytes, kv_bytes_p
 from server.scheduler import Job, Scheduler
 from server.schemas import MAX_SEQUENCES, Completion, ProcessRequest
 
-CPU_WINDOWS = 4  # on the CPU the pool holds this many full windows (tests and demos), unless --kv_tokens
+CPU_WINDOWS = 2  # on the CPU the pool holds this many full windows (tests and demos), unless --kv_tokens
 STALL_S = 120.0  # /health says "stalled" when a step with work to do has taken longer than this
 
 
