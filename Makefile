@@ -80,7 +80,7 @@ export: setup ## export the merged checkpoint MERGED to Hugging Face format in E
 
 submission: setup ## the leaderboard zip for RUN/final (weights from WEIGHTS_REPO=<hf org/name> of the exported model)
 	@if [ -z "$(WEIGHTS_REPO)" ]; then echo "error: set WEIGHTS_REPO=<hf org/name> where you uploaded the merged model (make export; huggingface-cli upload)"; exit 2; fi
-	$(PYTHON) -m submission.package --run_dir $(RUN)/final --weights_repo $(WEIGHTS_REPO) --out $(ZIP) $(ARGS)
+	$(PYTHON) -m submission.package --run_dir $(RUN)/final --weights_repo $(WEIGHTS_REPO) --out $(ZIP) $(if $(filter 1 true yes,$(ALLOW_UNLISTED)),--allow_unlisted true) $(ARGS)
 
 serve: setup ## serve CKPT on HOST:PORT (default 127.0.0.1:8080)
 	$(PYTHON) -m server --checkpoint_dir $(CKPT) --host $(HOST) --port $(PORT) $(ARGS)

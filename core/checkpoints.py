@@ -9,6 +9,7 @@ really match the config, and a content hash that does not depend on how the file
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,9 @@ import core.configs  # noqa: F401  (registers our local configs with litgpt)
 
 WEIGHTS = "lit_model.pth"
 CONFIG = "model_config.yaml"
+# Where a base checkpoint came from (its hub repo id, litgpt config), written when it is downloaded,
+# converted or built, so that what was finetuned is read from the checkpoint, never from its path.
+SOURCE = "checkpoint_source.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json")
 # Files worth carrying along with the weights when a checkpoint is copied or merged.
 SIDE_FILES = (*TOKENIZER_FILES, "prompt_style.yaml", "chat_template.jinja", "config.json")
@@ -45,6 +49,27 @@ def copy_side_files(src: Path, dst: Path) -> None:
     for name in SIDE_FILES:
         if (src / name).is_file() and (src / name).resolve() != (dst / name).resolve():
             shutil.copy2(src / name, dst / name)
+
+
+def write_source(checkpoint_dir: Path, repo_id: str, litgpt_config: str, how: str) -> Path:
+    """Record ``checkpoint_dir``'s origin in ``checkpoint_source.json``; ``how``: downloaded, converted or built."""
+    path = Path(checkpoint_dir) / SOURCE
+    path.write_text(json.dumps({"repo_id": repo_id, "litgpt_config": litgpt_config, "how": how}, indent=2) + "\n")
+    return path
+
+
+def read_source(checkpoint_dir: Path) -> dict | None:
+    """The record ``write_source`` wrote, or None where there is none; a malformed one is a CheckpointError."""
+    path = Path(checkpoint_dir) / SOURCE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a JSON record ({e})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("repo_id"), str) or not record["repo_id"]:
+        raise CheckpointError(f"{path}: expected an object with a non-empty 'repo_id'")
+    return record
 
 
 def save_checkpoint(state_dict: dict[str, torch.Tensor], config: Config, out_dir: Path, side_files_from: Path | None = None) -> Path:

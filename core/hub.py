@@ -18,7 +18,7 @@ import torch
 from litgpt import GPT, Config
 
 import core.configs  # noqa: F401  (registers our local configs with litgpt's name_to_config)
-from core.checkpoints import CheckpointError, load_config, verify_checkpoint
+from core.checkpoints import CheckpointError, load_config, verify_checkpoint, write_source
 from core.configs import config_from_name
 from core.manifest import UnlistedModelError, lookup
 from core.paths import CHECKPOINTS_DIR
@@ -107,13 +107,51 @@ def unreachable_message(repo_id: str, checkpoint_dir: Path, model_name: str | No
     )
 
 
-def convert(checkpoint_dir: Path, model_name: str | None = None, dtype: str | None = None) -> Config:
+HF_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def delete_hf_weights(checkpoint_dir: Path) -> int:
+    """Remove the Hugging Face weight files once ``lit_model.pth`` holds them (one copy on disk); bytes freed."""
+    freed = 0
+    for pattern in HF_WEIGHT_PATTERNS:
+        for f in Path(checkpoint_dir).glob(pattern):
+            if f.is_file() or f.is_symlink():
+                freed += f.stat().st_size if f.is_file() else 0
+                f.unlink()
+    return freed
+
+
+def _recorded_repo_id(checkpoint_dir: Path, repo_id: str | None) -> str | None:
+    """The repo id to record: the one given, else an earlier record's, else ``checkpoints/<org>/<name>``'s."""
+    from core.checkpoints import read_source
+
+    if repo_id:
+        return repo_id
+    if (record := read_source(checkpoint_dir)) is not None:
+        return record["repo_id"]
+    try:
+        return Path(checkpoint_dir).resolve().relative_to(CHECKPOINTS_DIR.resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def convert(
+    checkpoint_dir: Path,
+    model_name: str | None = None,
+    dtype: str | None = None,
+    repo_id: str | None = None,
+    delete_hf_weights_after: bool = False,
+    how: str = "converted",
+) -> Config:
     """Convert the Hugging Face files in ``checkpoint_dir`` to litgpt's format and verify the result.
 
     ``model_name`` (a litgpt config) defaults to the one ``config.json`` describes (``core.hf_config``).
     litgpt's ``convert_hf_checkpoint`` runs in a scratch directory next to ``checkpoint_dir`` (links to
     the HF files); ``lit_model.pth`` and ``model_config.yaml`` are moved in only once they verify, so a
-    failed conversion leaves ``checkpoint_dir`` as it was. Returns the checkpoint's config. Raises
+    failed conversion leaves ``checkpoint_dir`` as it was. ``checkpoint_source.json`` records ``repo_id``
+    (default: an earlier record's, else the ``checkpoints/<org>/<name>`` the files sit in; none is written
+    outside ``checkpoints/`` without one). ``delete_hf_weights_after`` removes the HF weight files once
+    the conversion verifies, so the weights are on disk once. Returns the checkpoint's config. Raises
     CheckpointError (missing directory, weights that do not match the config, naming each tensor),
     HFConfigError (no single litgpt config fits ``config.json``) and ValueError (an unknown
     ``model_name``, no weight files).
@@ -145,7 +183,15 @@ def convert(checkpoint_dir: Path, model_name: str | None = None, dtype: str | No
         verify_checkpoint(scratch)
         for name in (CONFIG, WEIGHTS):  # the config first: weights next to a stale config never verify
             (scratch / name).replace(checkpoint_dir / name)
-    return verify_checkpoint(checkpoint_dir)
+    verified = verify_checkpoint(checkpoint_dir)
+    if (recorded := _recorded_repo_id(checkpoint_dir, repo_id)) is not None:
+        write_source(checkpoint_dir, recorded, model_name, how)
+    else:
+        print(f"{checkpoint_dir}: no repo id recorded (pass --repo_id org/name so finetunes of it name their base)")
+    if delete_hf_weights_after:
+        freed = delete_hf_weights(checkpoint_dir)
+        print(f"{checkpoint_dir}: removed the Hugging Face weight files ({freed / 2**30:.2f} GiB); lit_model.pth holds the weights")
+    return verified
 
 
 def download(
@@ -156,12 +202,14 @@ def download(
     model_name: str | None = None,
     dtype: str | None = None,
     data_dir: Path | None = None,
+    delete_hf_weights_after: bool = False,
 ) -> Path:
     """Download ``repo_id`` into ``checkpoint_dir / repo_id``, convert it, verify it; returns that directory.
 
     ``repo_id`` must be in the manifest unless ``allow_unlisted`` (then ``model_name``, the litgpt
     config to convert with, is required). ``"tiny"`` is built locally with ``core.tiny.build_tiny``
     (always float32; its data splits go to ``data_dir``, default ``data/generated/tiny``).
+    ``checkpoint_source.json`` records ``repo_id``; ``delete_hf_weights_after`` keeps only ``lit_model.pth``.
 
     Raises UnlistedModelError, HubUnreachableError, ValueError (gated or unknown repo, passed on
     from litgpt with its message) and CheckpointError (the converted result does not verify).
@@ -211,7 +259,7 @@ def download(
         raise
     finally:
         socket.setdefaulttimeout(previous_timeout)
-    convert(out_dir, model_name, dtype)
+    convert(out_dir, model_name, dtype, repo_id=repo_id, delete_hf_weights_after=delete_hf_weights_after, how="downloaded")
     return out_dir
 
 
@@ -238,6 +286,7 @@ def download_cli(
     model_name: str | None = None,
     dtype: str | None = None,
     data_dir: Path | None = None,
+    delete_hf_weights: bool = False,
 ) -> None:
     """Download an approved base model from the Hugging Face Hub and convert it to litgpt's format.
 
@@ -251,13 +300,22 @@ def download_cli(
         model_name: litgpt config to convert with (default: the manifest's).
         dtype: convert the weights to this dtype (e.g. bfloat16); default: keep the downloaded dtype.
         data_dir: for "tiny" only: where its train/test splits go (default data/generated/tiny).
+        delete_hf_weights: once the converted checkpoint verifies, delete the downloaded *.safetensors /
+            *.bin files (lit_model.pth holds the weights; the eval image keeps one copy).
     """
-    out = download(repo_id, checkpoint_dir, access_token, allow_unlisted, model_name, dtype, data_dir)
+    out = download(repo_id, checkpoint_dir, access_token, allow_unlisted, model_name, dtype, data_dir, delete_hf_weights)
     print(f"checkpoint: {out}")
     print(summary(out))
 
 
-def convert_cli(*, checkpoint_dir: Path, model_name: str | None = None, dtype: str | None = None) -> None:
+def convert_cli(
+    *,
+    checkpoint_dir: Path,
+    model_name: str | None = None,
+    dtype: str | None = None,
+    repo_id: str | None = None,
+    delete_hf_weights: bool = False,
+) -> None:
     """Convert Hugging Face files already in a directory (no download) to litgpt's format, then verify.
 
     Args:
@@ -266,8 +324,11 @@ def convert_cli(*, checkpoint_dir: Path, model_name: str | None = None, dtype: s
         model_name: litgpt config name (see checkpoints_manifest.json's litgpt_config), e.g. Mistral-7B-v0.1;
             default: the one whose shapes config.json describes.
         dtype: convert the weights to this dtype (e.g. bfloat16); default: keep the files' dtype.
+        repo_id: the Hugging Face repo id the files came from, recorded in checkpoint_source.json (finetunes
+            name their base from it); default: checkpoints/<org>/<name>'s path, where the files sit there.
+        delete_hf_weights: once the conversion verifies, delete the *.safetensors / *.bin files.
     """
-    convert(checkpoint_dir, model_name, dtype)
+    convert(checkpoint_dir, model_name, dtype, repo_id=repo_id, delete_hf_weights_after=delete_hf_weights)
     print(f"checkpoint: {checkpoint_dir}")
     print(summary(checkpoint_dir))
 

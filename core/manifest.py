@@ -26,8 +26,9 @@ BYTES_PER_PARAM = {"lora": 2.0, "qlora": 0.6}  # bf16 weights; nf4 (4 bit + absm
 OVERHEAD_GIB = 6.0
 USABLE_FRACTION = 0.95  # leave room for the allocator and other processes
 
+# One override, one name: --allow_unlisted true on core.hub download and submission.package, ALLOW_UNLISTED=1 in make.
 ALLOW_UNLISTED_HINT = (
-    "To use it anyway, pass --allow_unlisted true (or `make download MODEL=... ALLOW_UNLISTED=1`); "
+    "To use it anyway, pass --allow_unlisted true (make download / make submission: ALLOW_UNLISTED=1); "
     "the challenge only accepts approved base models, so check its rules first."
 )
 
@@ -48,6 +49,7 @@ class ModelEntry:
     license: str
     params: int  # exact parameter count of the litgpt model
     gated: bool  # needs an HF token with accepted terms
+    gated_source: str  # the evidence for ``gated`` (a model card, a 401 report), cited in the manifest
     fits: dict[str, dict[str, bool]]  # track -> method -> fits
     notes: str = ""
 
@@ -74,6 +76,7 @@ _REQUIRED = {
     "license": str,
     "params": int,
     "gated": bool,
+    "gated_source": str,
     "fits": dict,
 }
 
@@ -91,6 +94,11 @@ def _parse_entry(raw: object, where: str) -> ModelEntry:
         raise ManifestError(f"{where}: unknown field(s) {sorted(unknown)}")
     if not isinstance(raw.get("notes", ""), str):
         raise ManifestError(f"{where}: field 'notes' must be str, got {raw['notes']!r}")
+    if not raw["gated_source"].startswith("gated" if raw["gated"] else ("not gated", "embedded")):
+        raise ManifestError(
+            f"{where}: field 'gated_source' must start with {'gated' if raw['gated'] else 'not gated'!r} "
+            f"to agree with gated={str(raw['gated']).lower()}, got {raw['gated_source'][:60]!r}"
+        )
     if raw["params"] <= 0:
         raise ManifestError(f"{where}: field 'params' must be positive, got {raw['params']}")
     fits = raw["fits"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from litgpt import GPT
 
-from core.checkpoints import WEIGHTS, save_checkpoint, state_dict_sha256
+from core.checkpoints import WEIGHTS, save_checkpoint, state_dict_sha256, write_source
 from core.configs import config_from_name
 from core.paths import CHECKPOINTS_DIR, DATA_DIR
 from core.prompts import get_style
@@ -54,6 +54,7 @@ def build_tiny(out_dir: Path = TINY_DIR, data_dir: Path = TINY_DATA_DIR, seed: i
     (out_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2))
     state_dict = init_weights(seed)
     save_checkpoint(state_dict, config, out_dir)
+    write_source(out_dir, "tiny", "tiny", "built")
     return state_dict_sha256(state_dict)
 
 

@@ -22,13 +22,19 @@ from core.paths import CHECKPOINTS_DIR, REPO_ROOT
 SCHEMA = "onegpu-submission/1"
 
 
-def base_model_id(checkpoint_dir: Path) -> str:
-    """The manifest id of a base checkpoint directory (``checkpoints/<org>/<name>`` -> ``org/name``)."""
+def base_model_id(checkpoint_dir: Path) -> tuple[str, str]:
+    """The base checkpoint's hub repo id and where it was read: its ``checkpoint_source.json``
+    (written by download, convert and the tiny build), or, for a checkpoint converted before there
+    were records, its ``checkpoints/<org>/<name>`` path (else its directory name)."""
+    from core.checkpoints import read_source
+
+    if (record := read_source(Path(checkpoint_dir))) is not None:
+        return record["repo_id"], "checkpoint_source.json"
     path = Path(checkpoint_dir).resolve()
     try:
-        return path.relative_to(CHECKPOINTS_DIR.resolve()).as_posix()
+        return path.relative_to(CHECKPOINTS_DIR.resolve()).as_posix(), "path"
     except ValueError:
-        return path.name  # outside checkpoints/: the directory name (e.g. "tiny")
+        return path.name, "path"
 
 
 def git_revision() -> dict:
@@ -59,12 +65,16 @@ def hardware() -> dict:
 
 
 def build_manifest(hparams: dict, card: dict) -> dict:
-    repo_id = base_model_id(Path(hparams["checkpoint_dir"]))
+    repo_id, read_from = base_model_id(Path(hparams["checkpoint_dir"]))
     try:
         entry = lookup(repo_id)
         base = {"repo_id": repo_id, "litgpt_config": entry.litgpt_config, "license": entry.license, "in_manifest": True}
     except UnlistedModelError:
-        base = {"repo_id": repo_id, "litgpt_config": None, "license": None, "in_manifest": False}
+        from core.checkpoints import load_config
+
+        config = load_config(Path(hparams["checkpoint_dir"])).name  # what was finetuned; the manifest knows no license
+        base = {"repo_id": repo_id, "litgpt_config": config, "license": None, "in_manifest": False}
+    base["repo_id_from"] = read_from
     data = hparams["data"]
     return {
         "schema": SCHEMA,

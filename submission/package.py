@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.manifest import UnlistedModelError, lookup
+from core.methods import METHODS
 from core.paths import REPO_ROOT
 from submission.secrets import scan
 
@@ -95,22 +96,51 @@ def check_entries(entries: list[Entry], max_file_bytes: int) -> None:
             raise SubmissionError(f"{e.arcname}:{line}: looks like {article} {kind} ({start}…); remove it and rotate it, it may have leaked")
 
 
-def collect(run_dir: Path, weights_repo: str, repo_root: Path = REPO_ROOT) -> list[Entry]:
+def _base_config(manifest: dict, run_dir: Path, allow_unlisted: bool) -> str:
+    """The litgpt config the eval image converts the uploaded weights with; an unlisted base needs ``allow_unlisted``."""
+    base = manifest["base_model"]["repo_id"]
+    try:
+        return lookup(base).litgpt_config
+    except UnlistedModelError as e:
+        if not allow_unlisted:
+            raise SubmissionError(f"submission.json: base model {base!r} is not an approved model in the manifest. {e}") from None
+    from core.checkpoints import load_config
+
+    return manifest["base_model"].get("litgpt_config") or load_config(Path(run_dir)).name
+
+
+def check_downloads(manifest: dict, weights_repo: str) -> None:
+    """The organizers build the eval image with no secret: refuse what it could not download, saying why."""
+    from core.manifest import load_manifest
+
+    method = METHODS.get(manifest["method"])
+    if method is not None and not method.mergeable:
+        raise SubmissionError(
+            f"submission.json: method {method.name!r} cannot be merged, and the eval image serves one merged model "
+            f"downloaded from weights_repo; finetune with lora or full for a submission"
+        )
+    entry = load_manifest().get(weights_repo)
+    if entry is not None and entry.gated:
+        raise SubmissionError(
+            f"weights_repo: {weights_repo} is gated on the hub ({entry.gated_source}); the organizers build the image "
+            "with no token, so its download would fail. Upload your merged model to a public repo of your own and point weights_repo at it"
+        )
+
+
+def collect(run_dir: Path, weights_repo: str, repo_root: Path = REPO_ROOT, allow_unlisted: bool = False) -> list[Entry]:
     manifest_path = Path(run_dir) / "submission.json"
     if not manifest_path.is_file():
         raise SubmissionError(f"{run_dir}: no submission.json; point --run_dir at a finetune run's final/ directory")
     manifest = json.loads(manifest_path.read_text())
     base = manifest["base_model"]["repo_id"]
-    try:
-        entry = lookup(base)
-    except UnlistedModelError as e:
-        raise SubmissionError(f"submission.json: base model {base!r} is not an approved model in the manifest. {e}") from None
+    litgpt_config = _base_config(manifest, run_dir, allow_unlisted)
     if not HF_REPO_ID.match(weights_repo):
         raise SubmissionError(f"weights_repo: {weights_repo!r} is not a Hugging Face repo id (org/name) of your uploaded merged model")
+    check_downloads(manifest, weights_repo)
 
     entries = [Entry(p, (repo_root / p).read_bytes()) for p in tracked_files(repo_root) if p != "Dockerfile"]
-    dockerfile = eval_dockerfile((repo_root / "Dockerfile").read_text(), weights_repo, entry.litgpt_config)
-    serve_config = {"weights_repo": weights_repo, "litgpt_config": entry.litgpt_config, "base_model": base, "use_template": False}
+    dockerfile = eval_dockerfile((repo_root / "Dockerfile").read_text(), weights_repo, litgpt_config)
+    serve_config = {"weights_repo": weights_repo, "litgpt_config": litgpt_config, "base_model": base, "use_template": False}
     entries += [
         Entry("Dockerfile", dockerfile.encode()),
         Entry("submission.json", manifest_path.read_bytes()),
@@ -124,9 +154,12 @@ def collect(run_dir: Path, weights_repo: str, repo_root: Path = REPO_ROOT) -> li
     return sorted(entries, key=lambda e: e.arcname)
 
 
-def package(run_dir: Path, weights_repo: str, out: Path = Path("dist/submission.zip"), max_file_mb: float = 5.0, repo_root: Path = REPO_ROOT) -> Path:
+def package(
+    run_dir: Path, weights_repo: str, out: Path = Path("dist/submission.zip"), max_file_mb: float = 5.0,
+    repo_root: Path = REPO_ROOT, allow_unlisted: bool = False,
+) -> Path:  # fmt: skip
     """Check everything, then write the zip; nothing is written when a check fails."""
-    entries = collect(run_dir, weights_repo, repo_root)
+    entries = collect(run_dir, weights_repo, repo_root, allow_unlisted)
     check_entries(entries, int(max_file_mb * 2**20))
     out.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -138,7 +171,9 @@ def package(run_dir: Path, weights_repo: str, out: Path = Path("dist/submission.
     return out
 
 
-def main(run_dir: Path, weights_repo: str, out: Path = Path("dist/submission.zip"), max_file_mb: float = 5.0) -> None:
+def main(
+    run_dir: Path, weights_repo: str, out: Path = Path("dist/submission.zip"), max_file_mb: float = 5.0, allow_unlisted: bool = False
+) -> None:
     """Write the submission zip for the leaderboard bot.
 
     Args:
@@ -147,9 +182,11 @@ def main(run_dir: Path, weights_repo: str, out: Path = Path("dist/submission.zip
             ``huggingface-cli upload``); the eval image downloads and converts it at build time.
         out: the zip to write.
         max_file_mb: refuse any file larger than this.
+        allow_unlisted: package a finetune of a base model that is not in the manifest (make submission
+            ALLOW_UNLISTED=1); the challenge only accepts approved base models.
     """
     try:
-        path = package(run_dir, weights_repo, out, max_file_mb)
+        path = package(run_dir, weights_repo, out, max_file_mb, allow_unlisted=allow_unlisted)
     except SubmissionError as e:
         raise SystemExit(f"error: {e}") from None
     with zipfile.ZipFile(path) as zf:

@@ -231,3 +231,31 @@ def test_failed_conversion_names_the_shapes_and_writes_nothing(tiny_hf_dir: Path
     assert not (tmp_path / "x" / "model_config.yaml").exists()
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == sorted([*before, WEIGHTS])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_convert_records_its_source_and_can_keep_one_copy_of_the_weights(tiny_hf_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """--delete_hf_weights leaves lit_model.pth (equal to a conversion that kept the HF files) and no HF weights;
+    checkpoint_source.json names the repo id given, and one under checkpoints/<org>/<name> names that."""
+    from core import hub
+    from core.checkpoints import SOURCE, read_source, state_dict_sha256
+
+    kept = _converted_copy(tiny_hf_dir, tmp_path / "kept")
+    assert read_source(kept) is None  # outside checkpoints/ and no repo id: nothing recorded, nothing guessed
+    one = tmp_path / "one"
+    shutil.copytree(tiny_hf_dir, one)
+    convert(one, "tiny", repo_id="someone/tiny-hf", delete_hf_weights_after=True)
+    assert not [p.name for p in one.iterdir() if p.name.endswith((".safetensors", ".bin", ".index.json"))]
+    assert (one / "config.json").is_file()  # the HF config stays (small; export and shape checks read it)
+    verify_checkpoint(one)
+    load = lambda d: torch.load(d / WEIGHTS, weights_only=True)  # noqa: E731
+    assert state_dict_sha256(load(one)) == state_dict_sha256(load(kept))
+    assert read_source(one) == {"repo_id": "someone/tiny-hf", "litgpt_config": "tiny", "how": "converted"}
+
+    monkeypatch.setattr(hub, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
+    placed = tmp_path / "checkpoints" / "org" / "name"
+    shutil.copytree(tiny_hf_dir, placed)
+    convert(placed, "tiny")
+    assert read_source(placed)["repo_id"] == "org/name"
+    (placed / SOURCE).write_text("not json")
+    with pytest.raises(CheckpointError, match=SOURCE):
+        read_source(placed)

@@ -119,6 +119,27 @@ def test_meta_llama_repos_are_gated():
             assert entry.gated and entry.license == "llama2"
 
 
+GATED_ORGS = ("meta-llama/", "mistralai/")  # orgs whose repos ask to accept terms before download
+
+
+@pytest.mark.parametrize("repo_id", IDS)
+def test_gated_flag_has_its_evidence(repo_id):
+    """Every flag cites where it comes from; gated orgs are gated; a gated entry cites a URL."""
+    entry = ENTRIES[repo_id]
+    assert entry.gated_source.startswith("gated" if entry.gated else ("not gated", "embedded"))
+    if repo_id.startswith(GATED_ORGS):
+        assert entry.gated, f"{repo_id}: {repo_id.split('/')[0]} repos are gated on the hub"
+    if entry.gated:
+        assert "https://" in entry.gated_source
+    if not entry.embedded:
+        assert "https://" in entry.gated_source
+
+
+def test_gated_source_must_agree_with_the_flag(tmp_path):
+    with pytest.raises(ManifestError, match=r"models\[1\].*gated_source.*'gated'"):
+        load_manifest(_write(tmp_path, _with_second_entry(lambda e: e.update(gated=True))))
+
+
 def test_litgpt_configs_unique_and_families_grouped():
     names = [e.litgpt_config for e in ENTRIES.values()]
     assert len(names) == len(set(names))
@@ -161,6 +182,7 @@ def _entry(repo_id: str, params: int = 1000) -> dict:
         "license": "apache-2.0",
         "params": params,
         "gated": False,
+        "gated_source": "not gated: test entry",
         "fits": {t: {m: True for m in METHODS} for t in TRACKS_GIB},
         "notes": "",
     }
@@ -195,10 +217,11 @@ def test_good_manifest_loads(tmp_path):
         (lambda e: e.update(params="7B"), "'params'"),
         (lambda e: e.update(params=True), "'params'"),
         (lambda e: e.update(gated="no"), "'gated'"),
+        (lambda e: e.pop("gated_source"), "'gated_source'"),
         (lambda e: e.update(repo_id=None), "'repo_id'"),
         (lambda e: e.update(size="7B"), "size"),
     ],
-    ids=["missing-license", "missing-fits", "params-str", "params-bool", "gated-str", "repo-id-null", "unknown"],
+    ids=["missing-license", "missing-fits", "params-str", "params-bool", "gated-str", "gated-source-missing", "repo-id-null", "unknown"],
 )
 def test_bad_field_names_entry_and_field(tmp_path, mutate, field):
     with pytest.raises(ManifestError) as info:

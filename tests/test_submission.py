@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -37,7 +38,10 @@ def tiny_run(make_tiny_checkpoint, tmp_path_factory):
 def test_submission_json_is_complete_and_hashes_match_the_data_card(tiny_run):
     base, final = tiny_run
     m = json.loads((final / "submission.json").read_text())
-    assert m["base_model"] == {"repo_id": "tiny", "litgpt_config": "tiny", "license": "apache-2.0", "in_manifest": True}
+    assert m["base_model"] == {
+        "repo_id": "tiny", "litgpt_config": "tiny", "license": "apache-2.0", "in_manifest": True,
+        "repo_id_from": "checkpoint_source.json",  # the checkpoint's own record (core.tiny wrote it), not its path
+    }  # fmt: skip
     assert m["method"] == "lora" and m["seed"] == 1337 and m["template"] == "qa"
     assert m["finetune"]["lora_r"] == 4 and m["finetune"]["train"]["max_steps"] == 3
     assert re.fullmatch(r"[0-9a-f]{40}", m["versions"]["onegpu"]["sha"])
@@ -111,17 +115,55 @@ def test_each_problem_is_refused_naming_the_file(tiny_run, fake_repo, tmp_path, 
     assert not (tmp_path / "refused.zip").exists()  # nothing written
 
 
-def test_unlisted_base_and_bad_weights_repo_are_refused(tiny_run, tmp_path):
-    _, final = tiny_run
-    with pytest.raises(SubmissionError, match="weights_repo"):
-        package(final, "not a repo id", tmp_path / "x.zip")
+def _edited_run(final, tmp_path, edit) -> "Path":
     run = tmp_path / "run"
     shutil.copytree(final, run)
     m = json.loads((run / "submission.json").read_text())
-    m["base_model"]["repo_id"] = "someone/instruct-model"
+    edit(m)
     (run / "submission.json").write_text(json.dumps(m))
-    with pytest.raises(SubmissionError, match="not an approved model"):
+    return run
+
+
+def test_unlisted_base_is_refused_naming_the_override_that_works(tiny_run, tmp_path):
+    _, final = tiny_run
+    with pytest.raises(SubmissionError, match="weights_repo"):
+        package(final, "not a repo id", tmp_path / "x.zip")
+    run = _edited_run(final, tmp_path, lambda m: m["base_model"].update(repo_id="someone/base-model", in_manifest=False))
+    with pytest.raises(SubmissionError, match="not an approved model") as refused:
         package(run, WEIGHTS_REPO, tmp_path / "x.zip")
+    # The message names one override, and it is the one the packager, its CLI and the Makefile take.
+    assert "--allow_unlisted true" in str(refused.value) and "ALLOW_UNLISTED=1" in str(refused.value)
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    (line,) = [ln for ln in makefile.splitlines() if "-m submission.package" in ln]
+    assert "$(if $(filter 1 true yes,$(ALLOW_UNLISTED)),--allow_unlisted true)" in line
+    cli = subprocess.run(
+        [sys.executable, "-m", "submission.package", "--run_dir", str(run), "--weights_repo", WEIGHTS_REPO,
+         "--out", str(tmp_path / "u.zip"), "--allow_unlisted", "true"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    with zipfile.ZipFile(tmp_path / "u.zip") as zf:
+        assert "ARG MODEL_NAME=tiny" in zf.read("Dockerfile").decode()  # the config the run really finetuned
+
+
+def test_base_id_comes_from_the_checkpoints_record_not_its_path(make_tiny_checkpoint, tmp_path):
+    from finetune.provenance import base_model_id
+
+    moved = tmp_path / "anywhere" / "my-base"
+    shutil.copytree(make_tiny_checkpoint(), moved)
+    assert base_model_id(moved) == ("tiny", "checkpoint_source.json")
+    (moved / "checkpoint_source.json").unlink()
+    assert base_model_id(moved) == ("my-base", "path")  # converted before records: said so in submission.json
+
+
+def test_downloads_the_image_could_not_do_are_refused(tiny_run, tmp_path):
+    _, final = tiny_run
+    with pytest.raises(SubmissionError, match=r"mistralai/Mistral-7B-v0\.1 is gated .*no token"):
+        package(final, "mistralai/Mistral-7B-v0.1", tmp_path / "x.zip")
+    run = _edited_run(final, tmp_path, lambda m: m.update(method="adapter"))
+    with pytest.raises(SubmissionError, match="'adapter' cannot be merged"):
+        package(run, WEIGHTS_REPO, tmp_path / "x.zip")
+    assert not (tmp_path / "x.zip").exists()
 
 
 def test_dockerfile_train_names_every_step_in_order():
