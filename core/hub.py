@@ -339,14 +339,12 @@ def main(args: list[str] | None = None) -> int:
     The CLI functions take keyword-only arguments so that jsonargparse makes every argument a
     ``--flag`` (``--repo_id X``, ``--checkpoint_dir D --model_name N``), required ones included.
     """
-    from jsonargparse import auto_cli
+    from core.cli import run_cli
 
     try:
-        auto_cli({"download": download_cli, "convert": convert_cli}, args=args)
-    except (HubUnreachableError, ValueError) as e:  # ValueError covers UnlistedModelError, CheckpointError
-        sys.stdout.flush()
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        run_cli({"download": download_cli, "convert": convert_cli}, args=sys.argv[1:] if args is None else args)
+    except SystemExit as e:  # run_cli printed the error line; jsonargparse its usage
+        return e.code if isinstance(e.code, int) else 1
     return 0
 
 

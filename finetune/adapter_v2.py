@@ -12,6 +12,6 @@ from finetune.adapter import setup_for
 setup = setup_for("adapter_v2")
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from core.cli import run_cli
 
-    CLI(setup, as_positional=False)
+    run_cli(setup)

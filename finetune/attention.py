@@ -45,7 +45,7 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     config = model.config
     for module in model.modules():
         if isinstance(module, CausalSelfAttention) and type(module).scaled_dot_product_attention is not CausalSelfAttention.scaled_dot_product_attention:
-            return f"{type(module).__module__}'s attention adds its own terms (adapter prefixes)"
+            return f"adapter prefixes in its attention ({type(module).__module__})"
     if config.attention_logit_softcapping is not None:
         return "attention logit softcapping"
     if config.sliding_window_size is not None:

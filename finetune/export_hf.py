@@ -21,7 +21,6 @@ import contextlib
 import io
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -111,9 +110,8 @@ def _refuse_adapter(checkpoint_dir: Path) -> None:
         return
     if not merged.is_file():
         raise ExportError(
-            f"{checkpoint_dir} holds an unmerged LoRA adapter ({WEIGHTS}.lora) and no {WEIGHTS}: run `make merge` "
-            f"first (python -m finetune.merge --checkpoint_dir {checkpoint_dir} --out_dir <merged dir>) and export "
-            "the merged checkpoint"
+            f"{checkpoint_dir} holds an unmerged LoRA adapter ({WEIGHTS}.lora) and no {WEIGHTS}: run `make merge` first "
+            f"(.venv/bin/python -m finetune.merge --checkpoint_dir {checkpoint_dir} --out_dir <merged dir>) and export the merged checkpoint"
         )
     if merged.stat().st_mtime < adapter.stat().st_mtime:
         raise ExportError(
@@ -270,10 +268,6 @@ def main(checkpoint_dir: Path, out_dir: Path, dtype: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from core.cli import run_cli
 
-    try:
-        CLI(main, as_positional=False)
-    except CheckpointError as e:  # ExportError included: expected failures get one line, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

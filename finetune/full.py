@@ -58,6 +58,6 @@ def setup(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from core.cli import run_cli
 
-    CLI(setup, as_positional=False)
+    run_cli(setup)

@@ -65,6 +65,6 @@ def main(checkpoint_dir: Path, out_dir: Path | None = None, base_checkpoint_dir:
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from core.cli import run_cli
 
-    CLI(main, as_positional=False)
+    run_cli(main)

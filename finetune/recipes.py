@@ -922,11 +922,6 @@ def main(recipe: Path, out_dir: Path | None = None, tokenizer_dir: Path | None =
 
 
 if __name__ == "__main__":
-    import sys
+    from core.cli import run_cli
 
-    from jsonargparse import CLI
-
-    try:
-        CLI(main, as_positional=False)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

@@ -78,7 +78,7 @@ def make_fabric(precision: str, quantize: str | None, method: Method, out_dir: P
         if not torch.cuda.is_available():
             raise ValueError(f"quantize: {quantize} (QLoRA) uses bitsandbytes CUDA kernels and needs an NVIDIA GPU")
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError(f"quantize: {quantize} needs bitsandbytes: pip install 'bitsandbytes>=0.45.2,<0.50'")
+            raise ValueError(f"quantize: {quantize} needs bitsandbytes: .venv/bin/python -m pip install -c constraints.txt bitsandbytes")
         if precision not in PRECISION_DTYPE:
             raise ValueError(f"precision: quantization needs a '-true' precision ({list(PRECISION_DTYPE)}), got {precision!r}")
         plugins, precision = BitsandbytesPrecision(quantize[4:], PRECISION_DTYPE[precision]), None
@@ -320,9 +320,18 @@ def run(
     fabric.print(
         f"done: {progress.step} steps, {progress.tokens:,} tokens in {progress.elapsed_s:.1f}s "
         f"({progress.tokens / max(progress.elapsed_s, 1e-9):,.0f} tok/s); final train loss {progress.last_loss:.4f}\n"
-        f"saved to {final_dir}" + ("" if method.name == "full" else f"; merge with: python -m finetune.merge --checkpoint_dir {final_dir}")
+        f"saved to {final_dir}\nnext: {next_step(method, out_dir, final_dir)}"
     )
     return final_dir
+
+
+def next_step(method: Method, out_dir: Path, final_dir: Path) -> str:
+    """What to do with a finished run: merge a LoRA, serve an adapter as it is, serve a full finetune."""
+    if method.mergeable and method.name != "full":
+        return f"make merge RUN={out_dir} MERGED=<dir> (a standalone checkpoint), or serve it unmerged: make serve CKPT={final_dir}"
+    if method.mergeable:
+        return f"make serve CKPT={final_dir} (a standalone checkpoint)"
+    return f"make serve CKPT={final_dir} ({method.name} is served as it is, base + {method.weights_file}; it cannot be merged)"
 
 
 def _plain(d: dict) -> dict:

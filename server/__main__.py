@@ -117,6 +117,6 @@ def serve(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from core.cli import run_cli
 
-    CLI(serve, as_positional=False)
+    run_cli(serve)

@@ -48,7 +48,7 @@ def check_quantize(quantize: str | None, device: torch.device) -> None:
             f"{device.type}. Drop --quantize to serve in bf16/fp16/fp32, or run on a GPU."
         )
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(f"quantize: {quantize} needs the bitsandbytes package: pip install 'bitsandbytes>=0.45.2,<0.50'")
+        raise ValueError(f"quantize: {quantize} needs the bitsandbytes package: .venv/bin/python -m pip install -c constraints.txt bitsandbytes")
 
 
 def base_of(run_dir: Path, base_checkpoint_dir: Path | None) -> tuple[Path, dict]:

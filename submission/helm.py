@@ -353,7 +353,7 @@ def server_health(server_url: str, wait_s: float = 30.0, timeout: float = 10.0) 
             raise SystemExit(
                 f"error: no server answers at {base} ({getattr(e, 'reason', e)}; waited {wait_s:.0f} s).\n"
                 f"  Start one first, e.g. `make serve CKPT=checkpoints/tiny-lora` or\n"
-                f"  `python -m server --checkpoint_dir checkpoints/tiny-lora --port 8080`, then rerun."
+                f"  `.venv/bin/python -m server --checkpoint_dir checkpoints/tiny-lora --port 8080`, then rerun."
             ) from None
     body = json.dumps({"prompt": HEALTH_PROMPT, "max_new_tokens": 1}).encode()
     request = urllib.request.Request(f"{base}/process", data=body, headers={"Content-Type": "application/json"})
@@ -529,6 +529,6 @@ def main(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from core.cli import run_cli
 
-    CLI(main, as_positional=False)
+    run_cli(main)

@@ -195,6 +195,6 @@ def main(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from core.cli import run_cli
 
-    CLI(main, as_positional=False)
+    run_cli(main)

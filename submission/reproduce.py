@@ -100,6 +100,6 @@ def merge(manifest: Path = Path("submission.json"), out_dir: Path = Path("out/re
 
 
 if __name__ == "__main__":
-    from jsonargparse import auto_cli
+    from core.cli import run_cli
 
-    auto_cli({"download": download, "data": data, "finetune": finetune, "merge": merge}, as_positional=False)
+    run_cli({"download": download, "data": data, "finetune": finetune, "merge": merge})
