@@ -11,9 +11,10 @@ requests over HTTP, like HELM:
 
 Per server:
   - batch-1 decode: one short prompt, greedy, ``decode_tokens`` new tokens, alone;
-  - the trace at concurrency 1 and at 30: wall time, requests/s, generated tokens/s, p50/p99
-    latency per request kind. The c=1 and c=30 traces are different samples (seeds), so a server
-    that caches prompts never sees a prompt twice across phases;
+  - the trace at concurrency 1, 4 (``helm-run``'s default thread count) and 30 (the challenge's
+    ``-n 30``): wall time, requests/s, generated tokens/s, p50/p99 latency per request kind. Each
+    phase's trace is a different sample (seed), so a server that caches prompts never sees a prompt
+    twice across phases;
 Then, for ours only, the projection of the final eval (``submission.eval_time``'s method, at HELM's
 concurrency) and ratios ours/baseline. Random weights never emit stop strings, so generation is
 capped at ``cap_new_tokens`` in the trace (the projection uses expected lengths instead).
@@ -36,10 +37,12 @@ from pathlib import Path
 
 import httpx
 
-from core.workload import HELM_CONCURRENCY, HELM_WINDOW, TYPES, TraceRequest, build_trace, calibrate_tokens_per_word
+from core.workload import HELM_CONCURRENCY, HELM_RUN_THREADS, HELM_WINDOW, TYPES, TraceRequest, build_trace, calibrate_tokens_per_word
 from submission.eval_time import _percentile, evaluate
 
 SERVERS = ("ours", "litgpt", "hf")
+CONCURRENCIES = (1, HELM_RUN_THREADS, HELM_CONCURRENCY)
+SEED_OFFSETS = {1: 1, HELM_CONCURRENCY: 2, HELM_RUN_THREADS: 3}  # c1 and c30 keep the seeds of earlier reports
 TARGETS = {"c30_speedup_vs_litgpt": 10.0, "batch1_decode_tokens_per_s": 150.0, "projected_final_eval_s": 15 * 60.0}
 
 
@@ -59,10 +62,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(kind: str, checkpoint_dir: Path, port: int, device: str, work_dir: Path, quantize: str | None = None) -> list[str]:
+def server_command(
+    kind: str, checkpoint_dir: Path, port: int, device: str, work_dir: Path, quantize: str | None = None, ours_args: list[str] = ()
+) -> list[str]:
     if kind == "ours":
         quantized = ["--quantize", quantize] if quantize else []
-        return [sys.executable, "-m", "server", "--checkpoint_dir", str(checkpoint_dir), "--port", str(port), "--device", device, *quantized]
+        return [sys.executable, "-m", "server", "--checkpoint_dir", str(checkpoint_dir), "--port", str(port), "--device", device,
+                *quantized, *ours_args]  # fmt: skip
     hf_dir = work_dir / f"{checkpoint_dir.name}-hf"
     return [sys.executable, "-m", "bench.baseline_servers", "--kind", kind, "--checkpoint_dir", str(checkpoint_dir),
             "--hf_dir", str(hf_dir), "--port", str(port), "--device", device]  # fmt: skip
@@ -177,6 +183,19 @@ def prepare_checkpoint(model: str, checkpoint_dir: Path | None, work_dir: Path) 
     return write_random_checkpoint(model, work_dir / f"{model}-random", tokenizer_dir=tiny)
 
 
+def build_traces(ckpt: Path, requests: int, cap_new_tokens: int, seed: int) -> dict[int, list[TraceRequest]]:
+    """One HELM-like trace per concurrency of ``CONCURRENCIES``, sized in this checkpoint's tokens."""
+    from litgpt import Tokenizer
+
+    tokenizer = Tokenizer(ckpt)
+    tpw = calibrate_tokens_per_word(lambda text: len(tokenizer.encode(text)))
+    return {
+        c: build_trace(requests, seed + SEED_OFFSETS[c], workload="all", cap_new_tokens=cap_new_tokens, tokens_per_word=tpw,
+                       max_prompt_tokens=HELM_WINDOW)
+        for c in CONCURRENCIES
+    }  # fmt: skip
+
+
 def main(
     out_dir: Path = Path("out/bench"),
     model: str = "Mistral-7B-v0.1",
@@ -190,6 +209,7 @@ def main(
     device: str = "auto",
     seed: int = 0,
     quantize: str | None = None,
+    ours_args: list[str] = [],
 ) -> dict:
     """Run the benchmark; print and write ``serve.json``.
 
@@ -204,8 +224,9 @@ def main(
         decode_tokens: new tokens for the batch-1 decode measurement.
         projection_requests_per_type: requests per type for the projection (0 to skip it).
         device: passed to every server.
-        seed: trace seeds are seed+1 (concurrency 1), seed+2 (concurrency 30).
+        seed: trace seeds are seed+1 (concurrency 1), seed+3 (concurrency 4), seed+2 (concurrency 30).
         quantize: serve ours with bitsandbytes weights (e.g. bnb.nf4, the 4090 setting).
+        ours_args: more options for ``python -m server`` (e.g. ["--gpu_memory_gib", "24"]).
     """
     unknown = set(servers) - set(SERVERS)
     if unknown:
@@ -214,14 +235,7 @@ def main(
     work_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ckpt = prepare_checkpoint(model, checkpoint_dir, work_dir)
-    from litgpt import Tokenizer
-
-    tokenizer = Tokenizer(ckpt)
-    tpw = calibrate_tokens_per_word(lambda text: len(tokenizer.encode(text)))
-    traces = {
-        c: build_trace(requests, seed + i + 1, workload="all", cap_new_tokens=cap_new_tokens, tokens_per_word=tpw, max_prompt_tokens=HELM_WINDOW)
-        for i, c in enumerate((1, HELM_CONCURRENCY))
-    }  # fmt: skip
+    traces = build_traces(ckpt, requests, cap_new_tokens, seed)
     report: dict = {
         "device": _device_name(device),
         "checkpoint": str(ckpt) if checkpoint_dir else f"{model} (random bf16 weights)",
@@ -239,7 +253,7 @@ def main(
         port = _free_port()
         entry: dict = {}
         try:
-            with Server(server_command(kind, ckpt, port, device, work_dir, quantize), port, out_dir / f"server_{kind}.log") as server:
+            with Server(server_command(kind, ckpt, port, device, work_dir, quantize, ours_args), port, out_dir / f"server_{kind}.log") as server:
                 entry["startup_s"] = round(server.startup_s, 1)
                 asyncio.run(replay(server.url, traces[1][:2], 1))  # warm-up (kernels, allocator)
                 entry["batch1_decode"] = batch1_decode(server.url, decode_tokens)
@@ -256,7 +270,7 @@ def main(
         (out_dir / "serve.partial.json").write_text(json.dumps(report, indent=2, default=str))  # if a later server hangs
     report["greedy_agreement"] = _agreement(report["servers"])
     for entry in report["servers"].values():
-        for c in (1, HELM_CONCURRENCY):
+        for c in CONCURRENCIES:
             entry.get(f"c{c}", {}).pop("_texts", None)
     report["ratios"] = _ratios(report["servers"])
     report["targets"] = _targets(report)
@@ -304,7 +318,7 @@ def _ratios(servers: dict) -> dict:
     ratios = {}
     for base in ("litgpt", "hf"):
         other = servers.get(base, {})
-        for c in (1, HELM_CONCURRENCY):
+        for c in CONCURRENCIES:
             a, b = ours.get(f"c{c}"), other.get(f"c{c}")
             if a and b and b["requests_per_s"] > 0:
                 ratios[f"c{c}_requests_per_s_vs_{base}"] = round(a["requests_per_s"] / b["requests_per_s"], 2)

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 HELM_WINDOW = 2048  # HELM's max_request_length for neurips/local: prompt + max_new_tokens
 HELM_CONCURRENCY = 30  # helm-run -n 30: request threads in parallel
+HELM_RUN_THREADS = 4  # helm-run's own default for -n/--num-threads (crfm-helm 0.2.4 and 0.5.16), which the organizers' command doesn't set
 GREEDY_TEMPERATURE = 1e-7  # what HELM sends when a scenario asks for temperature 0
 
 

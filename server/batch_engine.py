@@ -179,7 +179,11 @@ class BatchEngine:
     @property
     def stats(self) -> dict:
         """Counters since start, and what is in flight now (read without stopping the engine)."""
-        return {**self.counters, "queued": self._submitted, "sequences": self.scheduler.sequences, "kv_blocks_held": self.pool.held}
+        stats = {**self.counters, "queued": self._submitted, "sequences": self.scheduler.sequences, "kv_blocks_held": self.pool.held}
+        if self.generator.device.type == "cuda":  # what the allocator took at most, to compare with --gpu_memory_gib
+            stats["gpu_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(self.generator.device) / 2**30, 2)
+            stats["gpu_peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(self.generator.device) / 2**30, 2)
+        return stats
 
     @property
     def idle(self) -> bool:

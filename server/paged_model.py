@@ -280,15 +280,12 @@ class PagedModel:
             raise ValueError(f"decode needs 1..{self.max_batch} sequences at positions < {self.max_len}")
         padded, blocks = self._bucket(B, positions)
         fill = padded - B  # padding sequences read and write block 0 only
-        table = torch.zeros(padded, blocks, dtype=torch.long)
-        for b, t in enumerate(tables):
-            t = t[:blocks]
-            table[b, : len(t)] = torch.tensor(t)
+        rows = [t[:blocks] + [0] * (blocks - len(t)) for t in tables] + [[0] * blocks] * fill
         slots = [self._slot(t, p) for t, p in zip(tables, positions)]
         self._tokens[:padded].copy_(torch.tensor(tokens + [0] * fill), non_blocking=True)
         self._positions[:padded].copy_(torch.tensor(positions + [0] * fill), non_blocking=True)
         self._slots[:padded].copy_(torch.tensor(slots + [0] * fill), non_blocking=True)
-        self._tables[:padded, :blocks].copy_(table, non_blocking=True)
+        self._tables[:padded, :blocks].copy_(torch.tensor(rows), non_blocking=True)
         if not self.cuda_graphs:
             return self._decode_step(padded, blocks)
         key = (padded, blocks)

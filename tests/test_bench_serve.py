@@ -14,7 +14,7 @@ def test_bench_serve_runs_on_the_tiny_model(make_tiny_checkpoint, tmp_path) -> N
     for kind in SERVERS:
         entry = report["servers"][kind]
         assert "error" not in entry, entry
-        for phase in ("c1", "c30"):
+        for phase in ("c1", "c4", "c30"):
             assert entry[phase]["requests"] == 6 and entry[phase]["errors"] == 0, entry[phase]
             assert entry[phase]["requests_per_s"] > 0
             assert set(entry[phase]["latency_s"]) >= {"multiple_choice"}
@@ -22,7 +22,20 @@ def test_bench_serve_runs_on_the_tiny_model(make_tiny_checkpoint, tmp_path) -> N
     ours = report["servers"]["ours"]
     assert ours["engine"]["requests"] > 0
     assert ours["projection"]["final_eval_s"] > 0
-    assert set(report["ratios"]) >= {"c30_requests_per_s_vs_litgpt", "c30_requests_per_s_vs_hf", "batch1_decode_vs_litgpt"}
+    assert set(report["ratios"]) >= {"c4_requests_per_s_vs_litgpt", "c30_requests_per_s_vs_litgpt", "c30_requests_per_s_vs_hf", "batch1_decode_vs_litgpt"}
     assert report["targets"]["measured"]["c30_speedup_vs_litgpt"] == report["ratios"]["c30_requests_per_s_vs_litgpt"]
     # same weights in fp32, greedy: every baseline answers the trace exactly as ours does
     assert report["greedy_agreement"] == {"vs_litgpt": 1.0, "vs_hf": 1.0}
+
+
+def test_serve_tracks_cases_are_litgpt_configs_and_unknown_ones_are_refused(tmp_path) -> None:
+    import pytest
+
+    from bench.serve_tracks import CASES
+    from bench.serve_tracks import main as tracks
+    from core.configs import config_from_name
+
+    for case, (name, gib) in CASES.items():
+        assert config_from_name(name).name == name and case.endswith(f"@{gib}")
+    with pytest.raises(ValueError, match="cases: unknown"):
+        tracks(out_dir=tmp_path, cases=["gpt-5@80"])

@@ -1,0 +1,158 @@
+"""Serve each track's models on the track's memory: the HELM-like trace at concurrency 4 and 30 under a true cap.
+
+    python -m bench.serve_tracks --out_dir $OUT                                   (all cases, ~20 min on an H200)
+    python -m bench.serve_tracks --out_dir $OUT --cases '[llama2-7b@24, mistral-7b@24]'   (a <10 min share)
+
+Each case is a litgpt config with random bf16 weights (speed and memory don't depend on values)
+served by ``python -m server --gpu_memory_gib N`` in its own process: the server caps its CUDA
+allocator at N GiB (``torch.cuda.set_per_process_memory_fraction``) before loading the weights, so
+it cannot use more than an N GiB card would give it, and sizes its KV pool from what is left.
+
+Per case: requests/s and errors of the trace at c=4 (``helm-run``'s default) and c=30 (the
+challenge's ``-n 30``), batch-1 decode tokens/s, the most sequences in flight at once, the pool's
+size, and peak memory three ways: the allocator's peak (allocated and reserved, from the server's
+/health) and the process's peak as ``nvidia-smi`` sees it (CUDA context included). The case's
+work directory (its random checkpoint) is deleted afterwards; results go to
+``$OUT/serve_tracks_<case>.json`` and ``$OUT/serve_tracks.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.serve import Server, _device_name, _free_port, batch1_decode, build_traces, prepare_checkpoint, replay, server_command
+from core.workload import HELM_CONCURRENCY, HELM_RUN_THREADS
+
+# case name -> (litgpt config, GiB): the track's card
+CASES = {
+    "llama2-7b@24": ("Llama-2-7b-hf", 24),
+    "mistral-7b@24": ("Mistral-7B-v0.1", 24),
+    "qwen2.5-14b@40": ("Qwen2.5-14B", 40),
+    "qwen2.5-7b@24": ("Qwen2.5-7B", 24),
+}
+
+
+class GpuMemoryPeak:
+    """The largest GPU memory ``nvidia-smi`` reports for one process while a ``with`` block runs (MiB)."""
+
+    def __init__(self, pid: int, every_s: float = 0.5) -> None:
+        self.pid, self.every_s, self.peak_mib, self.error = pid, every_s, None, None
+        self._stop = threading.Event()
+
+    def __enter__(self) -> GpuMemoryPeak:
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                    capture_output=True, text=True, timeout=10, check=True,
+                ).stdout  # fmt: skip
+                for line in out.splitlines():
+                    pid, used = (x.strip() for x in line.split(","))
+                    if pid == str(self.pid):
+                        self.peak_mib = max(self.peak_mib or 0, int(used))
+            except (OSError, subprocess.SubprocessError, ValueError) as e:
+                self.error = f"{type(e).__name__}: {e}"
+                return
+            self._stop.wait(self.every_s)
+
+
+def run_case(case: str, out_dir: Path, work_dir: Path, requests: int, cap_new_tokens: int, decode_tokens: int, seed: int, device: str) -> dict:
+    config_name, gib = CASES[case]
+    case_dir = work_dir / case
+    entry: dict = {"case": case, "model": f"{config_name} (random bf16 weights)", "gpu_memory_gib": gib}
+    t0 = time.perf_counter()
+    try:
+        ckpt = prepare_checkpoint(config_name, None, case_dir)
+        entry["prepare_s"] = round(time.perf_counter() - t0, 1)
+        traces = build_traces(ckpt, requests, cap_new_tokens, seed)
+        port = _free_port()
+        command = server_command("ours", ckpt, port, device, case_dir, ours_args=["--gpu_memory_gib", str(gib)])
+        with Server(command, port, out_dir / f"server_{case}.log") as server, GpuMemoryPeak(server.process.pid) as smi:
+            entry["startup_s"] = round(server.startup_s, 1)
+            asyncio.run(replay(server.url, traces[1][:2], 1))  # warm-up
+            entry["batch1_decode"] = batch1_decode(server.url, decode_tokens)
+            for c in (HELM_RUN_THREADS, HELM_CONCURRENCY):
+                result = asyncio.run(replay(server.url, traces[c], c))
+                result.pop("_texts", None)
+                entry[f"c{c}"] = result
+            engine = httpx.get(server.url + "/health", timeout=30).json().get("engine", {})
+        block = engine.get("kv_block_size", 0)
+        entry["engine"] = engine
+        entry["summary"] = {
+            "requests_per_s": {f"c{c}": entry[f"c{c}"]["requests_per_s"] for c in (HELM_RUN_THREADS, HELM_CONCURRENCY)},
+            "errors": sum(entry[f"c{c}"]["errors"] for c in (HELM_RUN_THREADS, HELM_CONCURRENCY)),
+            "batch1_decode_tokens_per_s": entry["batch1_decode"]["tokens_per_s"],
+            "max_sequences_in_flight": engine.get("max_sequences"),
+            "kv_pool_tokens": engine.get("kv_blocks", 0) * block,
+            "peak_allocated_gib": engine.get("gpu_peak_allocated_gib"),
+            "peak_reserved_gib": engine.get("gpu_peak_reserved_gib"),
+            "peak_process_gib_nvidia_smi": round(smi.peak_mib / 1024, 2) if smi.peak_mib else None,
+            "under_cap": (engine.get("gpu_peak_reserved_gib") or 0) <= gib,
+        }
+        if smi.error:
+            entry["summary"]["nvidia_smi_error"] = smi.error
+    except Exception as e:  # one case failing still reports the others
+        entry["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        shutil.rmtree(case_dir, ignore_errors=True)
+    entry["total_s"] = round(time.perf_counter() - t0, 1)
+    return entry
+
+
+def main(
+    out_dir: Path = Path("out/bench"),
+    cases: list[str] = list(CASES),
+    work_dir: Path = Path("/tmp/bench_serve_tracks"),
+    requests: int = 60,
+    cap_new_tokens: int = 64,
+    decode_tokens: int = 128,
+    seed: int = 0,
+    device: str = "cuda",
+) -> dict:
+    """Run the cases one after another; print and write the JSON.
+
+    Args:
+        out_dir: where the JSON and the servers' logs go.
+        cases: which of ``CASES`` to run (split them over several runs to keep each short).
+        work_dir: scratch space for each case's random checkpoint (deleted after the case).
+        requests: trace length per concurrency.
+        cap_new_tokens: cap on generated tokens in the traces (random weights never stop on their own).
+        decode_tokens: new tokens for the batch-1 decode measurement.
+        seed: trace seeds, as in ``bench.serve``.
+        device: passed to the server.
+    """
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise ValueError(f"cases: unknown {unknown}; choose from {list(CASES)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"device": _device_name(device), "date": time.strftime("%Y-%m-%d"), "requests": requests, "cap_new_tokens": cap_new_tokens, "cases": {}}
+    for case in cases:
+        entry = run_case(case, out_dir, work_dir, requests, cap_new_tokens, decode_tokens, seed, device)
+        report["cases"][case] = entry
+        (out_dir / f"serve_tracks_{case}.json").write_text(json.dumps(entry, indent=2))
+        print(f"{case}: {json.dumps(entry.get('summary') or entry.get('error'))}", flush=True)
+    (out_dir / "serve_tracks.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(main, as_positional=False)
