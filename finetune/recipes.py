@@ -34,7 +34,10 @@ sources           non-empty list of mappings:
   split             str (default ``train``); slicing such as ``train[:10%]`` is passed through.
   data_files        str, list of str, or {split: str | list}: local files (relative paths resolve
                     against the YAML file's folder; globs allowed) or URLs (``hf://...``).
-  revision          str, optional: a hub commit/tag/branch to pin.
+  revision          str, required for a hub dataset: the 40-hex commit sha to load, or ``"unpinned: <why>"``
+                    (the build then resolves the hub's current commit, loads exactly that one and records it in
+                    the card as ``revision_resolved``, which ``submission.reproduce data`` loads again). A
+                    branch or tag is refused: it moves. ``hf://`` data files pin with ``@<sha>`` in the URL.
   license           str, required: the data's license as you understand it (recorded in the card).
   note              str, optional: provenance or license caveats (recorded in the card).
   format            ``fields`` (default), ``multiple_choice`` or ``oasst`` (see below).
@@ -129,6 +132,7 @@ class Source:
     split: str = "train"
     data_files: str | list[str] | dict[str, str | list[str]] | None = None
     revision: str | None = None
+    revision_unpinned: str | None = None  # why the recipe pins no commit (from ``revision: "unpinned: ..."``)
     weight: float = 1.0
     max_rows: int | None = None
     filter: dict[str, Any] = field(default_factory=dict)
@@ -153,7 +157,7 @@ class Recipe:
 
 
 RECIPE_KEYS = {f.name for f in dataclasses.fields(Recipe)} - {"path"}
-SOURCE_KEYS = {f.name for f in dataclasses.fields(Source)}
+SOURCE_KEYS = {f.name for f in dataclasses.fields(Source)} - {"revision_unpinned"}
 FIELD_SHAPES = "instruction/output[/input], prompt/response or messages"
 _PATH = re.compile(r"[^.\[\]{}]+(?:\.[^.\[\]{}]+|\[-?\d+\])*")
 _PATH_PART = re.compile(r"\.?([^.\[\]]+)|\[(-?\d+)\]")
@@ -254,6 +258,32 @@ def _resolve_data_files(value: object, base: Path, where: str):
     return many(value, where)
 
 
+_SHA = re.compile(r"[0-9a-f]{40}")
+UNPINNED = "unpinned:"
+
+
+def _hub_dataset(dataset: str) -> bool:
+    """A hub id (``org/name``), as opposed to a ``datasets`` builder (``json``) or a local folder."""
+    return dataset not in _packaged_builders() and not Path(dataset).exists()
+
+
+def _parse_revision(revision: str | None, dataset: str, data_files, where: str) -> tuple[str | None, str | None]:
+    """(commit sha or None, why unpinned or None); a hub source must say one or the other."""
+    how = f'a 40-hex commit sha (the "History" tab of the dataset on the hub), or "{UNPINNED} <why>"'
+    if revision is not None and revision.strip().lower().startswith(UNPINNED):
+        why = revision.strip()[len(UNPINNED):].strip()
+        _check(bool(why), where, f'"{UNPINNED}" needs a reason after it, e.g. "{UNPINNED} no hub access when written"')
+        return None, why
+    if revision is not None:
+        _check(bool(_SHA.fullmatch(revision.strip())), where, f"{revision!r} is not a commit: give {how} (a branch or tag moves)")
+        return revision.strip(), None
+    if _hub_dataset(dataset):
+        raise DataError(f"{where}: required for hub dataset {dataset!r}: {how}")
+    remote = [f for f in _flat_files(data_files) if f.startswith("hf://") and not re.search(r"@[0-9a-f]{40}(/|$)", f)]
+    _check(not remote, where, f"required for data files on the hub without @<sha> ({remote[0] if remote else ''}): {how}")
+    return None, None
+
+
 def _filter_file(want: dict, base: Path, where: str) -> list[str]:
     """``{file: path}``: the values listed in a text file, one a line (blank lines and ``#`` comments skipped)."""
     _check(set(want) == {"file"} and isinstance(want["file"], str), where, f"a mapping must be {{file: <path>}} (one value a line), got {want!r}")
@@ -277,6 +307,8 @@ def _parse_source(raw: object, i: int, base: Path, file: str) -> Source:
     _check(license_ is not None, f"{where}.license", "required")
     _check(isinstance(license_, str) and license_.strip() != "", f"{where}.license", f"must be a non-empty string, got {license_!r}")
     config, revision = _opt_str(raw, "config", where), _opt_str(raw, "revision", where)
+    data_files = _resolve_data_files(raw.get("data_files"), base, f"{where}.data_files")
+    revision, unpinned = _parse_revision(revision, dataset, data_files, f"{where}.revision")
     split = raw.get("split", "train")
     _check(isinstance(split, str) and split.strip() != "", f"{where}.split", f"must be a non-empty string, got {split!r}")
     fmt = raw.get("format", "fields")
@@ -302,7 +334,7 @@ def _parse_source(raw: object, i: int, base: Path, file: str) -> Source:
     _check(isinstance(note, str), f"{where}.note", "must be a string")
     return Source(
         name=name, dataset=dataset, license=license_, fields=fields, config=config, split=split,
-        data_files=_resolve_data_files(raw.get("data_files"), base, f"{where}.data_files"), revision=revision,
+        data_files=data_files, revision=revision, revision_unpinned=unpinned,
         weight=float(weight), max_rows=max_rows, filter=dict(filt), format=fmt, note=note, **flags,
     )
 
@@ -466,8 +498,21 @@ def _first_line(e: BaseException) -> str:
     return line(e) if cause is e else f"{line(e)} (caused by {line(cause)})"
 
 
-def _load_all(recipe: Recipe, probe_timeout: float) -> list:
-    """``datasets.Dataset`` per source; one ``DataError`` listing every source that failed."""
+def _resolve_revision(dataset: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """The hub's current commit of a dataset, or None when it cannot be asked."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(dataset, timeout=timeout).sha
+    except Exception:  # noqa: BLE001 - unknown is recorded as such (revision_resolved: null)
+        return None
+
+
+def _load_all(recipe: Recipe, probe_timeout: float, revisions: Mapping[str, str | None] | None = None) -> tuple[list, list]:
+    """(``datasets.Dataset`` per source, the commit each was loaded at or None); one ``DataError`` listing every failure.
+
+    ``revisions``: commits by source name that win over the recipe's (a data card's ``revision_resolved``).
+    """
     import datasets
 
     missing = [f"  - {_describe(s)}: data file not found: {f}" for s in recipe.sources for f in _flat_files(s.data_files)
@@ -478,9 +523,14 @@ def _load_all(recipe: Recipe, probe_timeout: float) -> list:
     hub_down = offline_env or (any(_needs_hub(s) for s in recipe.sources) and not _hub_reachable(probe_timeout))
     loaded, unreachable, failed = [], [], []
     with _hub_offline(hub_down and not offline_env):
+        resolved: list[str | None] = []
         for s in recipe.sources:
+            rev = (revisions or {}).get(s.name) or s.revision
+            if rev is None and _hub_dataset(s.dataset) and not hub_down:
+                rev = _resolve_revision(s.dataset, probe_timeout)  # unpinned: load, and record, exactly one commit
+            resolved.append(rev)
             try:
-                ds = datasets.load_dataset(s.dataset, s.config, split=s.split, data_files=s.data_files, revision=s.revision)
+                ds = datasets.load_dataset(s.dataset, s.config, split=s.split, data_files=s.data_files, revision=rev)
             except Exception as e:  # noqa: BLE001 - every failure is reported, per source, below
                 offline_miss = hub_down and _needs_hub(s) and isinstance(e, FileNotFoundError)
                 (unreachable if _is_unreachable(e) or offline_miss else failed).append((s, e))
@@ -490,7 +540,7 @@ def _load_all(recipe: Recipe, probe_timeout: float) -> list:
                 failed.append((s, TypeError(f"expected one split, got {type(ds).__name__}")))
             loaded.append(ds)
     if not unreachable and not failed:
-        return loaded
+        return loaded, resolved
     lines = [f"recipe {recipe.name!r}: {len(unreachable) + len(failed)} of {len(recipe.sources)} sources could not be loaded."]
     if unreachable:
         why = "offline mode is on: HF_DATASETS_OFFLINE or HF_HUB_OFFLINE" if offline_env else f"no answer from {_hub_endpoint()}"
@@ -789,9 +839,13 @@ def _data_file_hashes(s: Source) -> dict[str, str | None]:
 
 
 def build(
-    recipe: Recipe, count_tokens: Callable[[str], int] | None = None, *, probe_timeout: float = HUB_PROBE_TIMEOUT_S
+    recipe: Recipe, count_tokens: Callable[[str], int] | None = None, *, probe_timeout: float = HUB_PROBE_TIMEOUT_S,
+    revisions: Mapping[str, str | None] | None = None,
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """Load, mix and filter the recipe's sources; returns ``(rows, data_card)``.
+
+    ``revisions``: {source name: commit} to load instead of the recipe's own (``card_revisions`` of an
+    earlier card: what ``submission.reproduce data`` passes, so unpinned sources load the recorded commit).
 
     Rows are ``{instruction, input, output, source}`` or ``{messages, source}`` in their final (seeded, shuffled) order; the card
     records every source and count, and ``rows_sha256`` over ``rows_bytes(rows)``.
@@ -802,7 +856,7 @@ def build(
     from core.prompts import get_style
 
     style = get_style(recipe.template)
-    datasets_ = _load_all(recipe, probe_timeout)
+    datasets_, resolved = _load_all(recipe, probe_timeout, revisions)
     stats = [dict() for _ in recipe.sources]
     per_source = [_source_rows(recipe, s, ds, st) for s, ds, st in zip(recipe.sources, datasets_, stats)]
 
@@ -836,9 +890,10 @@ def build(
 
     card_sources = []
     base = recipe.path.parent if recipe.path else None
-    for s, st, d, n in zip(recipe.sources, stats, drops, final_counts):
+    for s, st, d, n, rev in zip(recipe.sources, stats, drops, final_counts, resolved):
         card_sources.append({
             "name": s.name, "dataset": s.dataset, "config": s.config, "split": s.split, "revision": s.revision,
+            "revision_unpinned": s.revision_unpinned, "revision_resolved": rev,
             "license": s.license, "note": s.note, "format": s.format, "fields": s.fields, "filter": s.filter,
             "weight": s.weight, "max_rows": s.max_rows, "data_files": _data_file_hashes(s),
             "forced_eval_split": bool(s.force_eval_split and eval_split_reason(s.dataset, s.config, s.split, s.data_files, base)),
@@ -866,6 +921,11 @@ def build(
         "rows_sha256": hashlib.sha256(rows_bytes(kept)).hexdigest(),
     }
     return kept, card
+
+
+def card_revisions(card: Mapping[str, Any]) -> dict[str, str | None]:
+    """{source name: the commit it was loaded at} from a data card (``build(revisions=...)`` replays them)."""
+    return {s["name"]: s.get("revision_resolved") or s.get("revision") for s in card.get("sources", [])}
 
 
 def _datasets_version() -> str:

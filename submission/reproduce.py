@@ -54,9 +54,10 @@ def data(manifest: Path = Path("submission.json")) -> None:
     m = _manifest(manifest)
     card = m["data"]["card"]
     if m["data"].get("recipe"):
-        from finetune.recipes import build, load_recipe
+        from finetune.recipes import build, card_revisions, load_recipe
 
-        _, rebuilt = build(load_recipe(RECIPE), count_tokens=None)
+        # The commit each source was loaded at (an unpinned recipe source included), not the hub's head.
+        _, rebuilt = build(load_recipe(RECIPE), count_tokens=None, revisions=card_revisions(card))
         got, want = rebuilt["rows_sha256"], card.get("rows_sha256")
     else:
         got, want = hashlib.sha256(TRAIN_FILE.read_bytes()).hexdigest(), card.get("sha256")

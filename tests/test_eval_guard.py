@@ -124,9 +124,9 @@ def test_a_recipe_naming_an_evaluated_task_is_refused_and_the_shipped_ones_name_
         assert configs and not configs & tasks, (name, configs & tasks)
     path = tmp_path / "r.yaml"
     path.write_text(
-        "name: r\nsources:\n  - {name: w, dataset: tasksource/bigbench, config: winowhy, license: apache-2.0,"
+        "name: r\nsources:\n  - {name: w, dataset: tasksource/bigbench, config: winowhy, license: apache-2.0, revision: 'unpinned: t',"
         " fields: {instruction: inputs, output: 'targets[0]'}}\n"
-        "  - {name: m, dataset: json, data_files: 'hf://datasets/cais/mmlu/all/test-*.parquet', license: mit,"
+        "  - {name: m, dataset: json, data_files: 'hf://datasets/cais/mmlu/all/test-*.parquet', license: mit, revision: 'unpinned: t',"
         " fields: {instruction: question, output: answer}}\n"
     )
     with pytest.raises(DataError, match=r"(?s)sources\[0\] 'w': BIG-bench task winowhy.*run_specs_challenge.conf:\d+.*sources\[1\] 'm': MMLU"):

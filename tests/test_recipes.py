@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import os
 import socket
 import subprocess
@@ -45,6 +46,9 @@ def offline(monkeypatch, _datasets_cache):
         raise AssertionError(f"test tried the network: connect({address!r})")
 
     monkeypatch.setattr(socket.socket, "connect", no_connect)
+
+
+SHA = "0123456789abcdef0123456789abcdef01234567"  # a well-formed commit (no hub is asked)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -270,7 +274,7 @@ def test_eval_split_refused_before_any_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(recipes, "_hub_reachable", boom)
     write_jsonl(tmp_path / "a.jsonl", qa_rows(2))
     sources = [src("ok", "a.jsonl"),
-               {"name": "tqa", "dataset": "truthful_qa", "config": "generation", "split": "validation", "license": "apache-2.0",
+               {"name": "tqa", "dataset": "truthful_qa", "config": "generation", "split": "validation", "license": "apache-2.0", "revision": SHA,
                 "fields": {"instruction": "question", "output": "best_answer"}}]
     with pytest.raises(DataError) as e:
         load_recipe(write_recipe(tmp_path, sources))
@@ -294,13 +298,67 @@ def test_forced_eval_split_is_recorded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     monkeypatch.setattr(recipes, "_hub_reachable", lambda timeout=0: True)
-    path = write_recipe(tmp_path, [{"name": "tqa", "dataset": "truthful_qa", "config": "generation", "split": "validation",
+    path = write_recipe(tmp_path, [{"name": "tqa", "dataset": "truthful_qa", "config": "generation", "split": "validation", "revision": SHA,
                                     "license": "apache-2.0", "force_eval_split": True,
                                     "fields": {"instruction": "question", "output": "best_answer"}}])
     rows, card = build(load_recipe(path))
     assert rows == [{"instruction": "Can pigs fly?", "input": "", "output": "No.", "source": "tqa"}]
     assert card["sources"][0]["forced_eval_split"] is True
-    assert calls == [("truthful_qa", "generation", {"split": "validation", "data_files": None, "revision": None})]
+    assert calls == [("truthful_qa", "generation", {"split": "validation", "data_files": None, "revision": SHA})]
+
+
+# ----------------------------------------------------------------------------- revisions
+
+
+def hub_source(**kw) -> dict:
+    return {"name": "h", "dataset": "someone/qa", "license": "mit", "fields": {"instruction": "q", "output": "a"}, **kw}
+
+
+@pytest.mark.parametrize("revision, expected", [
+    (None, "sources[0].revision: required for hub dataset 'someone/qa': a 40-hex commit sha"),
+    ("main", "sources[0].revision: 'main' is not a commit"),
+    ("v1.0", "is not a commit"),
+    ("unpinned:", "needs a reason"),
+])
+def test_a_hub_source_must_pin_a_commit_or_say_why_not(tmp_path, revision, expected):
+    source = hub_source(**({"revision": revision} if revision is not None else {}))
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_recipe(write_recipe(tmp_path, [source]))
+    with pytest.raises(DataError, match="required for data files on the hub without @<sha>"):
+        load_recipe(write_recipe(tmp_path, [src("f", "hf://datasets/someone/qa/train.jsonl")]))
+    load_recipe(write_recipe(tmp_path, [src("f", f"hf://datasets/someone/qa@{SHA}/train.jsonl")]))  # pinned in the URL
+
+
+def test_unpinned_sources_load_one_resolved_commit_recorded_and_replayed(tmp_path, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(path, name=None, **kwargs):
+        calls.append(kwargs["revision"])
+        return datasets.Dataset.from_list(qa_rows(3))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.setattr(recipes, "_hub_reachable", lambda timeout=0: True)
+    monkeypatch.setattr(recipes, "_resolve_revision", lambda dataset, timeout=0: "f" * 40)
+    recipe = load_recipe(write_recipe(tmp_path, [hub_source(revision="unpinned: no hub here"), hub_source(name="p", revision=SHA)]))
+    _, card = build(recipe)
+    assert calls == ["f" * 40, SHA]  # the unpinned source loads the commit the hub named, not a moving head
+    first, second = card["sources"]
+    assert (first["revision"], first["revision_unpinned"], first["revision_resolved"]) == (None, "no hub here", "f" * 40)
+    assert (second["revision"], second["revision_resolved"]) == (SHA, SHA)
+    monkeypatch.setattr(recipes, "_resolve_revision", lambda dataset, timeout=0: "e" * 40)  # the hub moved on
+    calls.clear()
+    _, again = build(recipe, revisions=recipes.card_revisions(card))
+    assert calls == ["f" * 40, SHA] and again["rows_sha256"] == card["rows_sha256"]
+
+
+def test_every_shipped_hub_source_pins_a_commit_or_says_why_not():
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        for s in load_recipe(path).sources:
+            if recipes._hub_dataset(s.dataset):
+                assert (s.revision is None) != (s.revision_unpinned is None), (path.name, s.name)
+                assert s.revision_unpinned is None or len(s.revision_unpinned) > 40, (path.name, s.name)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -357,8 +415,8 @@ def test_unreachable_hub_sources_are_listed_in_process(tmp_path, monkeypatch):
     monkeypatch.setattr(recipes, "_hub_reachable", lambda timeout=0: False)
     write_jsonl(tmp_path / "a.jsonl", qa_rows(2))
     sources = [src("local", "a.jsonl"),
-               {"name": "hub1", "dataset": "nobody-xyz/first-set", "license": "mit", "fields": {"instruction": "q", "output": "a"}},
-               {"name": "hub2", "dataset": "nobody-xyz/second-set", "config": "main", "license": "mit", "fields": {"prompt": "q", "response": "a"}}]
+               {"name": "hub1", "dataset": "nobody-xyz/first-set", "license": "mit", "revision": "unpinned: test", "fields": {"instruction": "q", "output": "a"}},
+               {"name": "hub2", "dataset": "nobody-xyz/second-set", "config": "main", "license": "mit", "revision": "unpinned: test", "fields": {"prompt": "q", "response": "a"}}]
     start = time.monotonic()
     with pytest.raises(DataError) as e:
         run(tmp_path, sources)
@@ -374,10 +432,10 @@ def test_offline_cli_lists_every_unreachable_source(tmp_path):
     """For real: HF_DATASETS_OFFLINE=1, and a dead HF_ENDPOINT; one message, no traceback, no retry waits."""
     write_jsonl(tmp_path / "a.jsonl", qa_rows(3))
     recipe = write_recipe(tmp_path, [
-        {"name": "dolly", "dataset": "databricks/databricks-dolly-15k", "license": "cc-by-sa-3.0",
+        {"name": "dolly", "dataset": "databricks/databricks-dolly-15k", "license": "cc-by-sa-3.0", "revision": "unpinned: test",
          "fields": {"instruction": "instruction", "input": "context", "output": "response"}},
         src("local", "a.jsonl"),
-        {"name": "gsm8k", "dataset": "openai/gsm8k", "config": "main", "license": "mit",
+        {"name": "gsm8k", "dataset": "openai/gsm8k", "config": "main", "license": "mit", "revision": "unpinned: test",
          "fields": {"instruction": "question", "output": "answer"}},
     ])
     base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
