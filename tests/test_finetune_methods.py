@@ -310,3 +310,27 @@ def test_each_rows_elapsed_is_when_its_own_step_finished(tiny, monkeypatch):
         small_train(max_steps=5, micro_batch_size=4, global_batch_size=8), EvalArgs(interval=0), log=logged.append)
     step_seconds = [b - a for a, b in zip([0.0] + [r["elapsed_s"] for r in logged], [r["elapsed_s"] for r in logged])]
     assert step_seconds == [2.0, 4.0, 6.0, 8.0, 10.0]
+
+
+def test_merge_writes_its_output_once(small_data, tmp_path):
+    """With --out_dir the merged weights are written there only (the run directory keeps just the adapter),
+    equal to litgpt merging in place; a full finetune's weights are linked, not copied."""
+    import shutil
+
+    import torch
+
+    final = run_lora(small_data, tmp_path / "run")
+    in_place = tmp_path / "in_place"
+    shutil.copytree(final, in_place)
+    assert merge(in_place) == in_place  # litgpt's merge_lora next to the adapter: the reference
+    merged = merge(final, out_dir=tmp_path / "merged")
+    assert not (final / "lit_model.pth").exists()
+    assert sorted(p.name for p in merged.iterdir() if p.suffix in (".pth", ".lora", ".yaml") and p.name != "prompt_style.yaml") == [
+        "lit_model.pth", "model_config.yaml",
+    ]  # fmt: skip
+    assert not any(p.is_symlink() for p in merged.iterdir())
+    load = lambda d: torch.load(d / "lit_model.pth", weights_only=True)  # noqa: E731
+    reference, got = load(in_place), load(merged)
+    assert reference.keys() == got.keys() and all(torch.equal(reference[k], got[k]) for k in reference)
+    again = merge(merged, out_dir=tmp_path / "served")  # standalone: the same file on disk, not a second copy
+    assert (again / "lit_model.pth").stat().st_ino == (merged / "lit_model.pth").stat().st_ino
