@@ -39,3 +39,13 @@ def test_serve_tracks_cases_are_litgpt_configs_and_unknown_ones_are_refused(tmp_
         assert config_from_name(name).name == name and case.endswith(f"@{gib}")
     with pytest.raises(ValueError, match="cases: unknown"):
         tracks(out_dir=tmp_path, cases=["gpt-5@80"])
+
+
+def test_paged_check_logic_holds_on_the_cpu() -> None:
+    """bench.paged_check is meant for a GPU (graphs on); its comparison runs the same on the CPU."""
+    import torch
+
+    from bench.paged_check import ARCHITECTURES, check
+
+    for arch in ARCHITECTURES:
+        assert check(arch, torch.device("cpu"))["ok"], arch
