@@ -890,7 +890,10 @@ def build(
 
     card_sources = []
     base = recipe.path.parent if recipe.path else None
-    for s, st, d, n, rev in zip(recipe.sources, stats, drops, final_counts, resolved):
+    for s, st, d, n, rev, rows in zip(recipe.sources, stats, drops, final_counts, resolved, per_source):
+        # This source's own rows (its fields, filter, cap and weight applied; before the cross-source dedupe):
+        # when the mix's rows_sha256 differs on replay, this names the source that changed.
+        source_rows = [{key: value for key, value in row.items() if key != "_origin"} for row in rows]
         card_sources.append({
             "name": s.name, "dataset": s.dataset, "config": s.config, "split": s.split, "revision": s.revision,
             "revision_unpinned": s.revision_unpinned, "revision_resolved": rev,
@@ -900,6 +903,7 @@ def build(
             **{k: v for k, v in st.items() if k != "bad_rows_first"},
             "rows_dropped_duplicate": d["duplicate"], "rows_dropped_max_chars": d["max_chars"],
             "rows_dropped_max_tokens": d["max_tokens"], "rows_kept_after_dedupe_and_filters": n,
+            "source_rows_sha256": hashlib.sha256(rows_bytes(source_rows)).hexdigest(),
             **({"bad_rows_first": st["bad_rows_first"]} if "bad_rows_first" in st else {}),
         })
     total_keys = ("rows_loaded", "rows_after_cap", "rows_after_weight", "rows_dropped_duplicate", "rows_dropped_max_chars",

@@ -49,6 +49,37 @@ def download(manifest: Path = Path("submission.json"), checkpoint_dir: Path = CH
     print(f"base model: {hub_download(base, checkpoint_dir)}")
 
 
+def _pinned(source: dict) -> str:
+    rev = source.get("revision") or source.get("revision_resolved")
+    if source.get("revision"):
+        return f"pinned revision {rev}"
+    if rev:
+        return f"revision {rev} (the commit the hub named when the run loaded it; the recipe pins none: {source.get('revision_unpinned')})"
+    return "no revision (a local file or a source that pins none)"
+
+
+def data_changed(recorded: dict, rebuilt: dict) -> str:
+    """One message for rows that no longer hash as recorded: which source changed, its expected and actual
+    hashes and the revision it was loaded at; the mix's hashes when no single source can be named."""
+    parts = []
+    rebuilt_sources = {s["name"]: s for s in rebuilt.get("sources", [])}
+    for want in recorded.get("sources", []):
+        got = rebuilt_sources.get(want["name"], {})
+        where = f"source {want['name']!r} ({want.get('dataset')}{', ' + want['config'] if want.get('config') else ''}, split {want.get('split')})"
+        if want.get("source_rows_sha256") and want["source_rows_sha256"] != got.get("source_rows_sha256"):
+            parts.append(f"{where}: its rows hash to {got.get('source_rows_sha256')}, recorded {want['source_rows_sha256']}, at {_pinned(want)}")
+        elif want.get("rows_loaded") != got.get("rows_loaded"):
+            parts.append(f"{where}: {got.get('rows_loaded')} rows loaded, recorded {want.get('rows_loaded')}, at {_pinned(want)}")
+        for f, digest in (want.get("data_files") or {}).items():
+            if digest and digest != (got.get("data_files") or {}).get(f):
+                parts.append(f"{where}: data file {f} hashes to {(got.get('data_files') or {}).get(f)}, recorded {digest}")
+    mix = f"all rows hash to {rebuilt.get('rows_sha256')}, the submission recorded {recorded.get('rows_sha256')}"
+    if not parts:
+        pins = "; ".join(f"{s['name']!r} at {_pinned(s)}" for s in recorded.get("sources", []))
+        return f"the training data changed: {mix} ({pins or 'no sources recorded'}); the recipe or the datasets library changed"
+    return "the training data changed upstream: " + "; ".join(parts) + f" ({mix})"
+
+
 def data(manifest: Path = Path("submission.json")) -> None:
     """Load the training data and check it is exactly what the original run used."""
     m = _manifest(manifest)
@@ -59,10 +90,12 @@ def data(manifest: Path = Path("submission.json")) -> None:
         # The commit each source was loaded at (an unpinned recipe source included), not the hub's head.
         _, rebuilt = build(load_recipe(RECIPE), count_tokens=None, revisions=card_revisions(card))
         got, want = rebuilt["rows_sha256"], card.get("rows_sha256")
+        if got != want:
+            raise SystemExit(f"error: {data_changed(card, rebuilt)}")
     else:
         got, want = hashlib.sha256(TRAIN_FILE.read_bytes()).hexdigest(), card.get("sha256")
-    if got != want:
-        raise SystemExit(f"error: the training rows hash to {got}, the submission recorded {want}: the data changed upstream")
+        if got != want:
+            raise SystemExit(f"error: {TRAIN_FILE} hashes to {got}, the submission recorded {want}: the training file changed")
     print(f"data verified: sha256 {got}")
 
 

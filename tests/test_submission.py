@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -178,15 +180,64 @@ def test_dockerfile_train_names_every_step_in_order():
     assert "bitsandbytes" in " ".join(rest for op, rest in ops if op == "RUN")  # QLoRA runs need it
 
 
-def test_reproduction_from_the_zip_gives_the_same_adapter(tiny_run, tmp_path, monkeypatch):
-    base, final = tiny_run
+def dockerfile_train_steps() -> list[list[str]]:
+    """Dockerfile.train's CMD as the argv of each of its commands (``a && b && c``)."""
+    (cmd,) = [rest for op, rest in instructions(REPO_ROOT / "Dockerfile.train") if op == "CMD"]
+    (shell_line,) = [arg for arg in json.loads(cmd) if "submission.reproduce" in arg]
+    return [shlex.split(step) for step in shell_line.split("&&")]
+
+
+@pytest.mark.slow(reason="Dockerfile.train's four steps each start a Python process (torch + litgpt imports) and rebuild the tiny base")
+def test_dockerfile_train_replayed_from_the_unpacked_zip_gives_a_bit_identical_adapter(tiny_run, tmp_path):
+    """Docker can't run here: its CMD's commands run as they are, in the unpacked zip, on its own code, with
+    nothing else of this checkout (the base model is rebuilt by the download step)."""
+    _, final = tiny_run
+    unpacked = tmp_path / "unpacked"
     with zipfile.ZipFile(package(final, WEIGHTS_REPO, tmp_path / "s.zip")) as zf:
-        zf.extractall(tmp_path / "unpacked")
-    monkeypatch.chdir(tmp_path / "unpacked")
-    reproduce.data()
-    reproduce.finetune(out_dir=tmp_path / "repro", checkpoint_dir=base.parent)
-    reproduce.merge(out_dir=tmp_path / "repro")
+        zf.extractall(unpacked)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_TOKEN")} | {"HF_HUB_OFFLINE": "1"}
+    for argv in dockerfile_train_steps():
+        assert argv[0] == "python"
+        proc = subprocess.run([sys.executable, *argv[1:]], cwd=unpacked, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{shlex.join(argv)}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        if argv[-1] == "download":  # the zip's code ran, not this checkout's
+            assert str(unpacked / "checkpoints" / "tiny") in proc.stdout
     original = torch.load(final / "lit_model.pth.lora", weights_only=True)["model"]
-    rebuilt = torch.load(tmp_path / "repro" / "final" / "lit_model.pth.lora", weights_only=True)["model"]
+    rebuilt = torch.load(unpacked / "out" / "reproduce" / "final" / "lit_model.pth.lora", weights_only=True)["model"]
     assert original.keys() == rebuilt.keys() and all(torch.equal(original[k], rebuilt[k]) for k in original)
-    assert (tmp_path / "repro" / "merged" / "lit_model.pth").is_file()
+    assert (unpacked / "out" / "reproduce" / "merged" / "lit_model.pth").is_file()
+
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_changed_upstream_dataset_names_the_source_its_hashes_and_its_revision(tmp_path, monkeypatch, capsys):
+    import datasets
+    import yaml
+
+    from finetune import recipes
+
+    def source(name):
+        return {"name": name, "dataset": f"someone/{name}", "revision": SHA, "license": "mit", "fields": {"instruction": "q", "output": "a"}}
+
+    rows = {"someone/a": [{"q": f"a {i}?", "a": "x"} for i in range(3)], "someone/b": [{"q": f"b {i}?", "a": "y"} for i in range(3)]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, **kw: datasets.Dataset.from_list(rows[path]))
+    monkeypatch.setattr(recipes, "_hub_reachable", lambda timeout=0: True)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "submission").mkdir()
+    (tmp_path / "submission" / "recipe.yaml").write_text(yaml.safe_dump({"name": "t", "sources": [source("a"), source("b")]}))
+    _, card = recipes.build(recipes.load_recipe(reproduce.RECIPE))
+    (tmp_path / "submission.json").write_text(json.dumps({"data": {"recipe": "recipe.yaml", "card": card}}))
+    reproduce.data()
+    assert f"data verified: sha256 {card['rows_sha256']}" in capsys.readouterr().out
+
+    rows["someone/b"][1] = {"q": "b 1, edited upstream?", "a": "y"}  # same revision, other content
+    with pytest.raises(SystemExit) as changed:
+        reproduce.data()
+    message = str(changed.value.code)
+    _, now = recipes.build(recipes.load_recipe(reproduce.RECIPE))
+    b_then, b_now = card["sources"][1]["source_rows_sha256"], now["sources"][1]["source_rows_sha256"]
+    assert b_then != b_now and card["sources"][0]["source_rows_sha256"] == now["sources"][0]["source_rows_sha256"]
+    assert message.startswith("error: the training data changed upstream: source 'b' (someone/b, split train)")
+    assert f"hash to {b_now}, recorded {b_then}, at pinned revision {SHA}" in message
+    assert "source 'a'" not in message and f"recorded {card['rows_sha256']}" in message
