@@ -5,7 +5,7 @@ into one forward, and prefixes shared between sequences. This module runs litgpt
 (norms, the qkv/proj and MLP linears, LoRA and bitsandbytes layers included, the head) and does only
 the attention and the K/V storage:
 
-- K and V are one tensor each: (layer, kv_head, block, position in block, head_size). Which blocks a
+- K and V are one tensor: (layer, K or V, kv_head, block, position in block, head_size). Which blocks a
   sequence reads is its block table (``server.kv_pool`` hands them out); block 0 is padding.
 - prefill: the new tokens of several sequences go through the linears as one sequence; each token's
   K/V is written to its slot; attention runs per sequence over its blocks gathered in order (flash
@@ -101,13 +101,12 @@ class PagedModel:
         self.max_len = min(max_len or c.block_size, c.block_size, model.cos.size(0))
         self.block_size, self.max_batch = block_size, max_batch
         self.max_blocks = -(-self.max_len // block_size)  # block-table width of the longest sequence
-        shape = (c.n_layer, c.n_query_groups, num_blocks, block_size, c.head_size)
+        # K and V in one tensor, so one gather per layer reads both.
         # zeros, not empty: decode reads whole length buckets, and masked-out garbage that happens to
         # be NaN would still poison the softmax (NaN * 0 = NaN)
-        self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        flat = (c.n_layer, c.n_query_groups, num_blocks * block_size, c.head_size)
-        self._k_slots, self._v_slots = self.k.view(flat), self.v.view(flat)  # (layer, kv_head, slot, hs)
+        self.kv = torch.zeros((c.n_layer, 2, c.n_query_groups, num_blocks, block_size, c.head_size), device=self.device, dtype=self.dtype)
+        slots = (c.n_layer, c.n_query_groups, num_blocks * block_size, c.head_size)
+        self._k_slots, self._v_slots = self.kv[:, 0].view(slots), self.kv[:, 1].view(slots)  # (layer, kv_head, slot, hs)
         self.scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
         # a window at least as long as the served window can't exclude anything (Mistral-7B-v0.1: 4096)
         self.windows = [
@@ -127,8 +126,7 @@ class PagedModel:
 
     def copy_block(self, src: int, dst: int) -> None:
         """Make block ``dst`` hold block ``src``'s K/V (copy-on-write of a partly filled last block)."""
-        self.k[:, :, dst] = self.k[:, :, src]
-        self.v[:, :, dst] = self.v[:, :, src]
+        self.kv[:, :, :, dst] = self.kv[:, :, :, src]
 
     def _slot(self, table: list[int], pos: int) -> int:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
@@ -137,10 +135,8 @@ class PagedModel:
         """K and V of ``tables`` (S, M) blocks in order: (S, kv_head, M * block_size, hs) each."""
         S, M = tables.shape
         c, flat = self.config, tables.reshape(-1)
-        shape = (c.n_query_groups, S, M * self.block_size, c.head_size)
-        keys = self.k[layer][:, flat].view(shape).transpose(0, 1)
-        values = self.v[layer][:, flat].view(shape).transpose(0, 1)
-        return keys, values
+        both = self.kv[layer][:, :, flat].view(2, c.n_query_groups, S, M * self.block_size, c.head_size)
+        return both[0].transpose(0, 1), both[1].transpose(0, 1)
 
     def _embed(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.model.transformer.wte(idx)

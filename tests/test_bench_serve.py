@@ -45,7 +45,6 @@ def test_paged_check_logic_holds_on_the_cpu() -> None:
     """bench.paged_check is meant for a GPU (graphs on); its comparison runs the same on the CPU."""
     import torch
 
-    from bench.paged_check import ARCHITECTURES, check
+    from bench.paged_check import check
 
-    for arch in ARCHITECTURES:
-        assert check(arch, torch.device("cpu"))["ok"], arch
+    assert check("sliding_window", torch.device("cpu"))["ok"]  # every architecture: tests/test_batch_engine.py
