@@ -7,6 +7,7 @@ continue exactly after an interruption lives in ``Progress`` (saved with each ch
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -114,6 +115,21 @@ class _Queued:
     loss: tuple
 
 
+def progress_bar(total: int, done: int, main_process: bool = True) -> tqdm:
+    """A tqdm bar of optimizer steps with its ETA, drawn only when stdout is a terminal (logs stay plain text)."""
+    return tqdm(total=total, initial=done, unit="step", dynamic_ncols=True, disable=not (main_process and sys.stdout.isatty()))
+
+
+def format_seconds(seconds: float) -> str:
+    """``42s``, ``12m05s``, ``3h07m``: what an ETA or an elapsed time reads as in the log."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def fit(
     fabric: L.Fabric,
     model: torch.nn.Module,
@@ -139,8 +155,10 @@ def fit(
     accumulate = train.gradient_accumulation_iters(devices=fabric.world_size, num_nodes=1)
     started = time.perf_counter() - progress.elapsed_s
     elapsed = lambda: time.perf_counter() - started  # noqa: E731
-    bar = tqdm(total=schedule.total_steps, initial=progress.step, unit="step", dynamic_ncols=True, disable=None)
+    bar = progress_bar(schedule.total_steps, progress.step, fabric.is_global_zero)
+    say = bar.write if not bar.disable else fabric.print  # log lines above the bar, not through it
     readout = LossReadout(fabric.device)
+    session = (progress.step, progress.elapsed_s)  # where this process started: its own pace sets the ETA
 
     def finish(queued: _Queued, validating: bool = False) -> None:
         progress.last_loss, done_at = readout.value(queued.loss)
@@ -152,18 +170,22 @@ def fit(
             bar.total = new_total
         bar.update(1)
         rate = queued.total_tokens / max(progress.elapsed_s, 1e-9)
-        bar.set_postfix(loss=f"{progress.last_loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
+        shown = {"loss": f"{progress.last_loss:.4f}", "tok_s": f"{rate:,.0f}"}
+        if progress.val_losses:
+            shown["val"] = f"{progress.val_losses[-1][1]:.4f}"
+        bar.set_postfix(shown, refresh=False)
         row = {"step": queued.step, "loss": progress.last_loss, "lr": queued.lr, "tokens": queued.total_tokens, "elapsed_s": progress.elapsed_s}
         if validating:
             row["val_loss"] = validate(fabric, model, val_batches)
             progress.val_losses.append((queued.step, row["val_loss"]))
         log(row)
         if queued.step % train.log_interval == 0 or queued.step == schedule.total_steps or validating:
-            eta = f"{planner.sec_per_step * (schedule.total_steps - queued.step):.0f}s" if planner.sec_per_step else "?"
+            per_step = planner.sec_per_step or (progress.elapsed_s - session[1]) / max(queued.step - session[0], 1)
+            eta = format_seconds(per_step * (schedule.total_steps - queued.step))
             val = f" | val loss {row['val_loss']:.4f}" if validating else ""
-            fabric.print(
+            say(
                 f"step {queued.step:6d}/{schedule.total_steps} | loss {progress.last_loss:.4f}{val} | lr {queued.lr:.2e} | "
-                f"{rate:,.0f} tok/s | elapsed {progress.elapsed_s:.0f}s | eta {eta}"
+                f"{rate:,.0f} tok/s | elapsed {format_seconds(progress.elapsed_s)} | eta {eta}"
             )
 
     pending: _Queued | None = None
@@ -171,7 +193,7 @@ def fit(
     while progress.step < schedule.total_steps:
         if planner.out_of_time(elapsed()):
             progress.stopped_by_time = True
-            fabric.print(f"\nStopping at step {progress.step}: the time budget of {planner.max_seconds:.0f}s is (nearly) spent.")
+            say(f"Stopping at step {progress.step}: the time budget of {planner.max_seconds:.0f}s is (nearly) spent.")
             break
         for group in optimizer.param_groups:
             group["lr"] = base_lr * schedule.factor(progress.step)
