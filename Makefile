@@ -32,7 +32,7 @@ HELM_MAX_EVAL ?= 1000
 SUITE    ?= onegpu
 ARGS     ?=
 
-.PHONY: help setup tiny demo test download convert plan finetune merge export serve submission models clean eval-time helm
+.PHONY: help setup tiny demo test lint download convert plan finetune merge export serve submission models clean eval-time helm
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -57,6 +57,10 @@ demo: setup tiny ## the whole pipeline on the tiny model: finetune, merge, serve
 
 test: setup ## run the test suite
 	$(PYTHON) -m pytest -q $(ARGS)
+
+lint: setup ## ruff: lint and format check (fix with: .venv/bin/ruff format . && .venv/bin/ruff check --fix .)
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 download: setup ## download + convert + verify an approved model: make download MODEL=mistralai/Mistral-7B-v0.1
 	$(PYTHON) -m core.hub download --repo_id $(MODEL) $(if $(filter 1 true yes,$(ALLOW_UNLISTED)),--allow_unlisted true) $(ARGS)

@@ -103,7 +103,7 @@ def unreachable_message(repo_id: str, checkpoint_dir: Path, model_name: str | No
         f"To work offline instead, copy the model's Hugging Face files (config.json, the *.safetensors or *.bin "
         f"weights and the tokenizer files) into {target} and run "
         f"`make convert CHECKPOINT={target}" + (f" ARGS='--model_name {model_name}'" if model_name else "") + "` "
-        f"(.venv/bin/python -m core.hub convert; the litgpt config is read from config.json when not given)."
+        "(.venv/bin/python -m core.hub convert; the litgpt config is read from config.json when not given)."
     )
 
 

@@ -23,21 +23,21 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from lightning.fabric.plugins import BitsandbytesPrecision
 from litgpt import Tokenizer
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.utils import load_checkpoint, num_parameters
-from lightning.fabric.plugins import BitsandbytesPrecision
 
 from core.chat import ChatTemplate, save_chat_template
 from core.checkpoints import WEIGHTS, copy_side_files, load_config, verify_checkpoint
 from core.methods import Method
 from core.precision import FABRIC_PRECISION, default_dtype
 from core.prompts import get_style, save_style
+from finetune import neftune
 from finetune.batching import EpochBatches, batch_to_device
 from finetune.budget import BudgetPlanner, Schedule, parse_duration
 from finetune.data import IGNORE_INDEX, Collate, encode_row, load_rows
 from finetune.loop import Progress, fit
-from finetune import neftune
 from finetune.packing import PackCollate, PackedBatches
 from finetune.plot import plot_metrics
 from finetune.provenance import build_manifest

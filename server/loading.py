@@ -15,8 +15,8 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
-from litgpt import GPT
 from lightning.fabric.plugins import BitsandbytesPrecision
+from litgpt import GPT
 
 from core.chat import CHAT_TEMPLATE_FILE, ChatTemplate, model_chat_template, special_tokens
 from core.checkpoints import WEIGHTS, CheckpointError, load_config, verify_checkpoint

@@ -171,10 +171,9 @@ def test_convert_infers_the_litgpt_config_from_config_json(tiny_hf_dir: Path, tm
 def test_infer_model_name_from_transformers_default_configs(hf_cls: str, directory: str, expected: str, tmp_path: Path) -> None:
     # transformers' default MistralConfig / LlamaConfig are Mistral-7B-v0.1's and Llama-2-7b's: the real reference.
     import transformers
+    from litgpt import Config
 
     from core.hf_config import HFConfigError, infer_model_name, mismatches
-
-    from litgpt import Config
 
     hf = getattr(transformers, hf_cls)().to_dict()
     assert mismatches(hf, Config.from_name(expected)) == []
