@@ -11,9 +11,9 @@ is its own. Cases:
 - ``*-mixed-*``: Alpaca/LIMA-like lengths. The baselines pad micro-batches of 4 rows, 16 rows a step;
   ours packs, with as many packed rows a step as hold the same number of tokens on average.
 
-``OUR_VARIANTS`` are ours again with one ``--speed.*`` option changed (bitsandbytes' own 4-bit
-dequantization instead of the compiled one, for QLoRA cases; the LoRA term added inside its GEMM), so
-each lever is measured against ours in the same run.
+``OUR_VARIANTS`` are ours again with one ``--speed.*`` option changed (for QLoRA cases, each form of
+``--speed.dequantize_4bit``: bitsandbytes' layers, in-block, auto; the LoRA term added inside its
+GEMM), so each lever is measured against ours (the defaults) in the same run, with ratios.
 
 Printed JSON per case: each trainer's useful (non-padding) tokens/s, peak memory and MFU, which counts
 4N FLOPs per token (forward 2N plus the backward's input gradients 2N; frozen weights need no weight
@@ -47,7 +47,9 @@ MIXED_ROWS_PER_STEP, MIXED_MICRO = 16, 4
 # Ours again with one speed option changed, so each lever is measured against ours in the same run:
 # name: (SpeedArgs overrides, QLoRA cases only)
 OUR_VARIANTS = {
-    "ours-bnb-dequant": ({"dequantize_4bit": "bitsandbytes"}, True),  # bitsandbytes' own 4-bit dequantization
+    "ours-bnb-dequant": ({"dequantize_4bit": "bitsandbytes"}, True),  # bitsandbytes' own 4-bit layers (the default until measured)
+    "ours-in-block": ({"dequantize_4bit": "in-block"}, True),  # bitsandbytes' dequantization op traced inside each compiled block
+    "ours-auto": ({"dequantize_4bit": "auto"}, True),  # in-block only if bit-identical and timed faster in the run's process
     "ours-lora-addmm": ({"lora_addmm": True}, False),  # the LoRA term added inside its GEMM
 }
 TRAINERS = ("ours", *OUR_VARIANTS, "hf-peft", "upstream-litgpt")

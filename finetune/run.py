@@ -41,6 +41,7 @@ from finetune.loop import Progress, fit
 from finetune.packing import PackCollate, PackedBatches
 from finetune.plot import plot_metrics
 from finetune.provenance import build_manifest
+from finetune.quantized_storage import ComputeDtypeStorage
 from finetune.speed import SpeedArgs, prepare
 from finetune.state import find_resume_dir, load_state, save_state, saved_micro_batch_size
 
@@ -68,7 +69,8 @@ def default_precision() -> str:
     return FABRIC_PRECISION[default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))]
 
 
-def make_fabric(precision: str, quantize: str | None, method: Method, out_dir: Path) -> L.Fabric:
+def make_fabric(precision: str, quantize: str | None, method: Method, out_dir: Path, storage_in_compute_dtype: bool = False) -> L.Fabric:
+    """``storage_in_compute_dtype``: 4-bit weights quantized from the compute dtype, not float16 (``finetune.quantized_storage``)."""
     plugins = None
     if quantize is not None:
         if quantize not in QUANTIZE_MODES:
@@ -81,7 +83,8 @@ def make_fabric(precision: str, quantize: str | None, method: Method, out_dir: P
             raise ValueError(f"quantize: {quantize} needs bitsandbytes: .venv/bin/python -m pip install -c constraints.txt bitsandbytes")
         if precision not in PRECISION_DTYPE:
             raise ValueError(f"precision: quantization needs a '-true' precision ({list(PRECISION_DTYPE)}), got {precision!r}")
-        plugins, precision = BitsandbytesPrecision(quantize[4:], PRECISION_DTYPE[precision]), None
+        plugin = ComputeDtypeStorage if storage_in_compute_dtype else BitsandbytesPrecision
+        plugins, precision = plugin(quantize[4:], PRECISION_DTYPE[precision]), None
     return L.Fabric(devices=1, precision=precision, plugins=plugins)
 
 
@@ -245,7 +248,7 @@ def run(
     verify_checkpoint(checkpoint_dir)
     max_seconds = parse_duration(max_time)
     neftune.check_alpha(neftune_alpha)
-    fabric = make_fabric(precision, quantize, method, out_dir)
+    fabric = make_fabric(precision, quantize, method, out_dir, storage_in_compute_dtype=speed.quantize_from_compute_dtype)
     fabric.seed_everything(seed, verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
 

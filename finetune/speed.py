@@ -9,7 +9,10 @@ before training starts.
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import lightning as L
 import torch
@@ -19,6 +22,7 @@ from finetune.attention import unsupported_reason, use_document_attention
 from finetune.data import IGNORE_INDEX
 from finetune.dequant4bit import check_against_bitsandbytes, four_bit_layers, use_compiled_dequantize
 from finetune.fast_lora import use_lora_addmm, use_matmul_qkv_lora
+from finetune.linear4bit_op import check_in_block, use_in_block_linear_4bit
 from finetune.memory_plan import GIB, ModelShape, Plan, candidates, estimate_gib, gpu_budget_gib, probe_plan
 
 
@@ -31,8 +35,19 @@ class SpeedArgs:
     micro_batch: str = "auto"  # "auto": the memory plan picks train.micro_batch_size (a divisor of the global batch); "fixed": as given
     checkpoint_blocks: bool | None = None  # activation checkpointing per block; None: only if memory needs it
     gpu_memory_gib: float | None = None  # plan for (and cap the run at) this much memory, e.g. 24 to rehearse a 4090 run
-    dequantize_4bit: str = "auto"  # QLoRA weights: "compiled" (fused kernels), "bitsandbytes" (its own), "auto": compiled if it matches, when compile is on
+    # QLoRA's 4-bit layers. "bitsandbytes": its own layers, eager between the compiled pieces. "in-block": bitsandbytes'
+    # dequantization as one custom op traced inside each compiled block, weights quantized from the compute dtype.
+    # "auto": in-block only if bit-identical to bitsandbytes on every layer AND timed faster in this process; else
+    # bitsandbytes. "compiled": our torch-op dequantization (measured 4x slower than bitsandbytes on an H200).
+    # The default: change this one line to flip it (after a GPU bench says so).
+    dequantize_4bit: Literal["bitsandbytes", "in-block", "auto", "compiled"] = "bitsandbytes"
     lora_addmm: bool = False  # add each LoRA term inside its GEMM (torch.addmm) instead of in two more passes; off until measured on a GPU
+
+    @property
+    def quantize_from_compute_dtype(self) -> bool:
+        """4-bit weights stored in the compute dtype (``finetune.quantized_storage``): the in-block form needs it
+        to skip the float16 -> bf16 cast; "bitsandbytes" and "compiled" keep Lightning's float16, as measured."""
+        return self.dequantize_4bit in ("in-block", "auto")
 
 
 @dataclass
@@ -43,7 +58,7 @@ class Setup:
     packing: bool
     checkpoint_blocks: bool
     compiled: bool
-    dequantize_4bit: str | None  # "compiled", "compiled+cast" or "bitsandbytes"; None: the model has no 4-bit layers
+    dequantize_4bit: str | None  # "in-block", "compiled", "compiled+cast" or "bitsandbytes"; None: the model has no 4-bit layers
 
 
 def prepare(
@@ -64,11 +79,11 @@ def prepare(
     if speed.lora_addmm:
         use_lora_addmm(gpt)
     compiled = speed.compile if speed.compile is not None else fabric.device.type == "cuda"
-    dequant = choose_dequantize_4bit(gpt, speed.dequantize_4bit, compiled, fabric.print)
+    timer = lambda: step_seconds(fabric, model, max_seq_length, packing)  # noqa: E731
+    dequant = choose_dequantize_4bit(gpt, speed.dequantize_4bit, compiled, fabric.print, timer)
     if compiled:
         keep_quantized_layers_eager(gpt)
-        for block in gpt.transformer.h:
-            block.compile()
+        compile_blocks(gpt)
     checkpoint_blocks = bool(speed.checkpoint_blocks)
     if resumed_micro_batch is not None:
         train = dataclasses.replace(train, micro_batch_size=resumed_micro_batch)
@@ -91,38 +106,119 @@ def prepare(
     return Setup(train, packing, checkpoint_blocks, compiled, dequant)
 
 
-def choose_dequantize_4bit(gpt: torch.nn.Module, mode: str, compiled: bool, log=print) -> str | None:
-    """Put the 4-bit layers on a compiled dequantization, or leave them on bitsandbytes'; returns which.
+def choose_dequantize_4bit(gpt: torch.nn.Module, mode: str, compiled: bool, log=print, timer: Callable[[], float] | None = None) -> str | None:
+    """Put the 4-bit layers on one form of dequantization (``SpeedArgs.dequantize_4bit``); returns which.
 
-    "auto" takes a compiled one when blocks are compiled (so a GPU with Triton is there), the first of
-    ``finetune.dequant4bit``'s compiled forms that builds and matches bitsandbytes on every layer's real
-    weight; otherwise it says why and keeps bitsandbytes'. "compiled" insists and raises instead.
+    "in-block" and "compiled" insist: the form is checked against bitsandbytes on every layer's real
+    weight and a mismatch raises. "auto" takes in-block only when blocks are compiled (else there is
+    nothing to trace it into), it is bit-identical to bitsandbytes on every layer, and ``timer`` (one
+    training step's seconds, blocks compiled) says it is faster than bitsandbytes' layers here;
+    otherwise it says why and keeps bitsandbytes'.
     """
-    if mode not in ("auto", "compiled", "bitsandbytes"):
-        raise ValueError(f"speed.dequantize_4bit: 'auto', 'compiled' or 'bitsandbytes', got {mode!r}")
+    if mode not in ("auto", "in-block", "compiled", "bitsandbytes"):
+        raise ValueError(f"speed.dequantize_4bit: 'bitsandbytes', 'in-block', 'auto' or 'compiled', got {mode!r}")
     layers = four_bit_layers(gpt)
     if not layers:
         return None
     if mode == "bitsandbytes" or (mode == "auto" and not compiled):
         return "bitsandbytes"
+    if mode == "compiled":
+        return _choose_compiled(gpt, layers, log)
+    try:
+        verdicts = {check_in_block(layer) for layer in layers}
+    except Exception as e:  # noqa: BLE001 - a fast path that fails to build or to match is not taken
+        if mode == "in-block":
+            raise ValueError(f"speed.dequantize_4bit: in-block: {type(e).__name__}: {e}") from e
+        log(f"4-bit dequantization: bitsandbytes' layers (in-block failed its check: {type(e).__name__}: {e})")
+        return "bitsandbytes"
+    said = f"{', '.join(sorted(verdicts))} on all {len(layers)} layers"
+    if mode == "auto":
+        if timer is None:
+            log(f"4-bit dequantization: bitsandbytes' layers (in-block is {said}, but nothing timed it)")
+            return "bitsandbytes"
+        seconds = {}
+        for form in ("bitsandbytes", "in-block"):
+            apply_dequantize_4bit(gpt, form)
+            seconds[form] = timer()
+        if seconds["in-block"] >= seconds["bitsandbytes"]:
+            apply_dequantize_4bit(gpt, "bitsandbytes")
+            log(f"4-bit dequantization: bitsandbytes' layers ({_timings(seconds)}: in-block is not faster here)")
+            return "bitsandbytes"
+        said += f"; {_timings(seconds)}"
+    else:
+        apply_dequantize_4bit(gpt, "in-block")
+    log(f"4-bit dequantization: in-block ({said})")
+    return "in-block"
+
+
+def _timings(seconds: dict[str, float]) -> str:
+    return "a step " + ", ".join(f"{s * 1000:.0f} ms with {form}" for form, s in seconds.items())
+
+
+def _choose_compiled(gpt: torch.nn.Module, layers: list, log) -> str:
     failures = []
     for form in ("compiled", "compiled+cast"):
         try:
             verdicts = {check_against_bitsandbytes(layer, form) for layer in layers}
-        except Exception as e:  # noqa: BLE001 - a fast path that fails to build or to match is not taken
+        except Exception as e:  # noqa: BLE001 - try the next form, then say why none matched
             failures.append(f"{form}: {type(e).__name__}: {e}")
             continue
         use_compiled_dequantize(gpt, form)
         log(f"4-bit dequantization: {form} ({', '.join(sorted(verdicts))} on all {len(layers)} layers)")
         return form
-    if mode == "compiled":
-        raise ValueError("speed.dequantize_4bit: no compiled form matched bitsandbytes; " + "; ".join(failures))
-    log("4-bit dequantization: bitsandbytes' kernels (the compiled ones failed their check: " + "; ".join(failures) + ")")
-    return "bitsandbytes"
+    raise ValueError("speed.dequantize_4bit: no compiled form matched bitsandbytes; " + "; ".join(failures))
+
+
+def apply_dequantize_4bit(gpt: torch.nn.Module, form: str) -> None:
+    """Switch every 4-bit layer to ``form`` ("bitsandbytes" or "in-block"), dropping what compiled the other.
+
+    The compiled graphs are thrown away (``torch._dynamo.reset``): a block compiled around one form must
+    not be reused for the other.
+    """
+    torch._dynamo.reset()
+    for layer in four_bit_layers(gpt):
+        for attribute in ("forward", "traced_in_block", "kept_eager"):
+            layer.__dict__.pop(attribute, None)
+    if form == "in-block":
+        use_in_block_linear_4bit(four_bit_layers(gpt))
+    elif form != "bitsandbytes":
+        raise ValueError(f"apply_dequantize_4bit: 'bitsandbytes' or 'in-block', got {form!r}")
+
+
+def compile_blocks(gpt: torch.nn.Module) -> None:
+    for block in gpt.transformer.h:
+        block.compile()
+
+
+def step_seconds(fabric: L.Fabric, model, max_seq_length: int, packing: bool, steps: int = 3) -> float:
+    """Seconds of one training step (micro-batch 1, random tokens) as the model stands, blocks compiled:
+    the first step compiles and is not counted. Without enough memory for the step, with checkpointing."""
+    gpt = model.module
+    keep_quantized_layers_eager(gpt)
+    compile_blocks(gpt)
+    for checkpoint in (False, True):
+        plan = Plan(1, checkpoint, 0.0, 0.0)
+        try:
+            probe_step(fabric, model, plan, max_seq_length, packing)
+            _synchronize(fabric.device)
+            started = time.perf_counter()
+            for _ in range(steps):
+                probe_step(fabric, model, plan, max_seq_length, packing)
+            _synchronize(fabric.device)
+            return (time.perf_counter() - started) / steps
+        except torch.OutOfMemoryError:
+            if fabric.device.type == "cuda":
+                torch.cuda.empty_cache()
+    raise RuntimeError("speed.dequantize_4bit auto: even one checkpointed step of micro-batch 1 ran out of memory; choose a form")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def keep_quantized_layers_eager(model: torch.nn.Module) -> int:
-    """Run bitsandbytes layers outside the compiled graphs; returns how many.
+    """Run bitsandbytes layers outside the compiled graphs (all but the in-block ones); returns how many.
 
     Compiled whole, a block keeps each 4-bit weight's bf16 dequantization alive for the backward
     (QLoRA on Mistral-7B at 2048 tokens: 28.8 GiB instead of 18.4), which defeats quantizing. Left
@@ -132,8 +228,11 @@ def keep_quantized_layers_eager(model: torch.nn.Module) -> int:
     """
     changed = 0
     for module in model.modules():
+        if getattr(module, "traced_in_block", False) or getattr(module, "kept_eager", False):
+            continue  # finetune.linear4bit_op's layers are meant to be traced; or already done
         if isinstance(module, torch.nn.Linear) and any(c.__module__.startswith("bitsandbytes") for c in type(module).__mro__):
             module.forward = torch.compiler.disable(module.forward)
+            module.kept_eager = True
             changed += 1
     return changed
 

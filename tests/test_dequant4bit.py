@@ -196,7 +196,7 @@ def test_qlora_model_loss_and_lora_gradients_equal_bitsandbytes(quant_type: str,
             torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_check_names_a_mismatch_and_auto_falls_back() -> None:
+def test_check_names_a_mismatch_and_compiled_refuses() -> None:
     model = _qlora_tiny("nf4", False)
     assert check_against_bitsandbytes(four_bit_layers(model)[0], form="eager") == "bit-identical to bitsandbytes"
     broken = copy.deepcopy(model)
@@ -204,11 +204,8 @@ def test_check_names_a_mismatch_and_auto_falls_back() -> None:
     layer.weight.quant_state.code = layer.weight.quant_state.code.flip(0)  # our kernel reads the code, bitsandbytes' the type
     with pytest.raises(ValueError, match="differs from bitsandbytes"):
         check_against_bitsandbytes(layer, form="eager")
-    said = []
-    assert choose_dequantize_4bit(broken, "auto", compiled=True, log=said.append) == "bitsandbytes"
-    assert "failed their check" in said[0] and "differs from bitsandbytes" in said[0]
-    with pytest.raises(ValueError, match="differs"):
-        choose_dequantize_4bit(broken, "compiled", compiled=True, log=said.append)
+    with pytest.raises(ValueError, match="speed.dequantize_4bit: no compiled form matched bitsandbytes.*differs"):
+        choose_dequantize_4bit(broken, "compiled", compiled=True)
 
 
 def test_choice_rules() -> None:
@@ -234,7 +231,8 @@ def test_prepare_compiles_blocks_around_the_compiled_dequantization() -> None:
     wrapped = fabric.setup_module(ours)
     said = []
     fabric.print = said.append
-    setup = prepare(fabric, wrapped, "lora", SpeedArgs(compile=True, micro_batch="fixed", packing=False), TrainArgs(micro_batch_size=1), 32, "bnb.nf4-dq")
+    speed = SpeedArgs(compile=True, micro_batch="fixed", packing=False, dequantize_4bit="compiled")
+    setup = prepare(fabric, wrapped, "lora", speed, TrainArgs(micro_batch_size=1), 32, "bnb.nf4-dq")
     assert setup.compiled and setup.dequantize_4bit == "compiled"
     assert any("4-bit dequantization: compiled (bit-identical to bitsandbytes on all 11 layers)" in m for m in said)
     g = torch.Generator().manual_seed(8)
