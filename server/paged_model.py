@@ -113,6 +113,7 @@ class PagedModel:
             c.sliding_window_size if block.attn.apply_sliding_window_attention and c.sliding_window_size < self.max_len else None
             for block in model.transformer.h
         ]
+        self._fp32_weights: dict[torch.nn.Module, torch.Tensor] = {}  # RMSNorm weights in fp32
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
@@ -176,11 +177,16 @@ class PagedModel:
         q, k = qk.split((n_q, n_kv), dim=1)
         return q, k, v
 
-    @staticmethod
-    def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """litgpt's RMSNorm in one fused kernel (same fp32 math); any other norm as is."""
+    def _norm(self, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """litgpt's RMSNorm in one fused kernel (same fp32 math); any other norm as is.
+
+        The weight's fp32 copy is made once, not at every call (that was two kernels per layer in
+        every decode step)."""
         if type(norm) is RMSNorm and not norm.add_unit_offset and norm.dim == -1:
-            return F.rms_norm(x.float(), (x.size(-1),), norm.weight.float(), norm.eps).to(x.dtype)
+            weight = self._fp32_weights.get(norm)
+            if weight is None:
+                weight = self._fp32_weights[norm] = norm.weight.detach().float()
+            return F.rms_norm(x.float(), (x.size(-1),), weight, norm.eps).to(x.dtype)
         return norm(x)
 
     def _block(self, block, x: torch.Tensor, attend) -> torch.Tensor:
