@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from server.engine import Busy, ClientGone, Engine, RequestFailed, Unavailable
+from server.engine import Busy, ClientGone, Engine, FieldError, RequestFailed, Unavailable
 from server.generate import RequestTooLong
 from server.schemas import (
     DecodeRequest,
@@ -58,6 +58,8 @@ def create_app(engine: Engine, codec: Codec, model_name: str = "model", drain_s:
             completions, dropped = await engine.process(req, lambda: _disconnect(request))
         except RequestTooLong as e:
             raise _field_error("max_new_tokens", str(e)) from None
+        except FieldError as e:
+            raise _field_error(e.field, str(e)) from None
         except Busy as e:
             return JSONResponse(status_code=503, content={"detail": str(e)}, headers={"Retry-After": str(e.retry_after)})
         except Unavailable as e:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine import Busy, RequestFailed, Unavailable, until_done_or_gone
+from server.engine import Busy, FieldError, RequestFailed, Unavailable, until_done_or_gone
 from server.generate import Generator, Prompt, Sequence, advance, completions, echo_scores, echo_tokens, new_generator, pick
 from server.gpu_memory import usable_bytes
 from server.kv_pool import KVPool
@@ -150,6 +150,10 @@ class BatchEngine:
                 self._submitted -= 1
             return [Completion(text="", tokens=[], logprob=0.0) for _ in range(request.n)], prompt.dropped
         live = _Live(request, prompt, loop.create_future(), loop)
+        if (refusal := self.scheduler.never_fits(live.job)) is not None:
+            with self._wake:
+                self._submitted -= 1
+            raise FieldError("num_return_sequences", f"{request.n} sequences of this request {refusal}; ask for fewer (or fewer max_new_tokens)")
         live.future.add_done_callback(lambda f: f.cancelled() and self._cancel(live))
         with self._wake:
             self.counters["requests"] += 1

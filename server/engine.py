@@ -25,6 +25,14 @@ from server.schemas import Completion, ProcessRequest
 EngineKind = Literal["auto", "batched", "serial"]
 
 
+class FieldError(ValueError):
+    """A request this server can never answer as asked, because of ``field`` (HTTP 422 naming it)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
 class Busy(RuntimeError):
     """The queue is full: come back in ``retry_after`` seconds (HTTP 503 with Retry-After)."""
 

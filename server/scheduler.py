@@ -140,6 +140,13 @@ class Scheduler:
         spare = generation + (job.n - 1) * (partial + generation) if job.forks else 0
         return prompt - shared, spare
 
+    def never_fits(self, job: Job) -> str | None:
+        """Why even an empty pool could not hold ``job`` (or None); it depends on sizes only."""
+        own, spare = self._blocks_needed(job, 0)
+        if own + spare > self.pool.num_blocks - 1:
+            return f"need {own + spare} KV blocks of {self.pool.block_size} tokens, the pool has {self.pool.num_blocks - 1}"
+        return None
+
     def _admit(self, step: Step) -> None:
         pool = self.pool
         while self.queue:
@@ -149,12 +156,11 @@ class Scheduler:
                 continue
             if self.running and self.sequences + job.n > self.max_batch:
                 return
-            own, spare = self._blocks_needed(job, 0)
-            if own + spare > pool.num_blocks - 1:  # even an empty pool can't hold it
+            if (refusal := self.never_fits(job)) is not None:
                 self.queue.popleft()
                 self.queued -= 1
                 job.state = "done"
-                step.refused.append((job, f"needs {own + spare} KV blocks of {pool.block_size} tokens, the pool has {pool.num_blocks - 1}"))
+                step.refused.append((job, refusal))
                 continue
             limit = (len(job.ids) - 1) // pool.block_size  # the last prompt token is always computed
             shared = [] if job.echo else pool.match(job.ids, limit)

@@ -90,7 +90,7 @@ def test_a_request_that_can_never_fit_is_refused() -> None:
     big = _job(20, n=4, max_new=10)
     s.add(big)
     step = s.schedule()
-    assert [job for job, _ in step.refused] == [big] and "needs" in step.refused[0][1]
+    assert [job for job, _ in step.refused] == [big] and "need" in step.refused[0][1]
     assert not s.busy and pool.held == 0
 
 

@@ -139,6 +139,14 @@ def test_a_full_pool_makes_requests_wait_then_answers_all(generator, engine) -> 
     _wait_idle(e)
 
 
+def test_a_request_no_pool_could_hold_is_a_422_naming_the_field(generator, engine) -> None:
+    e = engine(kv_tokens=generator.max_seq_length, kv_block_size=16)
+    body = {"prompt": "Is 4 even or odd?", "num_return_sequences": 16, "max_new_tokens": 1000, "temperature": 1.0}
+    r = asyncio.run(_post_all(create_app(e, generator.codec), [body]))[0]
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "num_return_sequences"]
+    _wait_idle(e)
+
+
 @pytest.mark.slow(reason="the acceptance count: 1,000 requests through the app")
 def test_a_thousand_mixed_requests_leave_no_block_held(generator, engine, monkeypatch) -> None:
     import server.batch_engine as batch_engine
