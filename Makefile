@@ -89,7 +89,7 @@ submission: setup ## the leaderboard zip for RUN/final (weights from WEIGHTS_REP
 serve: setup ## serve CKPT on HOST:PORT (default 127.0.0.1:8080)
 	$(PYTHON) -m server --checkpoint_dir $(CKPT) --host $(HOST) --port $(PORT) $(ARGS)
 
-eval-time: setup ## project HELM's eval time from a server running at URL (make serve first): OK/OVER per set
+eval-time: setup ## project HELM's eval time as helm-run runs it (4 threads, a barrier per run spec) against the server at URL: OK/OVER per set, an estimate for the other track's card; ARGS='--threads 30 --gpu rtx4090'
 	$(PYTHON) -m submission.eval_time --url $(URL) $(ARGS)
 
 helm: setup ## run HELM (neurips/local) on the challenge specs against the server at HOST:PORT into out/helm: make helm HELM_MAX_EVAL=2

@@ -28,7 +28,7 @@ from core.workload import (
     calibrate_tokens_per_word,
     project,
 )
-from submission import eval_time
+from submission import eval_time, helm_model
 
 HELM_FIELDS = {
     "prompt", "temperature", "num_return_sequences", "max_new_tokens",
@@ -176,21 +176,70 @@ def test_project_arithmetic():
         project({"mc": math.nan}, {"mc": 1})
 
 
-def _phase(seconds_per_request: float, generated: float, max_new: int) -> dict:
-    return {"seconds_per_request": seconds_per_request, "mean_generated_tokens": generated, "max_new_tokens": max_new}
+def _phase(latency_mean_s: float, generated: float, max_new: int) -> dict:
+    return {"latency_mean_s": latency_mean_s, "mean_generated_tokens": generated, "max_new_tokens": max_new}
 
 
 def test_request_cost_extrapolates_per_generated_token():
-    # GSM8K: s1 = 0.1 s at 1 token, s2 = 0.41 s at 32 tokens -> 10 ms per extra token.
+    # GSM8K: 0.1 s at 1 token, 0.41 s at 32 tokens -> 10 ms per extra token.
     cost = eval_time.request_cost("gsm", _phase(0.1, 1, 1), _phase(0.41, 32, 32))
     assert cost["seconds_per_generated_token"] == pytest.approx(0.01)
+    assert cost["prefill_s"] == 0.1 and cost["decode_expected_s"] == pytest.approx(0.01 * (120 - 1))
     assert cost["expected_s"] == pytest.approx(0.1 + 0.01 * (120 - 1))
     assert cost["worst_case_s"] == pytest.approx(0.1 + 0.01 * (400 - 1))
     assert not cost["notes"]
     mc = eval_time.request_cost("mmlu", _phase(0.2, 1, 1), None)
-    assert mc["expected_s"] == mc["worst_case_s"] == 0.2
+    assert mc["expected_s"] == mc["worst_case_s"] == 0.2 and mc["decode_expected_s"] == 0.0
     stopped = eval_time.request_cost("gsm", _phase(0.1, 1, 1), _phase(0.12, 1, 32))  # model stopped at once
     assert stopped["seconds_per_generated_token"] == pytest.approx(0.12) and stopped["notes"]
+
+
+# --------------------------------------------------------------------------------------------------
+# helm-run's schedule (submission.helm_model)
+
+
+def test_run_specs_are_derived_from_the_shipped_conf(tmp_path):
+    """The sample set is the shipped 600-budget conf as helm-run expands it: 88 entries of 3 to 19
+    instances, BIG-bench x4 shot settings, MMLU x5 canonical perturbations."""
+    from core.run_specs import read_conf
+
+    entries = read_conf(helm_model.SAMPLE_CONF)
+    assert len(entries) == 88
+    assert {int(e.args["max_eval_instances"]) for e in entries} <= set(range(3, 20))
+    assert min(int(e.args["max_eval_instances"]) for e in entries) == 3 and max(int(e.args["max_eval_instances"]) for e in entries) == 19
+    assert helm_model.BIG_BENCH_GENERATIVE <= {e.args["task"] for e in entries if e.scenario == "big_bench"}
+    specs = helm_model.sets_specs()
+    big_bench = sum(e.scenario == "big_bench" for e in entries)
+    assert len(specs["sample"]) == len(entries) - big_bench + 4 * big_bench
+    for name, set_specs in specs.items():  # the same requests as core.workload's counts for each set
+        assert helm_model.requests_by_type(set_specs) == {t: n for t, n in SETS[name].requests.items() if n}
+    conf = tmp_path / "x.conf"
+    conf.write_text('entries: [\n  {description: "wikifact:k=v,max_eval_instances=3", priority: 1}\n]\n')
+    with pytest.raises(ValueError, match=r"x\.conf:2: scenario 'wikifact'"):
+        helm_model.conf_specs(conf)
+
+
+def test_spec_makespan_is_helm_runs_thread_pool():
+    assert helm_model.spec_makespan([1.0] * 5, threads=4) == 2.0  # 4 at once, then the fifth alone
+    assert helm_model.spec_makespan([3.0, 1.0, 1.0, 1.0], threads=2) == 3.0  # the slow one holds the barrier
+    assert helm_model.spec_makespan([], threads=4) == 0.0
+    specs = [helm_model.RunSpec(f"s{i}", "mmlu", 5, 5) for i in range(3)]
+    flat = lambda t, i: 1.0  # noqa: E731
+    assert helm_model.project(specs, flat, threads=4) == 6.0  # 3 specs x 2 rounds
+    assert helm_model.project_without_barriers(specs, flat, threads=4) == 4.0  # 15 requests pooled: ceil(15/4)
+    with pytest.raises(ValueError, match="threads"):
+        helm_model.spec_makespan([1.0], threads=0)
+
+
+def test_cards_and_the_estimate():
+    assert helm_model.card_from_device("NVIDIA GeForce RTX 4090", 23.6) == "rtx4090"
+    assert helm_model.card_from_device("NVIDIA A100-SXM4-40GB", 39.4) == "a100_40gb"
+    assert helm_model.card_from_device("NVIDIA A100-SXM4-80GB", 79.2) == "a100_80gb"
+    assert helm_model.card_from_device("NVIDIA H200", 139.8) == "h200" and helm_model.card_from_device("Tesla T4", 15) is None
+    assert helm_model.other_cards("rtx4090") == ["a100_40gb"] and helm_model.other_cards("h200") == ["rtx4090", "a100_40gb"]
+    # prefill scales by compute (312/165), decode by bandwidth (1555/1008)
+    assert helm_model.scale_to_card(1.0, 1.0, "a100_40gb", "rtx4090") == pytest.approx(312 / 165 + 1555 / 1008)
+    assert set(eval_time.GPU.__args__) == {"auto", "none", *helm_model.CARDS}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,12 +247,12 @@ def test_request_cost_extrapolates_per_generated_token():
 
 
 def _check_report(report: dict) -> None:
-    assert set(report["sets"]) == set(LIMITS)
+    assert set(report["sets"]) == set(LIMITS) and report["threads"] == 4  # helm-run's default
     for name, s in report["sets"].items():
         assert s["limit_s"] == LIMITS[name]
         assert math.isfinite(s["projected_s"]) and s["projected_s"] > 0
         assert s["worst_case_s"] >= s["projected_s"]
-        assert s["total_requests"] == SETS[name].total_requests
+        assert s["total_requests"] == SETS[name].total_requests == sum(s["requests"].values())
         assert s["within_limit"] == (s["projected_s"] <= s["limit_s"])
     assert set(report["types"]) == set(TYPES)
     for name, r in report["types"].items():
@@ -230,7 +279,7 @@ def test_eval_time_against_the_tiny_server(make_tiny_checkpoint, serve, tmp_path
 
     monkeypatch.setattr(eval_time, "evaluate", through_app)
     out = tmp_path / "eval_time.json"
-    report = eval_time.main(url="http://test", requests_per_type=1, cap_new_tokens=4, out=out)
+    report = eval_time.main(url="http://test", requests_per_type=1, cap_new_tokens=4, gpu="h200", out=out)
     _check_report(report)
     assert report["requests_sent"] == len(TYPES) + sum(t.max_new_tokens > 1 for t in TYPES.values())
     assert json.loads(out.read_text())["sets"].keys() == report["sets"].keys()
@@ -238,7 +287,17 @@ def test_eval_time_against_the_tiny_server(make_tiny_checkpoint, serve, tmp_path
     for s in report["sets"].values():
         line = next(line for line in printed.splitlines() if line.startswith(s["title"]))
         assert ("OK" if s["within_limit"] else "OVER") in line
-    assert "assumption:" in printed and "GSM8K ~120" in printed
+        # The measured requests, scheduled as helm-run does: many small specs, each waiting for its slowest
+        # request, take longer than the same requests in one pool; 4 threads take longer than 30.
+        assert s["projected_s"] > s["no_barrier_s"]
+        assert set(s["estimates"]) == {"rtx4090", "a100_40gb"}
+        for card, e in s["estimates"].items():
+            assert e["label"].startswith("estimate") and e["projected_s"] > s["projected_s"]  # both slower than an H200
+    at_30 = eval_time.project_sets(report["types"], threads=30)
+    for name, s in report["sets"].items():
+        assert s["projected_s"] > at_30[name]["projected_s"], name
+    assert "assumption:" in printed and "GSM8K ~120" in printed and "ESTIMATE (estimate, not a measurement" in printed
+    assert "helm-run with -n 4 on H200" in printed
 
 
 def test_measure_runs_concurrently_through_the_app(make_tiny_checkpoint, serve):
