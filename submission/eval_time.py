@@ -40,10 +40,9 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import httpx
-
-from typing import Literal
 
 from core.workload import (
     CALIBRATION_WORDS,

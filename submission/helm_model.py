@@ -54,7 +54,9 @@ def _request_type(scenario: str, args: dict[str, str], where: str) -> str:
     if scenario == "big_bench":
         return "big_bench_gen" if args.get("task") in BIG_BENCH_GENERATIVE else "big_bench_mc"
     if scenario not in SCENARIO_TYPES:
-        raise ValueError(f"{where}: scenario {scenario!r} has no request type in submission.helm_model (known: big_bench, {', '.join(SCENARIO_TYPES)})")
+        raise ValueError(
+            f"{where}: scenario {scenario!r} has no request type in submission.helm_model (known: big_bench, {', '.join(SCENARIO_TYPES)})"
+        )
     return SCENARIO_TYPES[scenario]
 
 
@@ -92,7 +94,9 @@ def scaled_specs(specs: list[RunSpec], instances_by_type: dict[str, int]) -> lis
         idx = [i for i, s in enumerate(specs) if s.type == t]
         if not idx:
             raise ValueError(f"no run spec of type {t!r} to scale")
-        per_entry = _split(total, [specs[i].instances for i in idx[:: len(BIG_BENCH_SHOTS)]] if t.startswith("big_bench") else [specs[i].instances for i in idx])
+        per_entry = _split(
+            total, [specs[i].instances for i in idx[:: len(BIG_BENCH_SHOTS)]] if t.startswith("big_bench") else [specs[i].instances for i in idx]
+        )
         if t.startswith("big_bench"):  # the 4 shot settings of one entry share its instances
             per_entry = [n for n in per_entry for _ in BIG_BENCH_SHOTS]
         for i, n in zip(idx, per_entry):

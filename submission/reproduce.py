@@ -12,7 +12,6 @@ which ``make submission`` packs) and writes under ``--out_dir`` (default ``out/r
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import json
 from pathlib import Path
@@ -42,11 +41,11 @@ def _data_args(manifest: dict):
 
 
 def download(manifest: Path = Path("submission.json"), checkpoint_dir: Path = CHECKPOINTS_DIR) -> None:
-    """Download and convert the base model named in the manifest."""
+    """Download and convert the base model named in the manifest (its HF weight files deleted once converted)."""
     from core.hub import download as hub_download
 
     base = _manifest(manifest)["base_model"]["repo_id"]
-    print(f"base model: {hub_download(base, checkpoint_dir)}")
+    print(f"base model: {hub_download(base, checkpoint_dir, delete_hf_weights_after=True)}")
 
 
 def _pinned(source: dict) -> str:

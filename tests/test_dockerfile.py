@@ -89,7 +89,7 @@ def test_the_default_build_downloads_an_ungated_model_with_no_secret():
     run = _download_run(ops)
     mount = re.search(r"--mount=type=secret,(\S+)", run)
     assert mount and "required=true" not in mount.group(1)  # an absent secret is fine
-    assert re.search(r'if \[ -s /run/secrets/hf_token \]; then export HF_TOKEN=', run)  # read only when given
+    assert re.search(r"if \[ -s /run/secrets/hf_token \]; then export HF_TOKEN=", run)  # read only when given
 
 
 @pytest.mark.parametrize("source", ["repo", "packaged"])

@@ -117,7 +117,7 @@ def test_each_problem_is_refused_naming_the_file(tiny_run, fake_repo, tmp_path, 
     assert not (tmp_path / "refused.zip").exists()  # nothing written
 
 
-def _edited_run(final, tmp_path, edit) -> "Path":
+def _edited_run(final, tmp_path, edit):
     run = tmp_path / "run"
     shutil.copytree(final, run)
     m = json.loads((run / "submission.json").read_text())
