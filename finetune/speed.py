@@ -126,7 +126,7 @@ def choose_dequantize_4bit(gpt: torch.nn.Module, mode: str, compiled: bool, log=
         return _choose_compiled(gpt, layers, log)
     try:
         verdicts = {check_in_block(layer) for layer in layers}
-    except Exception as e:  # noqa: BLE001 - a fast path that fails to build or to match is not taken
+    except Exception as e:
         if mode == "in-block":
             raise ValueError(f"speed.dequantize_4bit: in-block: {type(e).__name__}: {e}") from e
         log(f"4-bit dequantization: bitsandbytes' layers (in-block failed its check: {type(e).__name__}: {e})")
