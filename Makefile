@@ -32,7 +32,7 @@ HELM_MAX_EVAL ?= 1000
 SUITE    ?= onegpu
 ARGS     ?=
 
-.PHONY: help setup tiny demo test lint download convert plan finetune merge export serve submission models clean eval-time helm
+.PHONY: help setup tiny demo test test-gpu lint download convert plan finetune merge export serve submission models clean eval-time helm
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -55,8 +55,11 @@ checkpoints/tiny/lit_model.pth: core/tiny.py core/configs.py core/tokenizer_trai
 demo: setup tiny ## the whole pipeline on the tiny model: finetune, merge, serve, query (CPU, a few minutes)
 	$(PYTHON) -m scripts.demo $(ARGS)
 
-test: setup ## run the test suite
+test: setup ## run the test suite (CPU; the gpu-marked tests are deselected)
 	$(PYTHON) -m pytest -q $(ARGS)
+
+test-gpu: setup ## the GPU lane on a CUDA machine: QLoRA vs bitsandbytes, batched server vs serial with CUDA graphs, the bench's tiny case
+	$(PYTHON) -m pytest -q -m gpu $(ARGS)
 
 lint: setup ## ruff: lint and format check (fix with: .venv/bin/ruff format . && .venv/bin/ruff check --fix .)
 	$(PYTHON) -m ruff check .

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 pin() { grep -i -E "^$1==" constraints.txt | head -1; }
 pkgs=(litgpt jsonargparse docstring_parser typeshed_client fastapi starlette uvicorn pydantic pydantic_core
-      annotated-types annotated-doc typing-inspection opentelemetry-api)
+      annotated-types annotated-doc typing-inspection opentelemetry-api pytest pluggy iniconfig Pygments)
 specs=()
 for p in "${pkgs[@]}"; do
   spec=$(pin "$p") || { echo "no pin for $p in constraints.txt" >&2; exit 1; }

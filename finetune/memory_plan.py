@@ -9,7 +9,9 @@ real step (``probe_plan``), stepping down if that step runs out of memory.
 
 The estimate counts weights (by storage type), the trainable parameters with their gradients and
 AdamW states, the activations a block keeps per token (calibrated on an H100, see BENCHMARKS.md), the
-logits the loss holds, and a fixed allowance for the CUDA context and allocator slack.
+logits the loss holds, and a fixed allowance for workspaces and allocator slack. It is compared with
+what a card leaves the allocator (``Budget``: the card less the CUDA context, less a margin of 1 GiB
+or 5%), and a rehearsal on a bigger GPU is capped at that usable memory for real.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from core.gpu_memory import margin_gib, usable_gib
 
 GIB = 2**30
 TRACKS = {"rtx4090": 24.0, "a100-40gb": 40.0, "a100-80gb": 80.0}
@@ -45,7 +49,26 @@ class Plan:
     def describe(self) -> str:
         ckpt = "activation checkpointing" if self.checkpoint_blocks else "no checkpointing"
         verdict = "fits" if self.fits else "DOES NOT FIT"
-        return f"micro_batch_size {self.micro_batch_size}, {ckpt}: ~{self.peak_gib:.1f} GiB of {self.budget_gib:.0f} GiB ({verdict})"
+        return f"micro_batch_size {self.micro_batch_size}, {ckpt}: ~{self.peak_gib:.1f} GiB of {self.budget_gib:.1f} GiB ({verdict})"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A card's memory as a plan sees it: the allocator's cap (the card less the CUDA context) and, a
+    margin under that, what estimates and measured peaks must stay within."""
+
+    card_gib: float
+
+    @property
+    def usable_gib(self) -> float:
+        return usable_gib(self.card_gib)
+
+    @property
+    def plan_gib(self) -> float:
+        return self.usable_gib - margin_gib(self.card_gib)
+
+    def describe(self) -> str:
+        return f"{self.card_gib:.1f} GiB card: {self.usable_gib:.1f} usable, plans within {self.plan_gib:.1f}"
 
 
 @dataclass(frozen=True)
@@ -123,19 +146,20 @@ def choose(
     return next((p for p in plans if p.fits), min(plans, key=lambda p: p.peak_gib))
 
 
-def gpu_budget_gib(device: torch.device, override_gib: float | None) -> float | None:
-    """The memory to plan for: ``override_gib`` (capped to the GPU's own), the GPU's total, or None off-GPU."""
+def gpu_budget(device: torch.device, override_gib: float | None) -> Budget | None:
+    """The card to plan for: one of ``override_gib`` (no bigger than the GPU), the GPU itself, or None off-GPU."""
     if device.type != "cuda":
-        return override_gib
+        return Budget(override_gib) if override_gib else None
     total = torch.cuda.get_device_properties(device).total_memory / GIB
-    return min(total, override_gib) if override_gib else total
+    return Budget(min(total, override_gib) if override_gib else total)
 
 
-def probe_plan(step, plans: list[Plan], log=print) -> Plan:
+def probe_plan(step, plans: list[Plan], log=print, limit_gib: float | None = None) -> Plan:
     """Run ``step(plan)`` (one forward+backward on a full-size batch) for each plan in turn until one fits.
 
     The estimate picks where to start; this makes the choice a measurement. Returns the first plan
-    whose step did not run out of memory.
+    whose step neither ran out of memory nor peaked above ``limit_gib`` (the budget's margin under the
+    cap: a real run's later steps, fragmentation and validation take more than one probe step).
     """
     cuda = torch.cuda.is_available()
     for plan in plans:
@@ -149,8 +173,13 @@ def probe_plan(step, plans: list[Plan], log=print) -> Plan:
             if cuda:
                 torch.cuda.empty_cache()
             continue
-        peak = f"{torch.cuda.max_memory_reserved() / GIB:.1f} GiB" if cuda else "?"
-        log(f"memory plan: micro_batch_size {plan.micro_batch_size}, checkpointing {plan.checkpoint_blocks}: one step peaked at {peak} (estimated {plan.peak_gib:.1f})")
+        peak_gib = torch.cuda.max_memory_reserved() / GIB if cuda else None
+        peak = f"{peak_gib:.1f} GiB" if peak_gib is not None else "?"
+        said = f"memory plan: micro_batch_size {plan.micro_batch_size}, checkpointing {plan.checkpoint_blocks}: one step peaked at {peak} (estimated {plan.peak_gib:.1f})"
+        if limit_gib is not None and peak_gib is not None and peak_gib > limit_gib:
+            log(f"{said}, over the {limit_gib:.1f} GiB the plan keeps under the cap; trying the next")
+            continue
+        log(said)
         return plan
     raise RuntimeError("memory plan: even micro_batch_size 1 with activation checkpointing ran out of memory; use --quantize bnb.nf4 or a shorter data.max_seq_length")
 
@@ -195,8 +224,9 @@ def main(
     budgets = {"this GPU": gpu_memory_gib} if gpu_memory_gib else TRACKS
     plans = {}
     for track, gib in budgets.items():
-        plans[track] = choose(shape, gib, max_seq_length, global_batch_size, quantize, method == "full", compiled=True)  # finetune compiles on GPUs
-        print(f"{track:>10} ({gib:.0f} GiB): {plans[track].describe()}")
+        budget = Budget(gib)
+        plans[track] = choose(shape, budget.plan_gib, max_seq_length, global_batch_size, quantize, method == "full", compiled=True)  # finetune compiles on GPUs
+        print(f"{track:>10} ({budget.describe()}): {plans[track].describe()}")
     if not any(p.fits for p in plans.values()):
         print(f"no track fits {config.name} with {method}{' + ' + quantize if quantize else ''} at {max_seq_length} tokens: try --quantize bnb.nf4 or a shorter max_seq_length")
     return plans

@@ -23,7 +23,7 @@ from finetune.data import IGNORE_INDEX
 from finetune.dequant4bit import check_against_bitsandbytes, four_bit_layers, use_compiled_dequantize
 from finetune.fast_lora import use_lora_addmm, use_matmul_qkv_lora
 from finetune.linear4bit_op import check_in_block, use_in_block_linear_4bit
-from finetune.memory_plan import GIB, ModelShape, Plan, candidates, estimate_gib, gpu_budget_gib, probe_plan
+from finetune.memory_plan import GIB, ModelShape, Plan, candidates, estimate_gib, gpu_budget, probe_plan
 
 
 @dataclass
@@ -88,19 +88,20 @@ def prepare(
     if resumed_micro_batch is not None:
         train = dataclasses.replace(train, micro_batch_size=resumed_micro_batch)
     elif speed.micro_batch == "auto" and fabric.device.type == "cuda":
-        budget = gpu_budget_gib(fabric.device, speed.gpu_memory_gib)
-        if speed.gpu_memory_gib:
+        budget = gpu_budget(fabric.device, speed.gpu_memory_gib)
+        if speed.gpu_memory_gib:  # a true cap: what the allocator would get on that card
             total = torch.cuda.get_device_properties(fabric.device).total_memory / GIB
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), fabric.device)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget.usable_gib / total), fabric.device)
         shape = ModelShape.of(gpt)
         plans = [
-            Plan(m, c, round(estimate_gib(shape, m * max_seq_length, c, quantize, method_name == "full", compiled)["total"], 2), budget)
+            Plan(m, c, round(estimate_gib(shape, m * max_seq_length, c, quantize, method_name == "full", compiled)["total"], 2), budget.plan_gib)
             for m, c in candidates(train.global_batch_size, max_seq_length)
             if speed.checkpoint_blocks is None or c == speed.checkpoint_blocks
         ]
         first = next((i for i, p in enumerate(plans) if p.fits), len(plans) - 1)
-        fabric.print(f"memory plan ({budget:.0f} GiB): {plans[first].describe()}")
-        plan = probe_plan(lambda p: probe_step(fabric, model, p, max_seq_length, packing), plans[first:], log=fabric.print)
+        fabric.print(f"memory plan ({budget.describe()}): {plans[first].describe()}")
+        step = lambda p: probe_step(fabric, model, p, max_seq_length, packing)  # noqa: E731
+        plan = probe_plan(step, plans[first:], log=fabric.print, limit_gib=budget.plan_gib)
         train = dataclasses.replace(train, micro_batch_size=plan.micro_batch_size)
         checkpoint_blocks = plan.checkpoint_blocks
     return Setup(train, packing, checkpoint_blocks, compiled, dequant)
@@ -253,7 +254,8 @@ def random_batch(vocab_size: int, micro_batch_size: int, max_seq_length: int, pa
 
 
 def probe_step(fabric: L.Fabric, model, plan: Plan, max_seq_length: int, packing: bool) -> None:
-    """One forward+backward of a full micro-batch of random tokens (the most memory a real one can take).
+    """One forward+backward of a full micro-batch of random tokens (the most memory a real one can take),
+    with room held for AdamW's two states per trainable value (made at the first optimizer step).
 
     Gradients are cleared and the RNG state restored afterwards, so training is as if it never ran.
     """
@@ -263,10 +265,13 @@ def probe_step(fabric: L.Fabric, model, plan: Plan, max_seq_length: int, packing
     device = next(gpt.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         batch = random_batch(gpt.config.vocab_size, plan.micro_batch_size, max_seq_length, packing, device)
+        states = 2 * sum(p.numel() * p.element_size() for p in gpt.parameters() if p.requires_grad)
+        optimizer_states = torch.empty(states, dtype=torch.uint8, device=device)  # held through the step
         try:
             with fabric.autocast():
                 loss = batch_loss(model, batch, plan.checkpoint_blocks)
             fabric.backward(loss)
         finally:
+            del optimizer_states
             for p in gpt.parameters():
                 p.grad = None

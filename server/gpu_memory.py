@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from core.gpu_memory import CUDA_CONTEXT_GIB
+
 GIB = 2**30
-# What a card loses outside the caching allocator: the CUDA context and its kernels (0.3 to 0.7 GiB with
-# lazy loading on recent drivers). A 24 GiB card's allocator gets about this much less than 24 GiB.
-CUDA_CONTEXT_GIB = 0.75
 
 
 def _indexed(device: torch.device) -> torch.device:

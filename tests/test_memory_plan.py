@@ -86,3 +86,28 @@ def test_cli_plans_every_track_from_the_config_alone(tmp_path: Path, capsys) -> 
     assert main(model_name="Mistral-7B-v0.1", quantize="bnb.nf4") == plans  # the same, before any download
     with pytest.raises(ValueError, match="model_name"):
         main()
+
+
+def test_budget_plans_for_what_the_card_leaves_the_allocator() -> None:
+    from core.gpu_memory import CUDA_CONTEXT_GIB
+    from finetune.memory_plan import Budget
+
+    a100 = Budget(40.0)
+    assert a100.usable_gib == 40.0 - CUDA_CONTEXT_GIB
+    assert a100.plan_gib == a100.usable_gib - 2.0  # 5% of 40 GiB is more than 1 GiB
+    assert Budget(12.0).plan_gib == 12.0 - CUDA_CONTEXT_GIB - 1.0  # at least 1 GiB
+    # the 40 GiB A100 track now plans a 14B LoRA for 37.25 GiB, not 40
+    plans = main(model_name="Qwen2.5-14B", lora_r=8, max_seq_length=2048, gpu_memory_gib=40)
+    assert plans["this GPU"].budget_gib == a100.plan_gib and plans["this GPU"].peak_gib <= a100.plan_gib
+
+
+def test_probe_plan_steps_down_past_a_peak_over_the_limit(monkeypatch) -> None:
+    plans = [Plan(4, False, 30, 37), Plan(2, False, 20, 37)]
+    peaks = iter([38.0 * GIB, 25.0 * GIB])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: next(peaks))
+    logs = []
+    assert probe_plan(lambda p: None, plans, log=logs.append, limit_gib=37.0) == plans[1]
+    assert "peaked at 38.0 GiB" in logs[0] and "over the 37.0 GiB" in logs[0] and "peaked at 25.0 GiB" in logs[1]
