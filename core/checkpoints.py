@@ -3,7 +3,8 @@
 A checkpoint directory holds ``lit_model.pth`` (a plain state dict), ``model_config.yaml``
 (litgpt's ``Config``), the tokenizer files, and optionally ``prompt_style.yaml``. These helpers
 add what litgpt leaves out: errors that say which file is wrong, a verification that the weights
-really match the config, and a content hash that does not depend on how the file was pickled.
+really match the config, a content hash that does not depend on how the file was pickled, and
+(through ``core.integrity``) atomic saves whose file sha256 is recorded and checked at every load.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from litgpt import GPT, Config
 from litgpt.utils import save_config
 
 import core.configs  # noqa: F401  (registers our local configs with litgpt)
+from core.integrity import IntegrityError, clean_stale_temps, load_torch, save_torch
 
 WEIGHTS = "lit_model.pth"
 CONFIG = "model_config.yaml"
@@ -73,9 +75,10 @@ def read_source(checkpoint_dir: Path) -> dict | None:
 
 
 def save_checkpoint(state_dict: dict[str, torch.Tensor], config: Config, out_dir: Path, side_files_from: Path | None = None) -> Path:
-    """Write a complete checkpoint directory; returns the weights path."""
+    """Write a complete checkpoint directory (weights saved atomically with their sha256); returns the weights path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(state_dict, out_dir / WEIGHTS)
+    clean_stale_temps(out_dir)
+    save_torch(state_dict, out_dir / WEIGHTS)
     save_config(config, out_dir)
     if side_files_from is not None:
         copy_side_files(side_files_from, out_dir)
@@ -130,9 +133,9 @@ def verify_checkpoint(checkpoint_dir: Path) -> Config:
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
     try:
-        weights = torch.load(checkpoint_dir / WEIGHTS, mmap=True, weights_only=True, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file, whatever torch.load raises for it
-        raise CheckpointError(f"{checkpoint_dir / WEIGHTS}: cannot be read as a state dict ({e})") from None
+        weights = load_torch(checkpoint_dir / WEIGHTS)  # sha256 checked against its record
+    except IntegrityError as e:  # a truncated, damaged or foreign file
+        raise CheckpointError(str(e)) from None
     weights = weights.get("model", weights)
     got = {k: tuple(v.shape) for k, v in weights.items()}
     if problems := shape_mismatches(expected, got):
@@ -156,7 +159,7 @@ def load_model(checkpoint_dir: Path, device: str | torch.device = "cpu", dtype: 
     config = load_config(checkpoint_dir)
     with torch.device("meta"):
         model = GPT(config)
-    state = torch.load(checkpoint_dir / WEIGHTS, mmap=True, weights_only=True, map_location="cpu")
+    state = load_torch(checkpoint_dir / WEIGHTS)
     model.load_state_dict(state.get("model", state), assign=True)
     # The RoPE caches were built on the meta device; build them for real before moving.
     model.cos, model.sin = model.rope_cache(device=torch.device(device))

@@ -20,6 +20,7 @@ from litgpt import GPT, Config
 import core.configs  # noqa: F401  (registers our local configs with litgpt's name_to_config)
 from core.checkpoints import CheckpointError, load_config, verify_checkpoint, write_source
 from core.configs import config_from_name
+from core.integrity import load_torch
 from core.manifest import UnlistedModelError, lookup
 from core.paths import CHECKPOINTS_DIR
 
@@ -162,6 +163,7 @@ def convert(
 
     from core.checkpoints import CONFIG, WEIGHTS
     from core.hf_config import check_matches, infer_model_name
+    from core.integrity import move, record
 
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -177,12 +179,13 @@ def convert(
     with tempfile.TemporaryDirectory(dir=checkpoint_dir.parent, prefix=f".{checkpoint_dir.name}.convert-") as tmp:
         scratch = Path(tmp)
         for f in checkpoint_dir.iterdir():
-            if f.name not in (WEIGHTS, CONFIG):
+            if f.name not in (WEIGHTS, CONFIG, f"{WEIGHTS}.sha256"):
                 (scratch / f.name).symlink_to(f.resolve())
         convert_hf_checkpoint(scratch, model_name=model_name, dtype=dtype)
+        record(scratch / WEIGHTS)  # hashed once, here; every later load checks it
         verify_checkpoint(scratch)
-        for name in (CONFIG, WEIGHTS):  # the config first: weights next to a stale config never verify
-            (scratch / name).replace(checkpoint_dir / name)
+        (scratch / CONFIG).replace(checkpoint_dir / CONFIG)  # the config first: weights next to a stale config never verify
+        move(scratch / WEIGHTS, checkpoint_dir / WEIGHTS)
     verified = verify_checkpoint(checkpoint_dir)
     if (recorded := _recorded_repo_id(checkpoint_dir, repo_id)) is not None:
         write_source(checkpoint_dir, recorded, model_name, how)
@@ -269,7 +272,7 @@ def summary(checkpoint_dir: Path) -> str:
     config = load_config(checkpoint_dir)
     with torch.device("meta"):
         n_params = sum(p.numel() for p in GPT(config).parameters())
-    state = torch.load(checkpoint_dir / "lit_model.pth", mmap=True, weights_only=True, map_location="cpu")
+    state = load_torch(checkpoint_dir / "lit_model.pth")
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.get("model", state).values()})
     return f"{config.name}: {n_params:,} parameters ({'/'.join(dtypes)})"
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +30,7 @@ import yaml
 from litgpt import Config
 
 from core.checkpoints import WEIGHTS, CheckpointError, verify_checkpoint
+from core.integrity import SUFFIX
 from core.hf_config import HF_CONFIG, mismatches
 
 HF_WEIGHTS = "model.safetensors"
@@ -79,8 +81,9 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, dtype: str | None = None) -> 
             state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state_dict.items()}
         _check_against_weights(hf_config, state_dict)
         saved_dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
-        _save_safetensors(state_dict, out_dir / HF_WEIGHTS)
+        _save_safetensors(state_dict, Path(tmp) / HF_WEIGHTS)
         del state_dict  # release the mmap of the temporary file before it is deleted
+        os.replace(Path(tmp) / HF_WEIGHTS, out_dir / HF_WEIGHTS)  # same directory tree: a rename, never a half-written file
     if len(saved_dtypes) == 1:
         # transformers < 4.56 reads "torch_dtype", later ones "dtype" (and still accept the old name).
         name = str(saved_dtypes.pop()).removeprefix("torch.")
@@ -99,7 +102,7 @@ def _refuse_adapter(checkpoint_dir: Path) -> None:
     adapter, merged = checkpoint_dir / f"{WEIGHTS}.lora", checkpoint_dir / WEIGHTS
     # Other adapter kinds (lit_model.pth.adapter, .adapter_v2) add attention prefixes that no merge can fold
     # into the weights; exporting lit_model.pth next to one would silently drop the finetune.
-    others = sorted(p.name for p in checkpoint_dir.glob(f"{WEIGHTS}.*") if p.is_file() and p != adapter)
+    others = sorted(p.name for p in checkpoint_dir.glob(f"{WEIGHTS}.*") if p.is_file() and p != adapter and p.suffix != SUFFIX)
     if others:
         raise ExportError(
             f"{checkpoint_dir} holds {', '.join(others)}: that kind of adapter cannot be merged into the base weights, "

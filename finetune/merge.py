@@ -5,18 +5,23 @@ A full finetune is already standalone (linked or copied as is); adapter methods 
     python -m finetune.merge --checkpoint_dir out/finetune/lora-tiny/final [--out_dir checkpoints/my-model]
 
 Uses litgpt's own ``merge_lora``, and writes the merged weights once: into ``--out_dir`` when it is
-given (the run directory is left as it was), else next to the adapter. Then verifies the result.
+given (the run directory is left as it was), else next to the adapter. The inputs' sha256 must match
+their records; litgpt writes into a scratch directory inside the target, and the result is hashed and
+renamed into place (a kill leaves no half-written ``lit_model.pth``). Then verifies the result.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
+import yaml
 from litgpt.scripts.merge_lora import merge_lora
 
 from core.checkpoints import CONFIG, WEIGHTS, CheckpointError, copy_side_files, verify_checkpoint
+from core.integrity import SUFFIX, TEMP_MARK, IntegrityError, clean_stale_temps, copy_file, move, record, sidecar, verify
 from core.methods import unmerged_method
 
 LORA = f"{WEIGHTS}.lora"
@@ -45,40 +50,62 @@ def merge(checkpoint_dir: Path, out_dir: Path | None = None, base_checkpoint_dir
     if LORA not in files:
         raise CheckpointError(f"{checkpoint_dir}: no finetuned weights here; point --checkpoint_dir at a run's final/ or step-*/ directory")
     target = checkpoint_dir if out_dir is None else Path(out_dir)
-    elsewhere = target.resolve() != checkpoint_dir.resolve()
-    if elsewhere:
-        # litgpt merges in the directory it is given: hand it a fresh one with the config and tokenizer
-        # (small copies) and links to the adapter and its hyperparameters, removed once merged.
-        target.mkdir(parents=True, exist_ok=True)
-        (target / WEIGHTS).unlink(missing_ok=True)  # an earlier merge's output: litgpt would keep it
-        shutil.copy2(checkpoint_dir / CONFIG, target / CONFIG)
+    target.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(target)
+    merged = target / WEIGHTS
+    if target.resolve() != checkpoint_dir.resolve():
+        shutil.copy2(checkpoint_dir / CONFIG, target / CONFIG)  # small files; the weights come from the merge
         copy_side_files(checkpoint_dir, target)
-        for name in (LORA, HPARAMS):
-            (target / name).unlink(missing_ok=True)
-            (target / name).symlink_to((checkpoint_dir / name).resolve())
+        _merge_atomically(checkpoint_dir, target, base_checkpoint_dir)  # an earlier merge's output is replaced
     else:
-        merged, adapter = target / WEIGHTS, target / LORA
-        if merged.is_file() and merged.stat().st_mtime < adapter.stat().st_mtime:
+        if merged.is_file() and merged.stat().st_mtime < (target / LORA).stat().st_mtime:
             merged.unlink()  # merged from an older adapter; litgpt would skip the merge and keep it
-    try:
-        merge_lora(target, pretrained_checkpoint_dir=base_checkpoint_dir)
-    finally:
-        if elsewhere:
-            for name in (LORA, HPARAMS):
-                (target / name).unlink(missing_ok=True)
+            sidecar(merged).unlink(missing_ok=True)
+        if not merged.is_file():
+            _merge_atomically(checkpoint_dir, target, base_checkpoint_dir)
     verify_checkpoint(target)
     return target
 
 
+def _merge_atomically(checkpoint_dir: Path, target: Path, base_checkpoint_dir: Path | None) -> None:
+    """litgpt's ``merge_lora`` on checked inputs, in a scratch directory inside ``target``; the result moves in with its sha256."""
+    hparams_file = checkpoint_dir / HPARAMS
+    hparams = (yaml.safe_load(hparams_file.read_text()) if hparams_file.is_file() else None) or {}
+    base_dir = Path(base_checkpoint_dir or hparams.get("checkpoint_dir", ""))
+    try:
+        verify(checkpoint_dir / LORA)
+        if (base_dir / WEIGHTS).is_file():
+            verify(base_dir / WEIGHTS)
+    except IntegrityError as e:
+        raise CheckpointError(str(e)) from None
+    scratch = Path(tempfile.mkdtemp(dir=target, prefix=f".merge{TEMP_MARK}{os.getpid()}-"))
+    try:
+        for f in checkpoint_dir.iterdir():  # litgpt reads the adapter, hyperparameters, config and tokenizer here
+            if f.is_file() and f.name != WEIGHTS and not f.name.endswith(SUFFIX):
+                (scratch / f.name).symlink_to(f.resolve())
+        merge_lora(scratch, pretrained_checkpoint_dir=base_checkpoint_dir)
+        record(scratch / WEIGHTS)  # hashed once, as it is made
+        move(scratch / WEIGHTS, target / WEIGHTS)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _link_out(checkpoint_dir: Path, out_dir: Path) -> Path:
-    """Put a standalone checkpoint in a clean serving directory: weights hard-linked (copied across file systems)."""
+    """Put a standalone checkpoint in a clean serving directory: weights hard-linked (copied, hash checked, across file systems)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / WEIGHTS).unlink(missing_ok=True)
+    clean_stale_temps(out_dir)
+    for path in (out_dir / WEIGHTS, sidecar(out_dir / WEIGHTS)):
+        path.unlink(missing_ok=True)
     try:
         os.link(checkpoint_dir / WEIGHTS, out_dir / WEIGHTS)  # the same bytes on disk once
+        if sidecar(checkpoint_dir / WEIGHTS).is_file():
+            shutil.copy2(sidecar(checkpoint_dir / WEIGHTS), sidecar(out_dir / WEIGHTS))
     except OSError:
-        shutil.copy2(checkpoint_dir / WEIGHTS, out_dir / WEIGHTS)
+        try:
+            copy_file(checkpoint_dir / WEIGHTS, out_dir / WEIGHTS)  # atomic, hashed on the way, checked against the record
+        except IntegrityError as e:
+            raise CheckpointError(str(e)) from None
     shutil.copy2(checkpoint_dir / CONFIG, out_dir / CONFIG)
     copy_side_files(checkpoint_dir, out_dir)
     verify_checkpoint(out_dir)

@@ -30,6 +30,7 @@ from litgpt.utils import load_checkpoint, num_parameters
 
 from core.chat import ChatTemplate, save_chat_template
 from core.checkpoints import WEIGHTS, copy_side_files, load_config, verify_checkpoint
+from core.integrity import atomic_dir, clean_stale_temps, save_torch
 from core.methods import Method
 from core.precision import FABRIC_PRECISION, default_dtype
 from core.prompts import get_style, save_style
@@ -169,7 +170,7 @@ def save_servable(
     """The method's weights plus everything merge and serving need, in litgpt's layout."""
     save_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items() if method.keep(k, v)}
-    torch.save(weights if method.name == "full" else {"model": weights}, save_dir / method.weights_file)
+    save_torch(weights if method.name == "full" else {"model": weights}, save_dir / method.weights_file)
     copy_side_files(base_dir, save_dir)
     (save_dir / "model_config.yaml").write_text((base_dir / "model_config.yaml").read_text())
     (save_dir / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
@@ -251,6 +252,8 @@ def run(
     fabric = make_fabric(precision, quantize, method, out_dir, storage_in_compute_dtype=speed.quantize_from_compute_dtype)
     fabric.seed_everything(seed, verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in clean_stale_temps(out_dir):
+        fabric.print(f"removed {stale}, left by an interrupted save")
 
     tokenizer = Tokenizer(checkpoint_dir)
     rows, val_rows, card, template = load_training_rows(data, tokenizer, seed)
@@ -268,7 +271,7 @@ def run(
     model = build_model(fabric, method, method_config, checkpoint_dir, quantize, data.max_seq_length)
     neftune.attach(model, neftune_alpha)
     optimizer = build_optimizer(fabric, model, lr, weight_decay)
-    resume_dir = find_resume_dir(resume, out_dir)
+    resume_dir = find_resume_dir(resume, out_dir, method.weights_file, fabric.print)
     resumed_micro_batch = saved_micro_batch_size(resume_dir) if resume_dir else None
     setup = prepare(fabric, model, method.name, speed, train, data.max_seq_length, quantize, resumed_micro_batch)
     train, mb = setup.train, setup.train.micro_batch_size
@@ -298,7 +301,7 @@ def run(
     progress = Progress(total_steps=planned)
     metrics = MetricsLog(out_dir)
     if resume_dir is not None:
-        saved = load_state(fabric, resume_dir, model, optimizer)
+        saved = load_state(resume_dir, model, optimizer)
         batches.load_state_dict(saved.pop("batches"))
         progress = Progress(**saved)
         metrics.truncate_after(progress.step)
@@ -308,17 +311,18 @@ def run(
     planner = BudgetPlanner(max_seconds, progress.total_steps)
 
     def save(p: Progress) -> None:
-        step_dir = out_dir / f"step-{p.step:06d}"
-        save_servable(model, method, step_dir, checkpoint_dir, template, hparams, card, chat)
-        save_state(fabric, step_dir, model, optimizer, {**p.state_dict(), "batches": batches.state_dict()}, method.keep)
+        with atomic_dir(out_dir / f"step-{p.step:06d}") as step_dir:  # all of it or nothing, whenever a kill comes
+            save_servable(model, method, step_dir, checkpoint_dir, template, hparams, card, chat)
+            save_state(step_dir, model, optimizer, {**p.state_dict(), "batches": batches.state_dict()}, method.keep)
 
     progress = fit(
         fabric, model, optimizer, next_batch, schedule, lr, planner, progress, train, eval, val_batches, save, metrics, setup.checkpoint_blocks
     )
     final_dir = out_dir / "final"
     hparams["trained"] = {"steps": progress.step, "tokens": progress.tokens, "seconds": round(progress.elapsed_s, 1), "stopped_by_time": progress.stopped_by_time}
-    save_servable(model, method, final_dir, checkpoint_dir, template, hparams, card, chat)
-    (final_dir / "submission.json").write_text(json.dumps(build_manifest(hparams, card), indent=2))
+    with atomic_dir(final_dir) as tmp:
+        save_servable(model, method, tmp, checkpoint_dir, template, hparams, card, chat)
+        (tmp / "submission.json").write_text(json.dumps(build_manifest(hparams, card), indent=2))
     plot_metrics(metrics.path, out_dir / "loss.png")
     fabric.print(
         f"done: {progress.step} steps, {progress.tokens:,} tokens in {progress.elapsed_s:.1f}s "

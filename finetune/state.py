@@ -1,16 +1,23 @@
 """Training state for exact resume: trainable weights, optimizer, schedule, data position, RNG.
 
 Each periodic save writes ``step-NNNNNN/``: the method's servable weights file (as ``final/`` has)
-plus ``training_state.pth``. ``--resume auto`` picks the newest one in ``out_dir``.
+plus ``training_state.pth``, built in a temporary sibling and renamed into place whole
+(``core.integrity.atomic_dir``), every file with its sha256. ``--resume auto`` picks the newest step
+that loads and matches its hashes, and says why it passed over any newer one.
+
+The state holds only tensors and primitives, so it loads with ``torch.load(weights_only=True)``:
+a crafted ``training_state.pth`` can't run code.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
-import lightning as L
 import torch
+
+from core.integrity import IntegrityError, load_torch, save_torch, verify
 
 STATE_FILE = "training_state.pth"
 
@@ -29,42 +36,72 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def find_resume_dir(resume: bool | str | Path, out_dir: Path) -> Path | None:
-    """``False``: none. ``"auto"``: the newest step directory if any. ``True``: it must exist. A path: that one."""
+def find_resume_dir(resume: bool | str | Path, out_dir: Path, weights_file: str, log: Callable[[str], None] = print) -> Path | None:
+    """``False``: none. ``"auto"``: the newest sound step directory if any. ``True``: one must exist. A path: that one, sound."""
     if resume is False or resume in ("false", "False"):
         return None
     if isinstance(resume, (str, Path)) and str(resume) not in ("auto", "true", "True"):
         path = Path(resume)
         if not (path / STATE_FILE).is_file():
             raise FileNotFoundError(f"resume: {path} has no {STATE_FILE}")
+        if problem := unsound(path, weights_file):
+            raise IntegrityError(f"resume: {problem}")
         return path
-    candidates = sorted(out_dir.glob(f"step-*/{STATE_FILE}"))
-    if not candidates:
-        if resume is True or resume in ("true", "True"):
-            raise FileNotFoundError(f"resume: no step-*/{STATE_FILE} in {out_dir} to resume from")
-        return None
-    return candidates[-1].parent
+    for step_dir in sorted((p for p in out_dir.glob("step-*") if p.is_dir()), reverse=True):
+        if problem := unsound(step_dir, weights_file):
+            log(f"resume: skipping {step_dir.name}: {problem}")
+            continue
+        return step_dir
+    if resume is True or resume in ("true", "True"):
+        raise FileNotFoundError(f"resume: no complete step-*/{STATE_FILE} in {out_dir} to resume from")
+    return None
 
 
-def save_state(fabric: L.Fabric, path: Path, model, optimizer, progress: dict, keep) -> None:
+def unsound(step_dir: Path, weights_file: str) -> str | None:
+    """Why ``step_dir`` can't be resumed from (a file missing, damaged or unreadable), or None."""
+    for name in (STATE_FILE, weights_file):
+        if not (step_dir / name).is_file():
+            return f"{name} is missing (the save was interrupted)"
+    try:
+        verify(step_dir / weights_file)
+        state = load_torch(step_dir / STATE_FILE)
+        if not {"model", "optimizer", "progress", "rng"} <= set(state):
+            return f"{STATE_FILE} lacks {sorted({'model', 'optimizer', 'progress', 'rng'} - set(state))}"
+    except IntegrityError as e:
+        return str(e)
+    return None
+
+
+def save_state(path: Path, model, optimizer, progress: dict, keep) -> None:
     """Only the weights ``keep`` accepts are saved (the adapter for PEFT methods, everything for full)."""
-    state = {"model": model, "optimizer": optimizer, "progress": progress, "rng": rng_state()}
-    fabric.save(path / STATE_FILE, state, filter={"model": keep})
+    weights = {k: v for k, v in model.state_dict().items() if keep(k, v)}
+    save_torch({"model": weights, "optimizer": optimizer.state_dict(), "progress": progress, "rng": rng_state()}, path / STATE_FILE)
 
 
 def saved_micro_batch_size(path: Path) -> int:
     """The micro-batch size a saved run used (a resumed run must keep it); reads no weights (mmap)."""
-    state = torch.load(path / STATE_FILE, mmap=True, weights_only=False, map_location="cpu")
+    state = load_torch(path / STATE_FILE)
     return int(state["progress"]["batches"]["batch_size"])
 
 
-def load_state(fabric: L.Fabric, path: Path, model, optimizer) -> dict:
+def load_state(path: Path, model, optimizer) -> dict:
     """Restore weights, optimizer and RNG in place; returns the saved progress dict."""
-    state = {"model": model, "optimizer": optimizer, "progress": {}, "rng": {}}
-    fabric.load(path / STATE_FILE, state, strict=False)
+    state = load_torch(path / STATE_FILE)
+    result = model.load_state_dict(state["model"], strict=False)
+    if result.unexpected_keys:
+        raise IntegrityError(f"resume: {path / STATE_FILE} holds weights this model lacks, e.g. {result.unexpected_keys[:3]}")
+    if absent := sorted(_trainable(model) & set(result.missing_keys)):
+        raise IntegrityError(f"resume: {path / STATE_FILE} lacks trainable weights, e.g. {absent[:3]}")
+    optimizer.load_state_dict(state["optimizer"])
     check_adamw_state(optimizer, path / STATE_FILE)
     set_rng_state(state["rng"])
     return state["progress"]
+
+
+def _trainable(model) -> set[str]:
+    """Trainable parameter names as ``state_dict`` spells them (Fabric's wrapper forwards that to the inner module)."""
+    inner = getattr(model, "module", model)
+    return {name for name, p in inner.named_parameters() if p.requires_grad}
 
 
 def check_adamw_state(optimizer, path: Path) -> None:

@@ -20,6 +20,7 @@ from litgpt import GPT
 
 from core.chat import CHAT_TEMPLATE_FILE, ChatTemplate, model_chat_template, special_tokens
 from core.checkpoints import WEIGHTS, CheckpointError, load_config, verify_checkpoint
+from core.integrity import load_torch
 from core.methods import unmerged_method
 from core.precision import DTYPES, FABRIC_PRECISION, default_dtype
 from core.prompts import load_style
@@ -112,7 +113,7 @@ def load_generator(
     model = fabric.setup_module(model)
     state: dict = {}
     for path in weight_files:  # base first, then the adapter; strict loading catches any gap
-        loaded = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        loaded = load_torch(path)  # sha256 checked against its record; one error naming a damaged file
         state.update(loaded.get("model", loaded))
     model.load_state_dict(state, strict=True)
     codec = Codec(checkpoint_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from core.checkpoints import WEIGHTS, CheckpointError, load_model, verify_checkpoint
 from core.hub import convert
+from core.integrity import save_torch
 
 ATOL = 1e-4
 # (batch, length) of the random token batches: one short sequence, a 2-sequence batch, a 300-token one.
@@ -81,6 +83,9 @@ def test_convert_output_files(converted_dir: Path) -> None:
     state = torch.load(converted_dir / WEIGHTS, weights_only=True)
     assert {t.dtype for t in state.values()} == {torch.float32}
     assert verify_checkpoint(converted_dir).name == "tiny"
+    # The weights' sha256 is recorded once at conversion, in the format coreutils checks.
+    subprocess.run(["sha256sum", "--check", "--status", f"{WEIGHTS}.sha256"], cwd=converted_dir, check=True)
+    assert not [p.name for p in converted_dir.parent.iterdir() if p.name.startswith(".")]  # no scratch left
 
 
 def test_convert_dtype(tiny_hf_dir: Path, tmp_path: Path) -> None:
@@ -96,7 +101,7 @@ def _corrupt_copy(converted_dir: Path, tmp_path: Path, edit) -> Path:
     shutil.copytree(converted_dir, out)
     state = torch.load(out / WEIGHTS, weights_only=True)
     edit(state)
-    torch.save(state, out / WEIGHTS)
+    save_torch(state, out / WEIGHTS)  # a sound file (hash recorded) holding the wrong tensors
     return out
 
 

@@ -100,11 +100,19 @@ def small_data(tmp_path_factory, tiny):
 
 
 def test_resume_equals_an_uninterrupted_run(small_data, tmp_path):
+    from finetune.state import STATE_FILE, unsound
+
     full_run = run_lora(small_data, tmp_path / "a")
     interrupted = tmp_path / "b"
     interrupted.mkdir()
     shutil.copytree(tmp_path / "a" / "step-000004", interrupted / "step-000004")  # "crashed" after step 4
+    # ... while writing step 8, the old way (a 0-byte state), and again mid-save (a stale temporary).
+    shutil.copytree(tmp_path / "a" / "step-000008", interrupted / "step-000008")
+    (interrupted / "step-000008" / STATE_FILE).write_bytes(b"")
+    (interrupted / ".step-000008.tmp-999999999").mkdir()
     resumed = run_lora(small_data, interrupted, resume="auto")
+    assert not (interrupted / ".step-000008.tmp-999999999").exists()
+    assert unsound(interrupted / "step-000008", f"{WEIGHTS}.lora") is None  # redone and replaced whole
 
     rows_a = list(csv.DictReader((tmp_path / "a" / "metrics.csv").open()))
     rows_b = list(csv.DictReader((interrupted / "metrics.csv").open()))
@@ -119,13 +127,14 @@ def test_resume_equals_an_uninterrupted_run(small_data, tmp_path):
 
 def test_resume_refuses_another_optimizers_state(small_data, tmp_path):
     """A checkpoint whose optimizer state is not torch AdamW's (QLoRA runs once used bitsandbytes' paged AdamW)."""
+    from core.integrity import save_torch
     from finetune.state import STATE_FILE
 
     run_lora(small_data, tmp_path / "a", train=small_train(max_steps=4, save_interval=4, micro_batch_size=4, global_batch_size=8))
     state_file = tmp_path / "a" / "step-000004" / STATE_FILE
-    state = torch.load(state_file, weights_only=False)
+    state = torch.load(state_file, weights_only=True)
     state["optimizer"]["state"] = {i: {"state1": s["exp_avg"], "state2": s["exp_avg_sq"], "step": s["step"]} for i, s in state["optimizer"]["state"].items()}
-    torch.save(state, state_file)
+    save_torch(state, state_file)  # a sound file (hash recorded), just another optimizer's
     with pytest.raises(ValueError, match=r"resume: .*step-000004/training_state.pth holds another optimizer's state .*'state1'"):
         run_lora(small_data, tmp_path / "a", resume="auto")
 
