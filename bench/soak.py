@@ -176,7 +176,7 @@ def main(
     if url is None:
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
-        log = open(out_dir / "soak_server.log", "w")  # noqa: SIM115
+        log = open(out_dir / "soak_server.log", "w")
         command = [sys.executable, "-m", "server", "--checkpoint_dir", str(checkpoint_dir), "--port", str(port), "--device", device]
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -55,7 +55,9 @@ def recorded_sha256(path: Path) -> str | None:
         return None
     match = re.match(r"([0-9a-f]{64})\b", record.read_text(encoding="ascii", errors="replace").strip())
     if match is None:
-        raise IntegrityError(f"{record}: not a sha256 record (expected '<64 hex digits>  {Path(path).name}'); delete it and run: python -m core.integrity record {path}")
+        raise IntegrityError(
+            f"{record}: not a sha256 record (expected '<64 hex digits>  {Path(path).name}'); delete it and run: python -m core.integrity record {path}"
+        )
     return match.group(1)
 
 
@@ -183,7 +185,10 @@ def verify(path: Path, warn: bool = True) -> bool:
     if expected is None:
         if warn and path not in _warned:
             _warned.add(path)
-            print(f"warning: {path} has no recorded sha256, so damage can't be detected; record it with: python -m core.integrity record {path}", file=sys.stderr)
+            print(
+                f"warning: {path} has no recorded sha256, so damage can't be detected; record it with: python -m core.integrity record {path}",
+                file=sys.stderr,
+            )
         return False
     key = _key(path)
     digest = _verified.get(key) or sha256_file(path)
@@ -205,10 +210,12 @@ def load_torch(path: Path, mmap: bool = True, verify_hash: bool = True):
         verify(path)
     try:
         return torch.load(path, mmap=mmap, weights_only=True, map_location="cpu")
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - truncated zips, foreign pickles, refused globals: whatever torch.load raises, one error naming the file
         reason = " ".join(str(e).split())[:300]
         size = path.stat().st_size if path.is_file() else 0
-        raise IntegrityError(f"{path}: cannot be loaded as saved tensors ({size:,} bytes; {type(e).__name__}: {reason}); the file is truncated, damaged or not a torch checkpoint") from None
+        raise IntegrityError(
+            f"{path}: cannot be loaded as saved tensors ({size:,} bytes; {type(e).__name__}: {reason}); the file is truncated, damaged or not a torch checkpoint"
+        ) from None
 
 
 def clean_stale_temps(directory: Path) -> list[Path]:

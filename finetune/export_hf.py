@@ -30,8 +30,8 @@ import yaml
 from litgpt import Config
 
 from core.checkpoints import WEIGHTS, CheckpointError, verify_checkpoint
-from core.integrity import SUFFIX
 from core.hf_config import HF_CONFIG, mismatches
+from core.integrity import SUFFIX
 
 HF_WEIGHTS = "model.safetensors"
 # Copied when present (first found in the checkpoint directory, then in the base checkpoint).

@@ -16,7 +16,9 @@ from collections.abc import Iterator
 
 # A value that is surely not a secret: a reference to one or an example.
 PLACEHOLDER = re.compile(r"(?i)^(?:\$|<|\{|%|none$|null$|true$|false$|os\.|env|getenv|your|example|changeme|dummy|fake|x{4,}|\*{3,}|\.{3})")
-_KEY_NAME = r"(?:api[_-]?key|api[_-]?token|apikey|secret[_-]?key|secret[_-]?access[_-]?key|access[_-]?token|auth[_-]?token|client[_-]?secret|password|passwd)"
+_KEY_NAME = (
+    r"(?:api[_-]?key|api[_-]?token|apikey|secret[_-]?key|secret[_-]?access[_-]?key|access[_-]?token|auth[_-]?token|client[_-]?secret|password|passwd)"
+)
 
 PATTERNS: dict[str, re.Pattern[str]] = {
     "Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),

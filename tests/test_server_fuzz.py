@@ -29,7 +29,11 @@ _text = st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_c
 _big = st.sampled_from([2**31, 2**63, 2**64, 10**30, -(2**63) - 1])
 _int = st.one_of(st.integers(-3, 40), _big)
 _float = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 1e-7, 1e-60, 1.0, 1.0000001, -0.0, 5e-324]))
-_json = st.recursive(st.none() | st.booleans() | _int | _float | _text, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3), max_leaves=6)
+_json = st.recursive(
+    st.none() | st.booleans() | _int | _float | _text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+    max_leaves=6,
+)
 
 
 def _field(good):
@@ -73,7 +77,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(make_tiny_checkpoint, tmp_path_factory):
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("fuzz") / "server.log", "w+")  # noqa: SIM115
+    log = open(tmp_path_factory.mktemp("fuzz") / "server.log", "w+")
     command = [sys.executable, "-m", "server", "--checkpoint_dir", str(make_tiny_checkpoint()), "--port", str(port), "--device", "cpu"]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
