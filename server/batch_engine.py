@@ -273,7 +273,7 @@ class BatchEngine:
     def _first_tokens(self, done: list[tuple[_Live, torch.Tensor]]) -> None:
         """Prompts just computed: echo, then the first generated token of each sequence."""
         sampling = []
-        for live, _ in done:
+        for live, last in done:
             try:
                 live.seqs = [Sequence(stream=self.codec.stream(live.prompt.ids)) for _ in range(live.req.n)]
                 if live.req.echo_prompt:
@@ -282,7 +282,7 @@ class BatchEngine:
                     live.echo_chosen, live.echo_tops = [], []
                 if live.req.max_new_tokens > 0:
                     live.generator = new_generator(live.req, self.generator.device)
-                    sampling.append((live, _))
+                    sampling.append((live, last))
                 else:
                     self._finish(live)
             except Exception as e:
