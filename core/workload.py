@@ -205,9 +205,7 @@ SAMPLE_CONF_SPECS = {
 # = 3,432 + 960 + 3,605 + 30 + 30 + 60 + 61 = 8,178 requests.
 OPEN_GSM_INSTANCES = 61
 _OPEN_SCALE = (2000 - OPEN_GSM_INSTANCES) / (600 - SAMPLE_CONF_INSTANCES["gsm"])
-OPEN_SET_INSTANCES = {
-    t: (OPEN_GSM_INSTANCES if t == "gsm" else round(n * _OPEN_SCALE)) for t, n in SAMPLE_CONF_INSTANCES.items()
-}
+OPEN_SET_INSTANCES = {t: (OPEN_GSM_INSTANCES if t == "gsm" else round(n * _OPEN_SCALE)) for t, n in SAMPLE_CONF_INSTANCES.items()}
 
 # --- The closed (hidden) set, ~5,000 instances as the README lists them: sam_sum 1000,
 # corr2cause 1000, ETHICS 5 subsets x 200, MATH 14 specs x ~71 (= 994), CNN/DM 1000; no
@@ -328,9 +326,7 @@ def _perturb(rng: random.Random, text: str, words: Sequence[str], rate: float = 
     return " ".join(out)
 
 
-def _prompt(
-    t: RequestType, g: _Group, instance_text: str, instance_tokens: int, cap: int, tpw: float
-) -> tuple[str, int, int, int]:
+def _prompt(t: RequestType, g: _Group, instance_text: str, instance_tokens: int, cap: int, tpw: float) -> tuple[str, int, int, int]:
     """HELM's fitting: drop in-context examples from the end until the prompt fits ``cap`` tokens,
     then cut the instance if it alone is too long. Returns (text, prompt, prefix, shots kept)."""
     instr = t.instructions_tokens + (1 if t.instructions_tokens else 0)

@@ -64,7 +64,9 @@ class _Live:
         self.job = Job(list(self.prompt.ids), self.req.n, self.req.max_new_tokens, echo=self.req.echo_prompt, payload=self)
 
 
-def pool_blocks(generator: Generator, block_size: int, kv_tokens: int | None, prefill_tokens: int, max_batch: int, gpu_memory_gib: float | None) -> int:
+def pool_blocks(
+    generator: Generator, block_size: int, kv_tokens: int | None, prefill_tokens: int, max_batch: int, gpu_memory_gib: float | None
+) -> int:
     """Blocks in the KV pool: ``kv_tokens`` if given; on the CPU ``CPU_WINDOWS`` full windows; on a GPU
     what is left under the memory cap after the weights, minus what a step's activations take."""
     window = generator.max_seq_length
@@ -101,7 +103,12 @@ class BatchEngine:
         gpu_memory_gib: float | None = None,
     ) -> None:
         """See ``python -m server --help`` for the arguments."""
-        for name, value, low in (("max_batch", max_batch, MAX_SEQUENCES), ("prefill_tokens", prefill_tokens, 1), ("kv_block_size", kv_block_size, 1), ("max_queue", max_queue, 1)):
+        for name, value, low in (
+            ("max_batch", max_batch, MAX_SEQUENCES),
+            ("prefill_tokens", prefill_tokens, 1),
+            ("kv_block_size", kv_block_size, 1),
+            ("max_queue", max_queue, 1),
+        ):
             if value < low:
                 raise ValueError(f"{name}: must be at least {low}, got {value}")
         self.generator = generator

@@ -285,7 +285,5 @@ class Generator:
             if all(s.done for s in seqs):
                 break
             next_ids = torch.tensor(picked.ids, device=self.device)
-            logits = self.model(
-                next_ids.view(-1, 1), input_pos=torch.tensor([pos], device=self.device), input_pos_maxp1=pos + 1
-            )[:, -1]
+            logits = self.model(next_ids.view(-1, 1), input_pos=torch.tensor([pos], device=self.device), input_pos_maxp1=pos + 1)[:, -1]
             pos += 1

@@ -87,9 +87,7 @@ class Segment:
 
 
 class PagedModel:
-    def __init__(
-        self, model: GPT, num_blocks: int, block_size: int, max_batch: int, max_len: int | None = None, cuda_graphs: bool = True
-    ) -> None:
+    def __init__(self, model: GPT, num_blocks: int, block_size: int, max_batch: int, max_len: int | None = None, cuda_graphs: bool = True) -> None:
         """K/V storage for ``num_blocks`` blocks of ``block_size``; decode steps run up to ``max_batch``
         sequences of at most ``max_len`` positions."""
         if (reason := unsupported_reason(model)) is not None:
@@ -223,7 +221,10 @@ class PagedModel:
         short = [i for i, s in enumerate(segments) if len(s.ids) <= SHORT_SEGMENT]
         batch = _ShortBatch(self, [segments[i] for i in short], [bounds[i] for i in short]) if len(short) > 1 else None
         alone = [i for i in range(len(segments)) if batch is None or i not in short]
-        tables = {i: torch.tensor(segments[i].table[: -(-(segments[i].start + len(segments[i].ids)) // self.block_size)], device=self.device)[None] for i in alone}
+        tables = {
+            i: torch.tensor(segments[i].table[: -(-(segments[i].start + len(segments[i].ids)) // self.block_size)], device=self.device)[None]
+            for i in alone
+        }
 
         x = self._embed(idx)
         for layer, block in enumerate(self.model.transformer.h):
@@ -241,9 +242,7 @@ class PagedModel:
                 return attn.proj(y.transpose(1, 2).reshape(1, x_normed.size(1), -1))
 
             x = self._block(block, x, attend)
-        keep = torch.cat(
-            [torch.arange(a, b) if s.all_logits else torch.tensor([b - 1]) for s, (a, b) in zip(segments, bounds)]
-        ).to(self.device)
+        keep = torch.cat([torch.arange(a, b) if s.all_logits else torch.tensor([b - 1]) for s, (a, b) in zip(segments, bounds)]).to(self.device)
         logits = self._head(x[0, keep])
         return list(logits.split([len(s.ids) if s.all_logits else 1 for s in segments]))
 

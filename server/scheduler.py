@@ -182,11 +182,7 @@ class Scheduler:
 
     def _shares_more_with_running(self, job: Job, cached: int) -> bool:
         limit = len(job.ids) - 1
-        return any(
-            min(common_prefix(other.ids, job.ids), limit) >= cached + WAIT_FOR_SHARED
-            for other in self.running
-            if other.state == "prefill"
-        )
+        return any(min(common_prefix(other.ids, job.ids), limit) >= cached + WAIT_FOR_SHARED for other in self.running if other.state == "prefill")
 
     # --- after the model ran ------------------------------------------------------------------
 

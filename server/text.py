@@ -51,9 +51,7 @@ class Codec:
             pieces = processor.get_vocab(with_added_tokens=False).items()
         else:
             pieces = ((processor.id_to_piece(i), i) for i in range(processor.get_piece_size()) if processor.is_byte(i))
-        self.continuation_ids = frozenset(
-            i for piece, i in pieces if (m := BYTE_PIECE.fullmatch(piece)) and 0x80 <= int(m.group(1), 16) <= 0xBF
-        )
+        self.continuation_ids = frozenset(i for piece, i in pieces if (m := BYTE_PIECE.fullmatch(piece)) and 0x80 <= int(m.group(1), 16) <= 0xBF)
 
     def encode(self, text: str) -> list[int]:
         """Ids as the model expects them (BOS first when the model uses one)."""

@@ -20,10 +20,10 @@ from litgpt import GPT, Config
 
 from server.app import create_app
 from server.batch_engine import BatchEngine
-from server.kv_pool import KVPool
-from server.paged_model import PagedModel, Segment, unsupported_reason
 from server.engine import SerialEngine, make_engine
+from server.kv_pool import KVPool
 from server.loading import load_generator
+from server.paged_model import PagedModel, Segment, unsupported_reason
 from server.schemas import ProcessRequest
 
 ARCHITECTURES = {
@@ -89,7 +89,7 @@ def test_paged_forward_matches_litgpt(arch: str, short_segment: int, monkeypatch
     for step in range(4):
         positions = [len(p) + step for p in prompt]
         logits = paged.decode([s[p] for s, p in zip(seqs, positions)], positions, tables)
-        for b, (s, p) in enumerate(zip(seqs, positions)):
+        for b, p in enumerate(positions):
             torch.testing.assert_close(logits[b], refs[b][p], atol=1e-5, rtol=1e-5)
     # a shared prefix (by reference) with a copied partial block continues like the original
     fork = t2[:3] + pool.allocate(3)  # positions 0..11 shared, 12..15 copied, then its own

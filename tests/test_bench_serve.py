@@ -22,7 +22,12 @@ def test_bench_serve_runs_on_the_tiny_model(make_tiny_checkpoint, tmp_path) -> N
     ours = report["servers"]["ours"]
     assert ours["engine"]["requests"] > 0
     assert ours["projection"]["final_eval_s"] > 0
-    assert set(report["ratios"]) >= {"c4_requests_per_s_vs_litgpt", "c30_requests_per_s_vs_litgpt", "c30_requests_per_s_vs_hf", "batch1_decode_vs_litgpt"}
+    assert set(report["ratios"]) >= {
+        "c4_requests_per_s_vs_litgpt",
+        "c30_requests_per_s_vs_litgpt",
+        "c30_requests_per_s_vs_hf",
+        "batch1_decode_vs_litgpt",
+    }
     assert report["targets"]["measured"]["c30_speedup_vs_litgpt"] == report["ratios"]["c30_requests_per_s_vs_litgpt"]
     # same weights in fp32, greedy: every baseline answers the trace exactly as ours does
     assert report["greedy_agreement"] == {"vs_litgpt": 1.0, "vs_hf": 1.0}
