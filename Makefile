@@ -2,6 +2,9 @@
 # `make help` lists the targets. Variables can be set on the command line: make finetune MODEL=...
 
 SHELL := /bin/bash
+comma := ,
+empty :=
+space := $(empty) $(empty)
 .DEFAULT_GOAL := help
 
 PY       ?= python3
@@ -31,8 +34,10 @@ HELM_VENV ?= .venv-helm
 HELM_MAX_EVAL ?= 1000
 SUITE    ?= onegpu
 ARGS     ?=
+TASKS    ?= data/generated/tiny/test.jsonl
+EVAL_OUT ?= out/eval/$(notdir $(CKPT)).json
 
-.PHONY: help setup tiny demo test test-gpu lint download convert plan finetune merge export serve submission models clean eval-time helm
+.PHONY: help setup tiny demo test test-gpu lint download convert plan finetune merge export serve submission models clean eval-time helm eval
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -91,6 +96,9 @@ submission: setup ## the leaderboard zip for RUN/final (weights from WEIGHTS_REP
 
 serve: setup ## serve CKPT on HOST:PORT (default 127.0.0.1:8080)
 	$(PYTHON) -m server --checkpoint_dir $(CKPT) --host $(HOST) --port $(PORT) $(ARGS)
+
+eval: setup ## score CKPT locally on TASKS (MMLU .csv, GSM8K .jsonl, held-out rows) through the server; table + EVAL_OUT json
+	$(PYTHON) -m evals --checkpoint_dir $(CKPT) --tasks "[$(subst $(space),$(comma),$(strip $(TASKS)))]" --out $(EVAL_OUT) $(ARGS)
 
 eval-time: setup ## project HELM's eval time as helm-run runs it (4 threads, a barrier per run spec) against the server at URL: OK/OVER per set, an estimate for the other track's card; ARGS='--threads 30 --gpu rtx4090'
 	$(PYTHON) -m submission.eval_time --url $(URL) $(ARGS)
