@@ -76,8 +76,15 @@ def continuation_logprob(client, prompt: str, continuation: str, where: str) -> 
 
 
 def generate(client, task: Task, item: Item, where: str) -> str:
-    body = {"prompt": item.prompt, "temperature": GREEDY, "max_new_tokens": task.max_new_tokens, "stop_sequences": task.stop,
-            "top_k_per_token": 1, "num_return_sequences": 1, "echo_prompt": False}
+    body = {
+        "prompt": item.prompt,
+        "temperature": GREEDY,
+        "max_new_tokens": task.max_new_tokens,
+        "stop_sequences": task.stop,
+        "top_k_per_token": 1,
+        "num_return_sequences": 1,
+        "echo_prompt": False,
+    }
     return _post(client, body, where)["text"]
 
 
@@ -87,12 +94,17 @@ def score_item(client, task: Task, index: int) -> dict:
     if task.kind == "multiple_choice":
         letters = {c: continuation_logprob(client, item.prompt, f" {c}", where) for c in item.choices}
         chosen = max(letters, key=letters.get)
-        return {"gold": item.gold, "output": text, "letter_logprobs": letters, "chosen": chosen,
-                "accuracy": float(chosen == item.gold), "exact_match": float(text.strip() == item.gold)}
+        return {
+            "gold": item.gold,
+            "output": text,
+            "letter_logprobs": letters,
+            "chosen": chosen,
+            "accuracy": float(chosen == item.gold),
+            "exact_match": float(text.strip() == item.gold),
+        }
     if task.kind == "gsm":
         return {"gold": item.gold, "output": text, "exact_match": float(final_number(text) == item.gold and item.gold != "")}
-    return {"gold": item.gold, "output": text, "exact_match": float(normalize(text) == normalize(item.gold)),
-            "rouge_l": rouge_l(text, item.gold)}
+    return {"gold": item.gold, "output": text, "exact_match": float(normalize(text) == normalize(item.gold)), "rouge_l": rouge_l(text, item.gold)}
 
 
 def summarize(task: Task, results: list[dict]) -> dict:
@@ -131,8 +143,10 @@ def table(scores: dict) -> str:
     for name, t in scores.items():
         for metric, m in t["metrics"].items():
             star = "*" if metric == t["primary"] else " "
-            lines.append(f"{name:<28} {t['kind']:<16} {t['n']:>5}  {metric + star:<12} {m['value']:>7.1%}  "
-                         f"[{m['ci95'][0]:.1%}, {m['ci95'][1]:.1%}] ({m['interval']})")
+            lines.append(
+                f"{name:<28} {t['kind']:<16} {t['n']:>5}  {metric + star:<12} {m['value']:>7.1%}  "
+                f"[{m['ci95'][0]:.1%}, {m['ci95'][1]:.1%}] ({m['interval']})"
+            )
     lines.append(f"overall (mean of the * metrics): {overall(scores):.1%}")
     return "\n".join(lines)
 
@@ -185,8 +199,13 @@ def main(
     client_cm = in_process(Path(checkpoint_dir), device, engine) if checkpoint_dir else over_http(url)
     with client_cm as client:
         scores = evaluate(client, loaded, threads)
-    report = {"model": str(checkpoint_dir or url), "shots": shots, "template": style_name or type(style).__name__,
-              "overall": overall(scores), "tasks": scores}
+    report = {
+        "model": str(checkpoint_dir or url),
+        "shots": shots,
+        "template": style_name or type(style).__name__,
+        "overall": overall(scores),
+        "tasks": scores,
+    }
     print(table(scores))
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -51,30 +51,51 @@ _BBH_MIRRORS = ("lukaemon/bbh", "maveriq/bigbenchhard", "Joschka/big_bench_hard"
 
 # HELM scenario name (the part of a run entry before ':') -> where its data lives.
 SCENARIO_DATA: dict[str, Benchmark] = {
-    "mmlu": _b("MMLU", ("cais/mmlu", "hendrycks_test", "lukaemon/mmlu", "tasksource/mmlu", "hails/mmlu_no_train", "lighteval/mmlu"),
-               _MMLU_SPLITS, ("mmlu", "hendrycks_test")),
-    "truthful_qa": _b("TruthfulQA", ("truthful_qa", "truthfulqa/truthful_qa", "EleutherAI/truthful_qa_mc", "EleutherAI/truthful_qa_binary",
-                                     "lighteval/truthfulqa_helm"), None, ("truthful_qa", "truthfulqa")),
+    "mmlu": _b(
+        "MMLU",
+        ("cais/mmlu", "hendrycks_test", "lukaemon/mmlu", "tasksource/mmlu", "hails/mmlu_no_train", "lighteval/mmlu"),
+        _MMLU_SPLITS,
+        ("mmlu", "hendrycks_test"),
+    ),
+    "truthful_qa": _b(
+        "TruthfulQA",
+        ("truthful_qa", "truthfulqa/truthful_qa", "EleutherAI/truthful_qa_mc", "EleutherAI/truthful_qa_binary", "lighteval/truthfulqa_helm"),
+        None,
+        ("truthful_qa", "truthfulqa"),
+    ),
     "gsm": _b("GSM8K", ("gsm8k", "openai/gsm8k"), ("test",), ("gsm8k",)),
-    "summarization_cnndm": _b("CNN/DailyMail", ("cnn_dailymail", "abisee/cnn_dailymail", "ccdv/cnn_dailymail"), ("test",),
-                              ("cnn_dailymail", "cnndm")),
+    "summarization_cnndm": _b(
+        "CNN/DailyMail", ("cnn_dailymail", "abisee/cnn_dailymail", "ccdv/cnn_dailymail"), ("test",), ("cnn_dailymail", "cnndm")
+    ),
     "bbq": _b("BBQ", ("heegyu/bbq", "lighteval/bbq_helm", "Elfsong/BBQ"), None, ("bbq",)),
-    "big_bench": _b("BIG-bench", ("tasksource/bigbench", "bigbench", "google/bigbench", *_BBH_MIRRORS), None,
-                    ("bigbench", "big_bench", "bbh"), per_task=True),
+    "big_bench": _b(
+        "BIG-bench", ("tasksource/bigbench", "bigbench", "google/bigbench", *_BBH_MIRRORS), None, ("bigbench", "big_bench", "bbh"), per_task=True
+    ),
 }
 # The closed set (no conf ships; shared/challenge/README.md names its scenarios).
 CLOSED_SET: tuple[Benchmark, ...] = (
     _b("SAMSum (closed set)", ("samsum", "Samsung/samsum", "knkarthick/samsum"), ("test",), ("samsum",)),
     _b("corr2cause (closed set)", ("causalnlp/corr2cause", "causal-nlp/corr2cause"), ("test",), ("corr2cause",)),
-    _b("ETHICS (closed set)", ("hendrycks/ethics", "lighteval/hendrycks_ethics", "EleutherAI/hendrycks_ethics"), ("test",),
-       ("hendrycks_ethics",)),
-    _b("MATH (closed set)", ("hendrycks/competition_math", "competition_math", "lighteval/MATH", "EleutherAI/hendrycks_math"), ("test",),
-       ("competition_math", "hendrycks_math")),
+    _b("ETHICS (closed set)", ("hendrycks/ethics", "lighteval/hendrycks_ethics", "EleutherAI/hendrycks_ethics"), ("test",), ("hendrycks_ethics",)),
+    _b(
+        "MATH (closed set)",
+        ("hendrycks/competition_math", "competition_math", "lighteval/MATH", "EleutherAI/hendrycks_math"),
+        ("test",),
+        ("competition_math", "hendrycks_math"),
+    ),
     _b("CNN/DailyMail (closed set)", SCENARIO_DATA["summarization_cnndm"].hub_ids, ("test",), ("cnn_dailymail", "cnndm")),
 )
 
-SPLIT_WORDS = {"test": "test", "testing": "test", "validation": "validation", "valid": "validation", "val": "validation",
-               "dev": "dev", "train": "train", "training": "train"}
+SPLIT_WORDS = {
+    "test": "test",
+    "testing": "test",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "dev",
+    "train": "train",
+    "training": "train",
+}
 _HF_FILE = re.compile(r"^(?:hf://datasets/|https?://huggingface\.co/datasets/)([^/@]+/[^/@]+)(?:@[^/]+)?/(?:(?:resolve|blob)/[^/]+/)?(.*)$")
 
 
@@ -178,8 +199,9 @@ def _file_tail(path: str, base: Path | None) -> str:
     return PurePosixPath(*p.parts[-3:]).as_posix() if p.parts else path
 
 
-def reasons(dataset: str, config: str | None, split: str, data_files=None, base: Path | None = None,
-            confs: tuple[Path, ...] | None = None) -> list[str]:
+def reasons(
+    dataset: str, config: str | None, split: str, data_files=None, base: Path | None = None, confs: tuple[Path, ...] | None = None
+) -> list[str]:
     """Why a recipe source would train on evaluated data; empty when it would not.
 
     ``data_files``: a path/URL, a list, or {split: ...} as ``datasets.load_dataset`` takes them; ``base``:
@@ -194,8 +216,14 @@ def reasons(dataset: str, config: str | None, split: str, data_files=None, base:
             r = _verdict(b, why, f"{dataset}" + (f" (config {config})" if config else "") + f" split {split}", _split_names(split), task, ev)
         elif any(holds_word(n, ds) for n in b.names):
             task = (_task_of_config(config, ev.tasks) or _task_in_text(ds, ev.tasks)) if b.per_task else None
-            r = _verdict(b, why, f"{dataset} (named like {b.label})" + (f" config {config}" if config else "") + f" split {split}",
-                         _split_names(split), task, ev)
+            r = _verdict(
+                b,
+                why,
+                f"{dataset} (named like {b.label})" + (f" config {config}" if config else "") + f" split {split}",
+                _split_names(split),
+                task,
+                ev,
+            )
         else:
             r = None
         if r:

@@ -76,7 +76,7 @@ def render(kept: list[str], dropped: dict[str, str]) -> str:
     """The vetted list with a header saying where it came from and every task left out, with why."""
     header = [
         "# Natural Instructions tasks the recipes train on (filter: {task_name: {file: ...}}).",
-        f"# Written by `python -m scripts.natural_instructions` from train_tasks_dehelm.txt (allenai/natural-instructions",
+        "# Written by `python -m scripts.natural_instructions` from train_tasks_dehelm.txt (allenai/natural-instructions",
         f"# splits/default/ at {UPSTREAM_COMMIT}, {len(kept) + len(dropped)} tasks): do not edit by hand.",
         f"# {len(kept)} kept; {len(dropped)} left out because their name holds a word of an evaluated set:",
         *(f"#   {task}: {why}" for task, why in dropped.items()),

@@ -56,7 +56,7 @@ def test_the_organizers_conf_is_covered():
 @pytest.mark.skipif(not (SHARED / "README.md").is_file(), reason="shared/challenge is not present")
 def test_the_closed_set_is_the_one_the_challenge_names():
     readme = (SHARED / "README.md").read_text()
-    closed = " ".join(readme[readme.index("closed set ~"):].split("\n")[:2])
+    closed = " ".join(readme[readme.index("closed set ~") :].split("\n")[:2])
     for word in ("sam_sum", "corr2cause", "ETHICS", "MATH", "CNN/DM"):
         assert word in closed
     labels = " ".join(b.label for b in eval_guard.CLOSED_SET)
@@ -65,9 +65,22 @@ def test_the_closed_set_is_the_one_the_challenge_names():
 
 def test_the_tasks_the_old_list_let_through_are_refused():
     # The list: in the conf, not in the hand-typed list this guard replaced.
-    for task in ("auto_debugging", "code_line_description", "conceptual_combinations", "formal_fallacies_syllogisms_negation",
-                 "linguistics_puzzles", "logic_grid_puzzle", "novel_concepts", "operators", "play_dialog_same_or_different",
-                 "repeat_copy_logic", "strategyqa", "symbol_interpretation", "vitaminc_fact_verification", "winowhy"):
+    for task in (
+        "auto_debugging",
+        "code_line_description",
+        "conceptual_combinations",
+        "formal_fallacies_syllogisms_negation",
+        "linguistics_puzzles",
+        "logic_grid_puzzle",
+        "novel_concepts",
+        "operators",
+        "play_dialog_same_or_different",
+        "repeat_copy_logic",
+        "strategyqa",
+        "symbol_interpretation",
+        "vitaminc_fact_verification",
+        "winowhy",
+    ):
         assert refused("tasksource/bigbench", task), task
     assert not refused("tasksource/bigbench", "navigate") and not refused("tasksource/bigbench", "date_understanding")
 
@@ -78,33 +91,39 @@ def test_big_bench_hard_subsets_of_evaluated_tasks_are_refused():
     assert not refused("lukaemon/bbh", "navigate", "test")
 
 
-@pytest.mark.parametrize("dataset, config, split", [
-    ("lighteval/mmlu", "abstract_algebra", "test"),
-    ("EleutherAI/hendrycks_ethics", "justice", "test"),
-    ("EleutherAI/truthful_qa_binary", None, "validation"),
-    ("lighteval/bbq_helm", "all", "train"),
-    ("someone/mmlu-copy", None, "test"),  # named like MMLU
-    ("someone/gsm8k_mirror", "main", "test"),
-])
+@pytest.mark.parametrize(
+    "dataset, config, split",
+    [
+        ("lighteval/mmlu", "abstract_algebra", "test"),
+        ("EleutherAI/hendrycks_ethics", "justice", "test"),
+        ("EleutherAI/truthful_qa_binary", None, "validation"),
+        ("lighteval/bbq_helm", "all", "train"),
+        ("someone/mmlu-copy", None, "test"),  # named like MMLU
+        ("someone/gsm8k_mirror", "main", "test"),
+    ],
+)
 def test_mirrors_and_look_alikes_are_refused(dataset, config, split):
     assert refused(dataset, config, split)
 
 
-@pytest.mark.parametrize("files, is_refused", [
-    ("hf://datasets/cais/mmlu/all/test-00000-of-00001.parquet", True),
-    ("hf://datasets/cais/mmlu@c30699e/abstract_algebra/dev-00000-of-00001.parquet", True),
-    ("https://huggingface.co/datasets/cais/mmlu/resolve/main/all/validation-00000-of-00001.parquet", True),
-    ("hf://datasets/cais/mmlu/auxiliary_train/train-00000-of-00001.parquet", False),
-    ("hf://datasets/openai/gsm8k/main/test-00000-of-00001.parquet", True),
-    ("hf://datasets/openai/gsm8k/main/train-00000-of-00001.parquet", False),
-    ({"train": ["hf://datasets/heegyu/bbq/data/Age.jsonl"]}, True),  # BBQ: every split
-    ("hf://datasets/knkarthick/samsum/test.csv", True),
-    ("mmlu/test/abstract_algebra_test.csv", True),  # HELM's own MMLU layout, under the recipe's folder
-    ("mmlu/val/anatomy_val.csv", True),
-    ("gsm8k.jsonl", True),  # no split in the name: cannot be told from GSM8K test
-    ("gsm8k_train.jsonl", False),
-    ("lima/train.jsonl", False),
-])
+@pytest.mark.parametrize(
+    "files, is_refused",
+    [
+        ("hf://datasets/cais/mmlu/all/test-00000-of-00001.parquet", True),
+        ("hf://datasets/cais/mmlu@c30699e/abstract_algebra/dev-00000-of-00001.parquet", True),
+        ("https://huggingface.co/datasets/cais/mmlu/resolve/main/all/validation-00000-of-00001.parquet", True),
+        ("hf://datasets/cais/mmlu/auxiliary_train/train-00000-of-00001.parquet", False),
+        ("hf://datasets/openai/gsm8k/main/test-00000-of-00001.parquet", True),
+        ("hf://datasets/openai/gsm8k/main/train-00000-of-00001.parquet", False),
+        ({"train": ["hf://datasets/heegyu/bbq/data/Age.jsonl"]}, True),  # BBQ: every split
+        ("hf://datasets/knkarthick/samsum/test.csv", True),
+        ("mmlu/test/abstract_algebra_test.csv", True),  # HELM's own MMLU layout, under the recipe's folder
+        ("mmlu/val/anatomy_val.csv", True),
+        ("gsm8k.jsonl", True),  # no split in the name: cannot be told from GSM8K test
+        ("gsm8k_train.jsonl", False),
+        ("lima/train.jsonl", False),
+    ],
+)
 def test_data_files_are_judged_by_their_path(tmp_path, files, is_refused):
     assert refused("json", data_files=files, base=tmp_path) == is_refused
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.prompts import get_style
 from evals import run as evals_run
 from evals.scoring import Z95, bootstrap, final_number, rouge_l, wilson
 from evals.tasks import TaskError, gsm_solution, load_task
-from core.prompts import get_style
 
 QA = get_style("qa")
 
@@ -42,8 +42,16 @@ def _lcs_brute(a: list[str], b: list[str]) -> int:
     return 0
 
 
-@pytest.mark.parametrize("pred, ref", [("the cat sat on the mat", "the cat is on the mat"), ("a b c d", "d c b a"),
-                                        ("Police arrest a man.", "A man was arrested by police"), ("", "x"), ("same", "same")])
+@pytest.mark.parametrize(
+    "pred, ref",
+    [
+        ("the cat sat on the mat", "the cat is on the mat"),
+        ("a b c d", "d c b a"),
+        ("Police arrest a man.", "A man was arrested by police"),
+        ("", "x"),
+        ("same", "same"),
+    ],
+)
 def test_rouge_l_is_the_f1_of_the_longest_common_subsequence(pred, ref):
     a, b = pred.lower().replace(".", "").split(), ref.lower().split()
     lcs = _lcs_brute(a, b)
@@ -155,10 +163,15 @@ def test_make_eval_separates_the_base_model_from_a_briefly_finetuned_one(make_ti
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["task"] == "parity"))
     (tmp_path / "parity_heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held if r["task"] == "parity"))
     final = lora.setup(
-        checkpoint_dir=base, out_dir=tmp_path / "run", lr=3e-3,
+        checkpoint_dir=base,
+        out_dir=tmp_path / "run",
+        lr=3e-3,
         data=DataArgs(train_file=tmp_path / "train.jsonl", prompt_style="qa", max_seq_length=64),
-        train=TrainArgs(save_interval=None, log_interval=50, global_batch_size=16, micro_batch_size=16, lr_warmup_steps=10, max_steps=30, max_norm=1.0),
-        eval=EvalArgs(interval=0), speed=SpeedArgs(packing=False),
+        train=TrainArgs(
+            save_interval=None, log_interval=50, global_batch_size=16, micro_batch_size=16, lr_warmup_steps=10, max_steps=30, max_norm=1.0
+        ),
+        eval=EvalArgs(interval=0),
+        speed=SpeedArgs(packing=False),
     )
     task = [tmp_path / "parity_heldout.jsonl"]
     before = evals_run.main(tasks=task, checkpoint_dir=base, template="qa", max_new_tokens=4, device="cpu")["tasks"]["parity_heldout"]

@@ -38,7 +38,9 @@ def test_both_mixes_train_on_the_vetted_list():
 
 def test_a_filter_file_keeps_listed_values_and_records_those_no_row_has(tmp_path):
     (tmp_path / "tasks.txt").write_text("# comment\ntask1_a\n\ntask3_c\ntask9_missing\n")
-    rows = [{"task_name": f"task{i}_{c}", "definition": f"Do {c}.", "inputs": f"in {i}", "targets": f"out {i}"} for i, c in ((1, "a"), (2, "b"), (3, "c"))]
+    rows = [
+        {"task_name": f"task{i}_{c}", "definition": f"Do {c}.", "inputs": f"in {i}", "targets": f"out {i}"} for i, c in ((1, "a"), (2, "b"), (3, "c"))
+    ]
     (tmp_path / "ni.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "r.yaml").write_text(
         "name: r\nsources:\n  - {name: ni, dataset: json, data_files: ni.jsonl, license: apache-2.0,"

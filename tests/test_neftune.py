@@ -54,8 +54,9 @@ def test_bad_alpha_is_refused_by_name():
 
 
 def test_noise_in_training_only_on_a_litgpt_model(make_tiny_checkpoint):
-    from core.checkpoints import load_config
     from litgpt.model import GPT
+
+    from core.checkpoints import load_config
 
     gpt = GPT(load_config(make_tiny_checkpoint()))
     ids = torch.randint(0, gpt.config.vocab_size, (2, 16))
@@ -73,7 +74,9 @@ def test_a_neftune_run_trains_differently_records_alpha_and_serves_without_noise
     base_dir = make_tiny_checkpoint()
     train_file = base_dir.parent / "data" / "train.jsonl"
     args = dict(
-        checkpoint_dir=base_dir, data=DataArgs(train_file=train_file, max_seq_length=64), eval=EvalArgs(interval=2, max_iters=2),
+        checkpoint_dir=base_dir,
+        data=DataArgs(train_file=train_file, max_seq_length=64),
+        eval=EvalArgs(interval=2, max_iters=2),
         train=TrainArgs(save_interval=None, log_interval=1, global_batch_size=8, micro_batch_size=8, lr_warmup_steps=1, max_steps=3, max_norm=1.0),
     )
     plain = lora.setup(out_dir=tmp_path / "plain", **args)
