@@ -14,10 +14,11 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from litgpt.args import EvalArgs, TrainArgs
+from litgpt.args import TrainArgs
 
 from core.methods import METHODS
 from finetune.run import DataArgs, run
+from finetune.scoring import EvalArgs
 from finetune.speed import SpeedArgs
 
 
@@ -77,7 +78,8 @@ def setup(
         data: training data (a local file or a recipe) and its template.
         train: batch sizes (in packed rows of data.max_seq_length tokens when packing), steps or epochs, warmup,
             clipping, log and save intervals (litgpt's TrainArgs).
-        eval: validation interval and number of batches (litgpt's EvalArgs).
+        eval: validation interval and number of batches (litgpt's EvalArgs), and scoring saved
+            checkpoints with make eval to keep the best (score_interval, score_tasks; finetune.scoring).
         speed: packing, torch.compile, micro-batch auto-sizing and activation checkpointing (finetune.speed).
         neftune_alpha: NEFTune noise on the input embeddings while training, U(-1,1) * alpha/sqrt(L*d) (finetune.neftune);
             0 (default) is off; the 4090 winner used 5.

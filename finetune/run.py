@@ -34,7 +34,7 @@ from core.integrity import atomic_dir, clean_stale_temps, save_torch
 from core.methods import Method
 from core.precision import FABRIC_PRECISION, default_dtype
 from core.prompts import get_style, save_style
-from finetune import neftune
+from finetune import neftune, scoring
 from finetune.batching import EpochBatches, batch_to_device
 from finetune.budget import BudgetPlanner, Schedule, parse_duration
 from finetune.data import IGNORE_INDEX, Collate, encode_row, load_rows
@@ -249,6 +249,7 @@ def run(
     verify_checkpoint(checkpoint_dir)
     max_seconds = parse_duration(max_time)
     neftune.check_alpha(neftune_alpha)
+    scoring.check(eval, train.save_interval)
     fabric = make_fabric(precision, quantize, method, out_dir, storage_in_compute_dtype=speed.quantize_from_compute_dtype)
     fabric.seed_everything(seed, verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -310,10 +311,17 @@ def run(
     schedule = Schedule(progress.total_steps, min(warmup, planned - 1) or 1)
     planner = BudgetPlanner(max_seconds, progress.total_steps)
 
+    board = None
+    if getattr(eval, "score_interval", None):
+        board = scoring.Scoreboard(out_dir, eval.score_tasks or [scoring.write_heldout(val_rows, out_dir)], eval)
+
     def save(p: Progress) -> None:
         with atomic_dir(out_dir / f"step-{p.step:06d}") as step_dir:  # all of it or nothing, whenever a kill comes
             save_servable(model, method, step_dir, checkpoint_dir, template, hparams, card, chat)
             save_state(step_dir, model, optimizer, {**p.state_dict(), "batches": batches.state_dict()}, method.keep)
+        if board is not None and p.step % eval.score_interval == 0:
+            score = board.score(out_dir / f"step-{p.step:06d}", p.step)
+            fabric.print(f"step {p.step}: score {score:.1%} (eval.score_interval); best so far {board.best()['checkpoint']}")
 
     progress = fit(
         fabric, model, optimizer, next_batch, schedule, lr, planner, progress, train, eval, val_batches, save, metrics, setup.checkpoint_blocks
@@ -324,6 +332,11 @@ def run(
         save_servable(model, method, tmp, checkpoint_dir, template, hparams, card, chat)
         (tmp / "submission.json").write_text(json.dumps(build_manifest(hparams, card), indent=2))
     plot_metrics(metrics.path, out_dir / "loss.png")
+    if board is not None:
+        if not any(entry["step"] == progress.step for entry in board.scores):  # final/ equals a step just scored otherwise
+            board.score(final_dir, progress.step)
+        best = board.best()
+        fabric.print(f"scores: {out_dir / scoring.SCORES_FILE}; best {best['checkpoint']} ({best['overall']:.1%}) -> {out_dir / scoring.BEST_LINK}")
     fabric.print(
         f"done: {progress.step} steps, {progress.tokens:,} tokens in {progress.elapsed_s:.1f}s "
         f"({progress.tokens / max(progress.elapsed_s, 1e-9):,.0f} tok/s); final train loss {progress.last_loss:.4f}\n"
@@ -342,4 +355,7 @@ def next_step(method: Method, out_dir: Path, final_dir: Path) -> str:
 
 
 def _plain(d: dict) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+    def plain(v):
+        return str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return {k: plain(v) for k, v in d.items()}

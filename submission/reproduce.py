@@ -100,10 +100,11 @@ def data(manifest: Path = Path("submission.json")) -> None:
 
 def finetune(manifest: Path = Path("submission.json"), out_dir: Path = Path("out/reproduce"), checkpoint_dir: Path = CHECKPOINTS_DIR) -> None:
     """Run the recorded finetune (same method, config, seed and budget; resumes if interrupted)."""
-    from litgpt.args import EvalArgs, TrainArgs
+    from litgpt.args import TrainArgs
 
     from core.methods import METHODS
     from finetune.run import run
+    from finetune.scoring import EvalArgs
     from finetune.speed import SpeedArgs
 
     m = _manifest(manifest)
