@@ -66,7 +66,7 @@ def check(case: str, work_dir: Path, steps: int, speed: dict | None = None) -> d
     build_tiny(work_dir / "tiny", work_dir / "tiny-data")
     base = write_random_checkpoint(config_name, work_dir / f"{config_name}-random", tokenizer_dir=work_dir / "tiny")
     data = work_dir / "long.jsonl"
-    write_jsonl(long_rows(8 * global_batch * steps, WORDS), data)
+    write_jsonl(long_rows(2 * global_batch * steps + 8, WORDS), data)  # every step sees new rows
     out = work_dir / f"run-{case}"
     shutil.rmtree(out, ignore_errors=True)
     torch.cuda.empty_cache()
