@@ -120,8 +120,18 @@ def _run_child(kind: str, work: Work, out_dir: Path, record: bool) -> dict:
     work_file, result_file, log_file = out_dir / "work.json", out_dir / "result.json", out_dir / f"{kind}.log"
     work_file.write_text(work.to_json())
     result_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "bench.baseline_trainers", kind, "--work", str(work_file), "--out", str(result_file),
-           "--record", str(record).lower()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.baseline_trainers",
+        kind,
+        "--work",
+        str(work_file),
+        "--out",
+        str(result_file),
+        "--record",
+        str(record).lower(),
+    ]
     with log_file.open("w") as log:
         rc = subprocess.run(cmd, check=False, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0 or not result_file.is_file():
@@ -219,32 +229,57 @@ def upstream_argv(work: Work, out_dir: Path, precision: str) -> list[str]:
     # Enough epochs that max_steps, not the epoch limit, ends the run (the epoch limit would also generate an example).
     epochs = math.ceil(work.steps * work.global_batch_size / max(1, n_rows)) + 1
     argv = [
-        "finetune_lora", str(work.checkpoint_dir),
-        "--out_dir", str(out_dir),
-        "--precision", precision,
-        "--devices", "1",
-        "--seed", str(work.seed),
-        "--lora_r", str(work.lora_r),
-        "--lora_alpha", str(work.lora_alpha),
-        "--lora_dropout", "0.0",
+        "finetune_lora",
+        str(work.checkpoint_dir),
+        "--out_dir",
+        str(out_dir),
+        "--precision",
+        precision,
+        "--devices",
+        "1",
+        "--seed",
+        str(work.seed),
+        "--lora_r",
+        str(work.lora_r),
+        "--lora_alpha",
+        str(work.lora_alpha),
+        "--lora_dropout",
+        "0.0",
         *[x for name, on in flags.items() for x in (f"--lora_{name}", str(on).lower())],
-        "--data", "JSON",
-        "--data.json_path", str(work.data_file),
-        "--data.prompt_style", "alpaca",
-        "--data.mask_prompt", "true",
-        "--data.val_split_fraction", "0.0",  # every row trains; the pre-training sanity validation has nothing to run
-        "--data.seed", str(work.seed),
-        "--train.max_seq_length", str(work.max_seq_length),
-        "--train.micro_batch_size", str(work.micro_batch_size),
-        "--train.global_batch_size", str(work.global_batch_size),
-        "--train.max_steps", str(work.steps),
-        "--train.epochs", str(epochs),
-        "--train.lr_warmup_steps", "1",
-        "--train.save_interval", "null",
-        "--train.log_interval", "1",
-        "--eval.interval", str(work.steps + 1_000_000),
-        "--eval.initial_validation", "false",
-        "--eval.final_validation", "false",
+        "--data",
+        "JSON",
+        "--data.json_path",
+        str(work.data_file),
+        "--data.prompt_style",
+        "alpaca",
+        "--data.mask_prompt",
+        "true",
+        "--data.val_split_fraction",
+        "0.0",  # every row trains; the pre-training sanity validation has nothing to run
+        "--data.seed",
+        str(work.seed),
+        "--train.max_seq_length",
+        str(work.max_seq_length),
+        "--train.micro_batch_size",
+        str(work.micro_batch_size),
+        "--train.global_batch_size",
+        str(work.global_batch_size),
+        "--train.max_steps",
+        str(work.steps),
+        "--train.epochs",
+        str(epochs),
+        "--train.lr_warmup_steps",
+        "1",
+        "--train.save_interval",
+        "null",
+        "--train.log_interval",
+        "1",
+        "--eval.interval",
+        str(work.steps + 1_000_000),
+        "--eval.initial_validation",
+        "false",
+        "--eval.final_validation",
+        "false",
     ]
     if work.quantize is not None:
         argv += ["--quantize", work.quantize]
@@ -443,8 +478,12 @@ def hf_lora(model, work: Work):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=work.lora_r, lora_alpha=work.lora_alpha, lora_dropout=0.0, target_modules=PEFT_TARGETS[work.lora_targets],
-        bias="none", task_type="CAUSAL_LM",
+        r=work.lora_r,
+        lora_alpha=work.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=PEFT_TARGETS[work.lora_targets],
+        bias="none",
+        task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config, autocast_adapter_dtype=False)
 
@@ -499,7 +538,10 @@ def hf_child(work: Path, out: Path, record: bool = False) -> None:
     result = {"trainer": "hf-peft", **meter.summary(), **peak_memory(device.type), "wall_s": round(wall, 1)}
     result.update(
         random_checkpoint_s=round(prep_s, 1),
-        trainable_params=trainable, precision=str(dtype).removeprefix("torch."), quantize=job.quantize, device=_device_name(device.type)
+        trainable_params=trainable,
+        precision=str(dtype).removeprefix("torch."),
+        quantize=job.quantize,
+        device=_device_name(device.type),
     )
     _write_result(Path(out), result)
 

@@ -66,7 +66,11 @@ def bench_shape(shape: tuple[int, int], double: bool, device: torch.device, repe
     out = {}
     for name, fn in runs.items():
         ms = time_ms(fn, repeats)
-        out[name] = {"ms": round(ms, 5), "effective_gbs": round(ideal_bytes / (ms / 1e3) / 1e9, 3), "bit_identical": bool(torch.equal(fn(), reference))}
+        out[name] = {
+            "ms": round(ms, 5),
+            "effective_gbs": round(ideal_bytes / (ms / 1e3) / 1e9, 3),
+            "bit_identical": bool(torch.equal(fn(), reference)),
+        }
     out["compiled_speedup"] = round(out["bitsandbytes"]["ms"] / out["compiled"]["ms"], 2)
     return out
 
@@ -81,8 +85,10 @@ def main(out_dir: Path = Path("out/bench"), shapes: list[tuple[int, int]] | None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     counts = MISTRAL_7B if shapes is None else {tuple(s): 1 for s in shapes}
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-        "copy_bandwidth_gbs": copy_bandwidth_gbs(device, repeats), "shapes": {},
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "copy_bandwidth_gbs": copy_bandwidth_gbs(device, repeats),
+        "shapes": {},
     }
     for quant in ("nf4", "nf4-dq"):
         per_step = {"bitsandbytes": 0.0, "compiled": 0.0, "compiled+cast": 0.0}

@@ -49,7 +49,9 @@ def main(
         device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only to try the bench itself
         with Server(server_command("ours", ckpt, port, device, Path(tmp), ours_args=extra), port, out_dir / "eval_time_server.log") as server:
             for n in threads:
-                report = eval_time.main(url=server.url, requests_per_type=requests_per_type, threads=n, gpu="auto", out=out_dir / f"eval_time_t{n}.json")
+                report = eval_time.main(
+                    url=server.url, requests_per_type=requests_per_type, threads=n, gpu="auto", out=out_dir / f"eval_time_t{n}.json"
+                )
                 summary["gpu"] = report["gpu_title"]
                 summary["threads"][n] = {
                     name: {

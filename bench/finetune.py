@@ -89,12 +89,21 @@ def our_child(work: Path, out: Path, packed_rows_per_step: int = 0, speed: str =
     run_dir = Path(out).parent / "ours-run"
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.csv appends
     final = setup(
-        checkpoint_dir=job.checkpoint_dir, out_dir=run_dir, quantize=job.quantize, precision="bf16-true" if torch.cuda.is_available() else "32-true", seed=job.seed, lr=2e-4,
+        checkpoint_dir=job.checkpoint_dir,
+        out_dir=run_dir,
+        quantize=job.quantize,
+        precision="bf16-true" if torch.cuda.is_available() else "32-true",
+        seed=job.seed,
+        lr=2e-4,
         lora=LoRAArgs(r=job.lora_r, alpha=job.lora_alpha, **targets),
         data=DataArgs(train_file=job.data_file, prompt_style="alpaca", max_seq_length=job.max_seq_length, val_fraction=0.01),
         train=TrainArgs(
-            save_interval=None, log_interval=1, global_batch_size=packed_rows_per_step or job.global_batch_size,
-            micro_batch_size=job.micro_batch_size, lr_warmup_steps=1, max_steps=job.steps,
+            save_interval=None,
+            log_interval=1,
+            global_batch_size=packed_rows_per_step or job.global_batch_size,
+            micro_batch_size=job.micro_batch_size,
+            lr_warmup_steps=1,
+            max_steps=job.steps,
         ),
         eval=EvalArgs(interval=0),
         speed=SpeedArgs(**{"micro_batch": "fixed", **json.loads(speed)}),
@@ -106,9 +115,16 @@ def our_child(work: Path, out: Path, packed_rows_per_step: int = 0, speed: str =
     steady_s = elapsed[-1] - elapsed[half - 1]
     hparams = yaml.safe_load((final / "hyperparameters.yaml").read_text())
     result = {
-        "trainer": "ours", "speed_overrides": json.loads(speed), "steps": len(rows), "useful_tokens_per_s": round((tokens[-1] - tokens[half - 1]) / steady_s, 1),
-        "useful_tokens_per_step": tokens[-1] / len(rows), "steady_s": round(steady_s, 4), **memory,
-        "wall_s": round(time.perf_counter() - t0, 1), "speed": hparams["speed"], "rows_per_step": hparams["train"]["global_batch_size"],
+        "trainer": "ours",
+        "speed_overrides": json.loads(speed),
+        "steps": len(rows),
+        "useful_tokens_per_s": round((tokens[-1] - tokens[half - 1]) / steady_s, 1),
+        "useful_tokens_per_step": tokens[-1] / len(rows),
+        "steady_s": round(steady_s, 4),
+        **memory,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "speed": hparams["speed"],
+        "rows_per_step": hparams["train"]["global_batch_size"],
     }
     Path(out).write_text(json.dumps(result, indent=2))
 
@@ -117,8 +133,20 @@ def run_ours(work: Work, out_dir: Path, packed_rows_per_step: int = 0, speed: di
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "work.json").write_text(work.to_json())
     result, log = out_dir / "result.json", out_dir / "ours.log"
-    cmd = [sys.executable, "-m", "bench.finetune", "child", "--work", str(out_dir / "work.json"), "--out", str(result),
-           "--packed_rows_per_step", str(packed_rows_per_step), "--speed", json.dumps(speed or {})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.finetune",
+        "child",
+        "--work",
+        str(out_dir / "work.json"),
+        "--out",
+        str(result),
+        "--packed_rows_per_step",
+        str(packed_rows_per_step),
+        "--speed",
+        json.dumps(speed or {}),
+    ]
     with log.open("w") as f:
         rc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0 or not result.is_file():
@@ -153,8 +181,16 @@ def run_case(case: str, quantize: str | None, trainers: list[str], work_dir: Pat
         data.write_text(json.dumps(synthetic_rows(rows_kind, 64 if rows_kind == "2048" else 1200)))
     mixed = rows_kind == "mixed"
     work = Work(
-        checkpoint_dir=base, data_file=data, max_seq_length=2048, lora_r=rank, lora_alpha=2 * rank, lora_targets=targets, quantize=quantize,
-        micro_batch_size=MIXED_MICRO if mixed else 1, global_batch_size=MIXED_ROWS_PER_STEP if mixed else 2, steps=steps,
+        checkpoint_dir=base,
+        data_file=data,
+        max_seq_length=2048,
+        lora_r=rank,
+        lora_alpha=2 * rank,
+        lora_targets=targets,
+        quantize=quantize,
+        micro_batch_size=MIXED_MICRO if mixed else 1,
+        global_batch_size=MIXED_ROWS_PER_STEP if mixed else 2,
+        steps=steps,
     )
     packed_rows = 0
     if mixed:  # the same tokens per step on average: rows per step x mean row length / 2048
@@ -179,7 +215,9 @@ def run_case(case: str, quantize: str | None, trainers: list[str], work_dir: Pat
             continue  # a QLoRA lever: without 4-bit layers the same run as "ours"
         print(f"--- {label}: {trainer}", flush=True)
         try:
-            results[trainer] = runners[trainer](_ours_micro(work) if mixed and (trainer == "ours" or trainer in OUR_VARIANTS) else work, work_dir / "runs" / label / trainer)
+            results[trainer] = runners[trainer](
+                _ours_micro(work) if mixed and (trainer == "ours" or trainer in OUR_VARIANTS) else work, work_dir / "runs" / label / trainer
+            )
         except RuntimeError as e:
             results[trainer] = {"error": str(e)[-2000:]}
         print(json.dumps(results[trainer])[:600], flush=True)
@@ -188,8 +226,15 @@ def run_case(case: str, quantize: str | None, trainers: list[str], work_dir: Pat
         if "useful_tokens_per_s" in r:
             r["mfu_4n"] = mfu(r["useful_tokens_per_s"], n_params)
             r.pop("batches", None)
-    out = {"case": case, "model": f"{config_name} (random bf16)", "quantize": quantize or "none (bf16)", "lora": f"r{rank} {targets}",
-           "rows": rows_kind, "params": n_params, "results": results}
+    out = {
+        "case": case,
+        "model": f"{config_name} (random bf16)",
+        "quantize": quantize or "none (bf16)",
+        "lora": f"r{rank} {targets}",
+        "rows": rows_kind,
+        "params": n_params,
+        "results": results,
+    }
     ours = results.get("ours", {}).get("useful_tokens_per_s")
     for name in ("hf-peft", "upstream-litgpt", *OUR_VARIANTS):
         theirs = results.get(name, {}).get("useful_tokens_per_s")
@@ -210,9 +255,9 @@ def _ours_micro(work: Work) -> Work:
 def main(
     out_dir: Path = Path("out/bench"),
     work_dir: Path = Path("/tmp/bench_finetune"),
-    cases: list[str] = ["mistral-2048-r16"],  # noqa: B006
-    quantize: list[str | None] = [None, "bnb.nf4"],  # noqa: B006
-    trainers: list[str] = list(TRAINERS),  # noqa: B006
+    cases: list[str] = ["mistral-2048-r16"],
+    quantize: list[str | None] = [None, "bnb.nf4"],
+    trainers: list[str] = list(TRAINERS),
     steps: int = 8,
 ) -> None:
     """Run each case x quantization with each trainer; print and write ``out_dir/finetune.json``.

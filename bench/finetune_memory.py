@@ -31,7 +31,10 @@ def measure(base: Path, data: Path, out: Path, quantize: str | None, steps: int)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     final = setup(
-        checkpoint_dir=base, out_dir=out, quantize=quantize, lr=2e-4,
+        checkpoint_dir=base,
+        out_dir=out,
+        quantize=quantize,
+        lr=2e-4,
         lora=LoRAArgs(r=16, alpha=32),  # all linear layers and the head
         data=DataArgs(train_file=data, max_seq_length=2048, val_fraction=0.01),
         train=TrainArgs(save_interval=None, log_interval=1, global_batch_size=1, micro_batch_size=1, lr_warmup_steps=1, max_steps=steps),
@@ -61,17 +64,21 @@ def main(out_dir: Path = Path("out/bench"), work_dir: Path = Path("/tmp/finetune
     (which the finetune script drops when the data fit the window), for the ratio in the same run.
     """
     from bench.random_checkpoint import write_random_checkpoint
-    from core.synthetic_tasks import WORDS
+    from core.synthetic_tasks import WORDS, write_jsonl
     from core.tiny import build_tiny
-    from core.synthetic_tasks import write_jsonl
 
     out_dir.mkdir(parents=True, exist_ok=True)
     build_tiny(work_dir / "tiny", work_dir / "tiny-data")
     base = write_random_checkpoint("Mistral-7B-v0.1", work_dir / "mistral-7b-random", tokenizer_dir=work_dir / "tiny")
     data = work_dir / "long.jsonl"
     write_jsonl(long_rows(64, WORDS), data)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": "Mistral-7B-v0.1 (random bf16)",
-              "lora": "r16 alpha32, all linear layers + head", "tokens_per_step": 2048}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "model": "Mistral-7B-v0.1 (random bf16)",
+        "lora": "r16 alpha32, all linear layers + head",
+        "tokens_per_step": 2048,
+    }
     result["qlora_nf4"] = measure(base, data, work_dir / "run-nf4", "bnb.nf4", steps)
     result["lora_bf16"] = measure(base, data, work_dir / "run-bf16", None, steps)
     result["qlora_nf4_fits_22gib"] = result["qlora_nf4"]["peak_reserved_gib"] <= 22

@@ -75,8 +75,11 @@ def calibrate(base: Path, quantize: str | None, plans: list[tuple[int, bool]], m
 
 
 def main(
-    out_dir: Path = Path("out/bench"), work_dir: Path = Path("/tmp/finetune_memory"), steps: int = 4, max_seq_length: int = 2048,
-    precisions: list[str] = ["bf16", "nf4"],  # noqa: B006
+    out_dir: Path = Path("out/bench"),
+    work_dir: Path = Path("/tmp/finetune_memory"),
+    steps: int = 4,
+    max_seq_length: int = 2048,
+    precisions: list[str] = ["bf16", "nf4"],
 ) -> None:
     """Calibrate each of ``precisions`` ("bf16", "nf4"). For clean peaks run one a process: torch.compile's
     caches keep an earlier model alive (``--precisions '[nf4]'`` in a command of its own)."""
@@ -88,7 +91,12 @@ def main(
     out_dir.mkdir(parents=True, exist_ok=True)
     build_tiny(work_dir / "tiny", work_dir / "tiny-data")
     base = write_random_checkpoint("Mistral-7B-v0.1", work_dir / "mistral-7b-random", tokenizer_dir=work_dir / "tiny")
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": "Mistral-7B-v0.1 (random bf16)", "max_seq_length": max_seq_length}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "model": "Mistral-7B-v0.1 (random bf16)",
+        "max_seq_length": max_seq_length,
+    }
     if "bf16" in precisions:
         result["bf16"] = calibrate(base, None, [(1, False), (2, False), (1, True), (4, True)], max_seq_length, steps)
     if "nf4" in precisions:

@@ -75,10 +75,17 @@ def check(case: str, work_dir: Path, steps: int, speed: dict | None = None) -> d
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(_Tee(sys.stdout, log)):
         final = setup(
-            checkpoint_dir=base, out_dir=out, quantize=quantize, lr=2e-4, lora=LoRAArgs(r=rank, alpha=2 * rank),
+            checkpoint_dir=base,
+            out_dir=out,
+            quantize=quantize,
+            lr=2e-4,
+            lora=LoRAArgs(r=rank, alpha=2 * rank),
             data=DataArgs(train_file=data, max_seq_length=2048, val_fraction=0.01),
-            train=TrainArgs(save_interval=None, log_interval=1, global_batch_size=global_batch, micro_batch_size=1, lr_warmup_steps=1, max_steps=steps),
-            eval=EvalArgs(interval=0), speed=SpeedArgs(gpu_memory_gib=card, **{**overrides, **(speed or {})}),
+            train=TrainArgs(
+                save_interval=None, log_interval=1, global_batch_size=global_batch, micro_batch_size=1, lr_warmup_steps=1, max_steps=steps
+            ),
+            eval=EvalArgs(interval=0),
+            speed=SpeedArgs(gpu_memory_gib=card, **{**overrides, **(speed or {})}),
         )
     wall = time.perf_counter() - t0
     hparams = yaml.safe_load((final / "hyperparameters.yaml").read_text())
@@ -94,20 +101,36 @@ def check(case: str, work_dir: Path, steps: int, speed: dict | None = None) -> d
     peak = torch.cuda.max_memory_reserved() / 2**30
     cap = usable_gib(card)
     return {
-        "case": case, "model": f"{config_name} (random bf16)", "quantize": quantize or "none (bf16)", "lora": f"r{rank} a{2 * rank} all linear + head",
-        "card_gib": card, "allocator_cap_gib": cap, "plan_limit_gib": round(cap - margin_gib(card), 2),
+        "case": case,
+        "model": f"{config_name} (random bf16)",
+        "quantize": quantize or "none (bf16)",
+        "lora": f"r{rank} a{2 * rank} all linear + head",
+        "card_gib": card,
+        "allocator_cap_gib": cap,
+        "plan_limit_gib": round(cap - margin_gib(card), 2),
         "plan_log": [line for line in log.getvalue().splitlines() if "memory plan" in line or "4-bit dequantization" in line],
-        "micro_batch_size": micro, "checkpoint_blocks": ckpt, "dequantize_4bit_used": hparams["speed"]["dequantize_4bit_used"],
-        "estimate_gib": round(estimate["total"], 2), "estimate_parts_gib": {k: round(v, 2) for k, v in estimate.items()},
-        "peak_reserved_gib": round(peak, 2), "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "headroom_to_card_gib": round(card - peak - 0.75, 2), "headroom_to_cap_gib": round(cap - peak, 2),
+        "micro_batch_size": micro,
+        "checkpoint_blocks": ckpt,
+        "dequantize_4bit_used": hparams["speed"]["dequantize_4bit_used"],
+        "estimate_gib": round(estimate["total"], 2),
+        "estimate_parts_gib": {k: round(v, 2) for k, v in estimate.items()},
+        "peak_reserved_gib": round(peak, 2),
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "headroom_to_card_gib": round(card - peak - 0.75, 2),
+        "headroom_to_cap_gib": round(cap - peak, 2),
         "estimate_vs_peak": round(estimate["total"] / peak, 3),
-        "steps": len(rows), "tokens_per_step": tokens / max(len(rows) - half, 1), "tokens_per_s_steady": round(tokens / seconds, 1),
-        "wall_s": round(wall, 1), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "steps": len(rows),
+        "tokens_per_step": tokens / max(len(rows) - half, 1),
+        "tokens_per_s_steady": round(tokens / seconds, 1),
+        "wall_s": round(wall, 1),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
     }
 
 
-def main(out_dir: Path = Path("out/bench"), work_dir: Path = Path("/tmp/plan_check"), case: str = "recipe4090", steps: int = 6, speed: str = "{}") -> None:
+def main(
+    out_dir: Path = Path("out/bench"), work_dir: Path = Path("/tmp/plan_check"), case: str = "recipe4090", steps: int = 6, speed: str = "{}"
+) -> None:
     """Run ``case`` (see CASES) and write ``out_dir/plan_check-<case>.json``.
 
     Args:

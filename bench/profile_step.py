@@ -79,8 +79,8 @@ def main(
     """
     from core.methods import METHODS
     from core.tiny import build_tiny
-    from finetune.lora import LoRAArgs
     from finetune.loop import batch_loss
+    from finetune.lora import LoRAArgs
     from finetune.run import build_model, build_optimizer, make_fabric
     from finetune.speed import SpeedArgs, prepare, random_batch
 
@@ -120,8 +120,13 @@ def main(
         sync()
         wall = time.perf_counter() - t0
     result = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "model": f"{model_name} (random)",
-        "quantize": quantize, "lora": f"r{lora_r} all linear + head", "tokens_per_step": max_seq_length, "steps": steps,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "model": f"{model_name} (random)",
+        "quantize": quantize,
+        "lora": f"r{lora_r} all linear + head",
+        "tokens_per_step": max_seq_length,
+        "steps": steps,
         "speed": {k: v for k, v in dataclasses.asdict(setup).items() if k != "train"},
         **summarize(prof, steps, wall, cuda),
     }

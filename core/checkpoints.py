@@ -145,9 +145,7 @@ def verify_checkpoint(checkpoint_dir: Path) -> Config:
 
     tokenizer = Tokenizer(checkpoint_dir)
     if tokenizer.vocab_size > config.padded_vocab_size:
-        raise CheckpointError(
-            f"{checkpoint_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.padded_vocab_size}"
-        )
+        raise CheckpointError(f"{checkpoint_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.padded_vocab_size}")
     return config
 
 

@@ -85,8 +85,7 @@ def infer_model_name(checkpoint_dir: Path) -> str:
         closest = min(registry, key=lambda c: len(mismatches(hf, c)))
         diff = ", ".join(f"{k}={v} (litgpt {lk}={e})" for k, lk, v, e in mismatches(hf, closest))
         raise HFConfigError(
-            f"{path}: no litgpt config has these shapes (closest: {closest.name}, which differs in {diff}); "
-            "litgpt 0.5.13 cannot convert this model"
+            f"{path}: no litgpt config has these shapes (closest: {closest.name}, which differs in {diff}); litgpt 0.5.13 cannot convert this model"
         )
     if len(matching) == 1:
         return matching[0].name

@@ -62,9 +62,7 @@ def train_hf_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 10
         words = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
         lines = pre_tokenizers.Split("\n", behavior="isolated")  # no merge spans a newline either
         tok.pre_tokenizer = pre_tokenizers.Sequence([words, lines, digits]) if split_words else digits
-        tok.decoder = decoders.Sequence(
-            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-        )
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
         return tok
 
     texts = list(texts)
@@ -74,9 +72,7 @@ def train_hf_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 10
     kept = [_keep_only(t, alphabet) for t in texts]
     learner = skeleton(models.BPE(unk_token="<unk>"), split_words=True)
     n_learned = vocab_size - len(SPECIALS) - len(BYTE_TOKENS)
-    trainer = trainers.BpeTrainer(
-        vocab_size=n_learned, special_tokens=[], initial_alphabet=sorted(alphabet), show_progress=False
-    )
+    trainer = trainers.BpeTrainer(vocab_size=n_learned, special_tokens=[], initial_alphabet=sorted(alphabet), show_progress=False)
     learner.train_from_iterator(kept, trainer=trainer)
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(learner.to_str())["model"]["merges"]]
 
@@ -86,9 +82,7 @@ def train_hf_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 10
         vocab.setdefault(piece, len(vocab))
     tok = skeleton(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True), split_words=False)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "tokenizer.json"
     tok.save(str(path))

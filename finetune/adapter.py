@@ -63,7 +63,24 @@ def setup_for(method: str):
             neftune_alpha: NEFTune noise on the input embeddings while training, U(-1,1) * alpha/sqrt(L*d) (finetune.neftune);
                 0 (default) is off; the 4090 winner used 5.
         """
-        return run(METHODS[method], adapter.as_config(), checkpoint_dir, out_dir, precision, quantize, seed, lr, weight_decay, max_time, resume, data, train, eval, speed, neftune_alpha)
+        return run(
+            METHODS[method],
+            adapter.as_config(),
+            checkpoint_dir,
+            out_dir,
+            precision,
+            quantize,
+            seed,
+            lr,
+            weight_decay,
+            max_time,
+            resume,
+            data,
+            train,
+            eval,
+            speed,
+            neftune_alpha,
+        )
 
     return setup
 

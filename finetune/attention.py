@@ -34,7 +34,9 @@ def document_mask(documents: torch.Tensor, use_flex: bool | None = None):
             return (q >= kv) & (documents[b, q] == documents[b, kv])
 
         B, T = documents.shape
-        return create_block_mask(same_document, B, None, T, T, device=documents.device, _compile=documents.is_cuda)  # uncompiled: ~35 ms a call on an H100
+        return create_block_mask(
+            same_document, B, None, T, T, device=documents.device, _compile=documents.is_cuda
+        )  # uncompiled: ~35 ms a call on an H100
     T = documents.size(1)
     causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
     return ((documents[:, :, None] == documents[:, None, :]) & causal).unsqueeze(1)
@@ -44,7 +46,10 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     """Why a model can't attend by document mask (it then trains on padded batches), or None."""
     config = model.config
     for module in model.modules():
-        if isinstance(module, CausalSelfAttention) and type(module).scaled_dot_product_attention is not CausalSelfAttention.scaled_dot_product_attention:
+        if (
+            isinstance(module, CausalSelfAttention)
+            and type(module).scaled_dot_product_attention is not CausalSelfAttention.scaled_dot_product_attention
+        ):
             return f"adapter prefixes in its attention ({type(module).__module__})"
     if config.attention_logit_softcapping is not None:
         return "attention logit softcapping"

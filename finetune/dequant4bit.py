@@ -106,8 +106,16 @@ def dequantize(packed: Packed4bit, form: str = "compiled", out_dtype: torch.dtyp
     fn = dequantize_flat if form == "eager" else _compiled_dequantize()
     cast_after = form == "compiled+cast" and out_dtype not in (None, packed.dtype)
     flat = fn(
-        packed.data, packed.absmax, packed.code, packed.blocksize, packed.dtype,
-        packed.absmax_absmax, packed.absmax_code, packed.absmax_blocksize, packed.absmax_offset, None if cast_after else out_dtype,
+        packed.data,
+        packed.absmax,
+        packed.code,
+        packed.blocksize,
+        packed.dtype,
+        packed.absmax_absmax,
+        packed.absmax_code,
+        packed.absmax_blocksize,
+        packed.absmax_offset,
+        None if cast_after else out_dtype,
     )
     return (flat.to(out_dtype) if cast_after else flat).view(packed.shape)
 
@@ -151,6 +159,7 @@ def four_bit_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     if "bitsandbytes" not in sys.modules:  # a model with 4-bit layers has imported it; don't pay the import otherwise
         return []
     from bitsandbytes.nn import Linear4bit
+
     return [m for m in model.modules() if isinstance(m, Linear4bit) and getattr(m.weight, "quant_state", None) is not None]
 
 

@@ -45,6 +45,8 @@ TOKENIZER_FILES = (
     "chat_template.jinja",  # a run's chat template (core.chat); transformers reads it from this file
 )
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 class ExportError(CheckpointError):
     """The checkpoint cannot be exported as it is; the message says what to do."""
 
@@ -118,8 +120,7 @@ def _refuse_adapter(checkpoint_dir: Path) -> None:
         )
     if merged.stat().st_mtime < adapter.stat().st_mtime:
         raise ExportError(
-            f"{checkpoint_dir}: {WEIGHTS} is older than {WEIGHTS}.lora, so it was merged from an earlier adapter: "
-            "run `make merge` again first"
+            f"{checkpoint_dir}: {WEIGHTS} is older than {WEIGHTS}.lora, so it was merged from an earlier adapter: run `make merge` again first"
         )
 
 
@@ -130,8 +131,7 @@ def _check_out_dir(checkpoint_dir: Path, out_dir: Path) -> None:
         return
     # Loaders such as vLLM read every *.safetensors (or *.bin) file in the directory: leftovers would mix in.
     foreign = sorted(
-        p.name for p in out_dir.iterdir()
-        if p.name != HF_WEIGHTS and (p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
+        p.name for p in out_dir.iterdir() if p.name != HF_WEIGHTS and (p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
     )
     if foreign:
         raise ExportError(f"{out_dir} already holds other weight files ({', '.join(foreign)}); export into an empty directory")
@@ -160,9 +160,7 @@ def llama_incompatibilities(config: Config) -> list[str]:
             config.rope_condense_ratio == 1 and not config.rope_adjustments and not config.rope_interleave
         ),
         "no biases": not config.bias and not config.attn_bias and not config.lm_head_bias,
-        "no extra norms": (
-            not config.norm_qk and not config.post_attention_norm and not config.post_mlp_norm and config.norm_1 and config.norm_2
-        ),
+        "no extra norms": (not config.norm_qk and not config.post_attention_norm and not config.post_mlp_norm and config.norm_1 and config.norm_2),
         "no sliding window": config.sliding_window_size is None,
         "no softcapping or score/embedding scaling": (
             config.attention_logit_softcapping is None

@@ -77,9 +77,7 @@ def next_token_loss(gpt: GPT, hidden: torch.Tensor, labels: torch.Tensor, keep: 
         total = _head_loss_sum(gpt, rows, targets)
     else:
         head = partial(_head_loss_sum, gpt)
-        total = sum(
-            checkpoint(head, h, t, use_reentrant=False) for h, t in zip(rows.split(HEAD_CHUNK_ROWS), targets.split(HEAD_CHUNK_ROWS))
-        )
+        total = sum(checkpoint(head, h, t, use_reentrant=False) for h, t in zip(rows.split(HEAD_CHUNK_ROWS), targets.split(HEAD_CHUNK_ROWS)))
     return total / max(targets.numel(), 1)
 
 

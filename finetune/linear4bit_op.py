@@ -23,9 +23,18 @@ import torch.nn.functional as F
 
 
 def _weight(
-    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, out_features: int, in_features: int,
-    storage_dtype: torch.dtype, dtype: torch.dtype,
-    absmax2: torch.Tensor | None, code2: torch.Tensor | None, blocksize2: int, offset: torch.Tensor | None,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    out_features: int,
+    in_features: int,
+    storage_dtype: torch.dtype,
+    dtype: torch.dtype,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    blocksize2: int,
+    offset: torch.Tensor | None,
 ) -> torch.Tensor:
     """bitsandbytes' ``functional.dequantize_4bit`` op for op, asked for the flat weight (its AVX-512 CPU
     kernel misreads 2-D shapes whose rows are not whole blocks; CUDA is flat either way), then cast as
@@ -39,8 +48,18 @@ def _weight(
 
 @torch.library.custom_op("finetune::linear_4bit", mutates_args=())
 def linear_4bit(
-    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, out_features: int, in_features: int,
-    storage_dtype: torch.dtype, absmax2: torch.Tensor | None, code2: torch.Tensor | None, blocksize2: int, offset: torch.Tensor | None,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    out_features: int,
+    in_features: int,
+    storage_dtype: torch.dtype,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    blocksize2: int,
+    offset: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """x W^T + b with W the 4-bit weight dequantized to x's dtype (the bias inside the GEMM, as bitsandbytes has it)."""
@@ -55,8 +74,18 @@ def _(x, packed, absmax, blocksize, quant_type, out_features, in_features, stora
 
 @torch.library.custom_op("finetune::linear_4bit_grad_input", mutates_args=())
 def linear_4bit_grad_input(
-    grad: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, out_features: int, in_features: int,
-    storage_dtype: torch.dtype, absmax2: torch.Tensor | None, code2: torch.Tensor | None, blocksize2: int, offset: torch.Tensor | None,
+    grad: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    out_features: int,
+    in_features: int,
+    storage_dtype: torch.dtype,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    blocksize2: int,
+    offset: torch.Tensor | None,
 ) -> torch.Tensor:
     """grad W, W dequantized again (as bitsandbytes' backward does: no float weight is kept)."""
     w = _weight(packed, absmax, blocksize, quant_type, out_features, in_features, storage_dtype, grad.dtype, absmax2, code2, blocksize2, offset)
@@ -80,7 +109,9 @@ def _backward(ctx, grad: torch.Tensor):
     blocksize, quant_type, out_features, in_features, storage_dtype, blocksize2 = ctx.args
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = linear_4bit_grad_input(grad, packed, absmax, blocksize, quant_type, out_features, in_features, storage_dtype, absmax2, code2, blocksize2, offset)
+        grad_x = linear_4bit_grad_input(
+            grad, packed, absmax, blocksize, quant_type, out_features, in_features, storage_dtype, absmax2, code2, blocksize2, offset
+        )
     grad_bias = None
     if ctx.has_bias and ctx.needs_input_grad[12]:  # summed in bitsandbytes' order: its sum(0), then autograd's to the bias shape
         grad_bias = grad.sum(0).sum_to_size(out_features)
@@ -137,4 +168,6 @@ def check_in_block(layer: torch.nn.Module, tokens: int = 8) -> str:
     if torch.equal(y_bnb, y_op) and torch.equal(g_bnb, g_op):
         return "bit-identical to bitsandbytes"
     diff = max((y_bnb.float() - y_op.float()).abs().max().item(), (g_bnb.float() - g_op.float()).abs().max().item())
-    raise ValueError(f"in-block 4-bit layer differs from bitsandbytes' (max |diff| {diff:.3e}; stored as {layer.weight.quant_state.dtype}, computed in {dtype})")
+    raise ValueError(
+        f"in-block 4-bit layer differs from bitsandbytes' (max |diff| {diff:.3e}; stored as {layer.weight.quant_state.dtype}, computed in {dtype})"
+    )

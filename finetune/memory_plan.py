@@ -26,7 +26,13 @@ from core.gpu_memory import margin_gib, usable_gib
 
 GIB = 2**30
 TRACKS = {"rtx4090": 24.0, "a100-40gb": 40.0, "a100-80gb": 80.0}
-QUANTIZED_BYTES = {"bnb.nf4": 0.5 + 4 / 64, "bnb.fp4": 0.5 + 4 / 64, "bnb.nf4-dq": 0.5 + 1 / 64 + 4 / (64 * 256), "bnb.fp4-dq": 0.5 + 1 / 64 + 4 / (64 * 256), "bnb.int8-training": 1.0 + 4 / 4096}
+QUANTIZED_BYTES = {
+    "bnb.nf4": 0.5 + 4 / 64,
+    "bnb.fp4": 0.5 + 4 / 64,
+    "bnb.nf4-dq": 0.5 + 1 / 64 + 4 / (64 * 256),
+    "bnb.fp4-dq": 0.5 + 1 / 64 + 4 / (64 * 256),
+    "bnb.int8-training": 1.0 + 4 / 4096,
+}
 # Activation elements a transformer block keeps per token for its backward, in units of
 # (9 * n_embd + 3 * kv_size + 4 * intermediate). Fitted to Mistral-7B LoRA on an H100 (BENCHMARKS.md,
 # "memory planner calibration"): every estimate there came out 0.2-2.3 GiB above the measured peak.
@@ -96,8 +102,14 @@ class ModelShape:
             else:
                 other += p.numel()
         return cls(
-            linear, other, trainable, config.n_layer, config.n_embd, config.n_query_groups * config.head_size,
-            config.intermediate_size, config.padded_vocab_size,
+            linear,
+            other,
+            trainable,
+            config.n_layer,
+            config.n_embd,
+            config.n_query_groups * config.head_size,
+            config.intermediate_size,
+            config.padded_vocab_size,
         )
 
 
@@ -134,14 +146,19 @@ def candidates(global_batch_size: int, max_seq_length: int) -> list[tuple[int, b
 
 
 def choose(
-    shape: ModelShape, budget_gib: float, max_seq_length: int, global_batch_size: int, quantize: str | None, full: bool,
-    compiled: bool = False, checkpoint_blocks: bool | None = None,
+    shape: ModelShape,
+    budget_gib: float,
+    max_seq_length: int,
+    global_batch_size: int,
+    quantize: str | None,
+    full: bool,
+    compiled: bool = False,
+    checkpoint_blocks: bool | None = None,
 ) -> Plan:
     """The fastest candidate estimated to fit; if none does, the smallest (its ``fits`` is False)."""
     options = [c for c in candidates(global_batch_size, max_seq_length) if checkpoint_blocks is None or c[1] == checkpoint_blocks]
     plans = [
-        Plan(m, ckpt, round(estimate_gib(shape, m * max_seq_length, ckpt, quantize, full, compiled)["total"], 2), budget_gib)
-        for m, ckpt in options
+        Plan(m, ckpt, round(estimate_gib(shape, m * max_seq_length, ckpt, quantize, full, compiled)["total"], 2), budget_gib) for m, ckpt in options
     ]
     return next((p for p in plans if p.fits), min(plans, key=lambda p: p.peak_gib))
 
@@ -181,7 +198,9 @@ def probe_plan(step, plans: list[Plan], log=print, limit_gib: float | None = Non
             continue
         log(said)
         return plan
-    raise RuntimeError("memory plan: even micro_batch_size 1 with activation checkpointing ran out of memory; use --quantize bnb.nf4 or a shorter data.max_seq_length")
+    raise RuntimeError(
+        "memory plan: even micro_batch_size 1 with activation checkpointing ran out of memory; use --quantize bnb.nf4 or a shorter data.max_seq_length"
+    )
 
 
 def main(
@@ -216,7 +235,11 @@ def main(
         raise ValueError(f"method: choose one of {sorted(METHODS)}, got {method!r}")
     chosen = METHODS[method]
     config = load_config(Path(checkpoint_dir)) if checkpoint_dir is not None else config_from_name(model_name)
-    extra = {"lora_r": lora_r, "lora_alpha": 2 * lora_r, **{f"lora_{k}": True for k in ("query", "key", "value", "projection", "mlp", "head")}} if method == "lora" else {}
+    extra = (
+        {"lora_r": lora_r, "lora_alpha": 2 * lora_r, **{f"lora_{k}": True for k in ("query", "key", "value", "projection", "mlp", "head")}}
+        if method == "lora"
+        else {}
+    )
     with torch.device("meta"):
         model = chosen.litgpt.GPT(chosen.litgpt.Config(**{**dataclasses.asdict(config), **extra}))
     chosen.freeze_all_but_trainable(model)
@@ -225,10 +248,14 @@ def main(
     plans = {}
     for track, gib in budgets.items():
         budget = Budget(gib)
-        plans[track] = choose(shape, budget.plan_gib, max_seq_length, global_batch_size, quantize, method == "full", compiled=True)  # finetune compiles on GPUs
+        plans[track] = choose(
+            shape, budget.plan_gib, max_seq_length, global_batch_size, quantize, method == "full", compiled=True
+        )  # finetune compiles on GPUs
         print(f"{track:>10} ({budget.describe()}): {plans[track].describe()}")
     if not any(p.fits for p in plans.values()):
-        print(f"no track fits {config.name} with {method}{' + ' + quantize if quantize else ''} at {max_seq_length} tokens: try --quantize bnb.nf4 or a shorter max_seq_length")
+        print(
+            f"no track fits {config.name} with {method}{' + ' + quantize if quantize else ''} at {max_seq_length} tokens: try --quantize bnb.nf4 or a shorter max_seq_length"
+        )
     return plans
 
 

@@ -88,8 +88,12 @@ class PackedBatches:
 
     def state_dict(self) -> dict:
         return {
-            "epoch": self.epoch, "index": self.index, "n_rows": len(self.lengths),
-            "batch_size": self.batch_size, "seed": self.seed, "packed_length": self.capacity,
+            "epoch": self.epoch,
+            "index": self.index,
+            "n_rows": len(self.lengths),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "packed_length": self.capacity,
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -35,8 +35,11 @@ def quantizer(storage_dtype: torch.dtype):
 
         w = weight.contiguous().to(device=device or torch.device("cuda"), dtype=storage_dtype)
         w_4bit, quant_state = bnb.functional.quantize_4bit(
-            w, blocksize=params4bit.blocksize, compress_statistics=params4bit.compress_statistics,
-            quant_type=params4bit.quant_type, quant_storage=params4bit.quant_storage,
+            w,
+            blocksize=params4bit.blocksize,
+            compress_statistics=params4bit.compress_statistics,
+            quant_type=params4bit.quant_type,
+            quant_storage=params4bit.quant_storage,
         )
         return _replace_param(params4bit, w_4bit, quant_state)
 

@@ -223,11 +223,7 @@ def _parse_fields(raw: object, fmt: str, where: str) -> dict[str, str | list[str
         _check(not isinstance(raw["choices"], list) and not isinstance(raw["answer"], list), where, "choices and answer name one column each")
         return dict(raw)
     _unknown(keys, {"instruction", "input", "output", "prompt", "response", "messages"}, where)
-    ok = (
-        ({"instruction", "output"} <= keys <= {"instruction", "input", "output"})
-        or keys == {"prompt", "response"}
-        or keys == {"messages"}
-    )
+    ok = ({"instruction", "output"} <= keys <= {"instruction", "input", "output"}) or keys == {"prompt", "response"} or keys == {"messages"}
     _check(ok, where, f"keys {sorted(keys)} are not one shape: {FIELD_SHAPES}")
     for key, value in raw.items():
         _column_spec(value, f"{where}.{key}", allow_template=key != "messages")
@@ -271,7 +267,7 @@ def _parse_revision(revision: str | None, dataset: str, data_files, where: str) 
     """(commit sha or None, why unpinned or None); a hub source must say one or the other."""
     how = f'a 40-hex commit sha (the "History" tab of the dataset on the hub), or "{UNPINNED} <why>"'
     if revision is not None and revision.strip().lower().startswith(UNPINNED):
-        why = revision.strip()[len(UNPINNED):].strip()
+        why = revision.strip()[len(UNPINNED) :].strip()
         _check(bool(why), where, f'"{UNPINNED}" needs a reason after it, e.g. "{UNPINNED} no hub access when written"')
         return None, why
     if revision is not None:
@@ -333,9 +329,21 @@ def _parse_source(raw: object, i: int, base: Path, file: str) -> Source:
     note = raw.get("note", "")
     _check(isinstance(note, str), f"{where}.note", "must be a string")
     return Source(
-        name=name, dataset=dataset, license=license_, fields=fields, config=config, split=split,
-        data_files=data_files, revision=revision, revision_unpinned=unpinned,
-        weight=float(weight), max_rows=max_rows, filter=dict(filt), format=fmt, note=note, **flags,
+        name=name,
+        dataset=dataset,
+        license=license_,
+        fields=fields,
+        config=config,
+        split=split,
+        data_files=data_files,
+        revision=revision,
+        revision_unpinned=unpinned,
+        weight=float(weight),
+        max_rows=max_rows,
+        filter=dict(filt),
+        format=fmt,
+        note=note,
+        **flags,
     )
 
 
@@ -381,8 +389,16 @@ def load_recipe(path: Path | str) -> Recipe:
         _check(s.name not in seen, f"{file}: sources[{i}].name", f"{s.name!r} is already the name of sources[{seen.get(s.name)}]")
         seen[s.name] = i
     recipe = Recipe(
-        name=name, sources=sources, template=template, seed=seed, dedupe=dedupe, max_chars=raw.get("max_chars"),
-        max_tokens=raw.get("max_tokens"), min_output_chars=min_out, description=description, path=path,
+        name=name,
+        sources=sources,
+        template=template,
+        seed=seed,
+        dedupe=dedupe,
+        max_chars=raw.get("max_chars"),
+        max_tokens=raw.get("max_tokens"),
+        min_output_chars=min_out,
+        description=description,
+        path=path,
     )
     check_eval_splits(recipe)
     return recipe
@@ -488,6 +504,7 @@ def _describe(s: Source) -> str:
 
 def _first_line(e: BaseException) -> str:
     """``Type: first line`` of an error, plus its innermost cause (datasets wraps parse errors)."""
+
     def line(x: BaseException) -> str:
         text = str(x).strip().splitlines()
         return f"{type(x).__name__}: {text[0] if text else ''}"
@@ -515,8 +532,12 @@ def _load_all(recipe: Recipe, probe_timeout: float, revisions: Mapping[str, str 
     """
     import datasets
 
-    missing = [f"  - {_describe(s)}: data file not found: {f}" for s in recipe.sources for f in _flat_files(s.data_files)
-               if "://" not in f and not glob.has_magic(f) and not Path(f).exists()]
+    missing = [
+        f"  - {_describe(s)}: data file not found: {f}"
+        for s in recipe.sources
+        for f in _flat_files(s.data_files)
+        if "://" not in f and not glob.has_magic(f) and not Path(f).exists()
+    ]
     if missing:
         raise DataError(f"recipe {recipe.name!r}: local data files are missing:\n" + "\n".join(missing))
     offline_env = _hub_offline_by_env()
@@ -839,7 +860,10 @@ def _data_file_hashes(s: Source) -> dict[str, str | None]:
 
 
 def build(
-    recipe: Recipe, count_tokens: Callable[[str], int] | None = None, *, probe_timeout: float = HUB_PROBE_TIMEOUT_S,
+    recipe: Recipe,
+    count_tokens: Callable[[str], int] | None = None,
+    *,
+    probe_timeout: float = HUB_PROBE_TIMEOUT_S,
     revisions: Mapping[str, str | None] | None = None,
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """Load, mix and filter the recipe's sources; returns ``(rows, data_card)``.
@@ -894,20 +918,44 @@ def build(
         # This source's own rows (its fields, filter, cap and weight applied; before the cross-source dedupe):
         # when the mix's rows_sha256 differs on replay, this names the source that changed.
         source_rows = [{key: value for key, value in row.items() if key != "_origin"} for row in rows]
-        card_sources.append({
-            "name": s.name, "dataset": s.dataset, "config": s.config, "split": s.split, "revision": s.revision,
-            "revision_unpinned": s.revision_unpinned, "revision_resolved": rev,
-            "license": s.license, "note": s.note, "format": s.format, "fields": s.fields, "filter": s.filter,
-            "weight": s.weight, "max_rows": s.max_rows, "data_files": _data_file_hashes(s),
-            "forced_eval_split": bool(s.force_eval_split and eval_split_reason(s.dataset, s.config, s.split, s.data_files, base)),
-            **{k: v for k, v in st.items() if k != "bad_rows_first"},
-            "rows_dropped_duplicate": d["duplicate"], "rows_dropped_max_chars": d["max_chars"],
-            "rows_dropped_max_tokens": d["max_tokens"], "rows_kept_after_dedupe_and_filters": n,
-            "source_rows_sha256": hashlib.sha256(rows_bytes(source_rows)).hexdigest(),
-            **({"bad_rows_first": st["bad_rows_first"]} if "bad_rows_first" in st else {}),
-        })
-    total_keys = ("rows_loaded", "rows_after_cap", "rows_after_weight", "rows_dropped_duplicate", "rows_dropped_max_chars",
-                  "rows_dropped_max_tokens", "rows_dropped_min_output", "rows_skipped_bad", "rows_kept_after_dedupe_and_filters")
+        card_sources.append(
+            {
+                "name": s.name,
+                "dataset": s.dataset,
+                "config": s.config,
+                "split": s.split,
+                "revision": s.revision,
+                "revision_unpinned": s.revision_unpinned,
+                "revision_resolved": rev,
+                "license": s.license,
+                "note": s.note,
+                "format": s.format,
+                "fields": s.fields,
+                "filter": s.filter,
+                "weight": s.weight,
+                "max_rows": s.max_rows,
+                "data_files": _data_file_hashes(s),
+                "forced_eval_split": bool(s.force_eval_split and eval_split_reason(s.dataset, s.config, s.split, s.data_files, base)),
+                **{k: v for k, v in st.items() if k != "bad_rows_first"},
+                "rows_dropped_duplicate": d["duplicate"],
+                "rows_dropped_max_chars": d["max_chars"],
+                "rows_dropped_max_tokens": d["max_tokens"],
+                "rows_kept_after_dedupe_and_filters": n,
+                "source_rows_sha256": hashlib.sha256(rows_bytes(source_rows)).hexdigest(),
+                **({"bad_rows_first": st["bad_rows_first"]} if "bad_rows_first" in st else {}),
+            }
+        )
+    total_keys = (
+        "rows_loaded",
+        "rows_after_cap",
+        "rows_after_weight",
+        "rows_dropped_duplicate",
+        "rows_dropped_max_chars",
+        "rows_dropped_max_tokens",
+        "rows_dropped_min_output",
+        "rows_skipped_bad",
+        "rows_kept_after_dedupe_and_filters",
+    )
     card = {
         "recipe": recipe.name,
         "recipe_file": str(recipe.path) if recipe.path else None,
@@ -978,7 +1026,9 @@ def main(recipe: Path, out_dir: Path | None = None, tokenizer_dir: Path | None =
     write_rows(rows, out_dir / "train.jsonl")
     write_data_card(card, out_dir / "data_card.json")
     for s in card["sources"]:
-        print(f"  {s['name']:<28} {s['rows_loaded']:>8} loaded {s['rows_after_cap']:>7} capped {s['rows_kept_after_dedupe_and_filters']:>7} kept  ({s['license']})")
+        print(
+            f"  {s['name']:<28} {s['rows_loaded']:>8} loaded {s['rows_after_cap']:>7} capped {s['rows_kept_after_dedupe_and_filters']:>7} kept  ({s['license']})"
+        )
         for col, values in s.get("filter_values_unmatched", {}).items():
             print(f"    note: {len(values)} filter values of {col!r} match no row (listed in the card), e.g. {values[:3]}")
     print(f"{len(rows)} rows -> {out_dir / 'train.jsonl'} (sha256 {card['rows_sha256'][:16]}...); card: {out_dir / 'data_card.json'}")

@@ -194,14 +194,14 @@ def attention_overrides(config, max_seq_length: int | None) -> dict:
     return {}
 
 
-def build_model(
-    fabric: L.Fabric, method: Method, method_config: dict, checkpoint_dir: Path, quantize: str | None, max_seq_length: int | None = None
-):
+def build_model(fabric: L.Fabric, method: Method, method_config: dict, checkpoint_dir: Path, quantize: str | None, max_seq_length: int | None = None):
     """The method's litgpt model with the base weights loaded and only the method's parameters trainable."""
     base = load_config(checkpoint_dir)
     overrides = attention_overrides(base, max_seq_length)
     if overrides:
-        fabric.print(f"sliding window {base.sliding_window_size} >= data.max_seq_length {max_seq_length}: plain causal attention (same result, flash kernels)")
+        fabric.print(
+            f"sliding window {base.sliding_window_size} >= data.max_seq_length {max_seq_length}: plain causal attention (same result, flash kernels)"
+        )
     config = method.litgpt.Config(**{**dataclasses.asdict(base), **method_config, **overrides})
     with fabric.init_module(empty_init=quantize is not None):
         model = method.litgpt.GPT(config)
@@ -279,20 +279,35 @@ def run(
     val_batches = [to_device(collate(val_encoded[i : i + mb])) for i in range(0, len(val_encoded), mb)][: eval.max_iters]
 
     hparams = {
-        "method": method.name, "checkpoint_dir": str(checkpoint_dir), "out_dir": str(out_dir), "precision": precision,
-        "quantize": quantize, "seed": seed, "lr": lr, "weight_decay": weight_decay, "max_time": max_time, "template": template,
+        "method": method.name,
+        "checkpoint_dir": str(checkpoint_dir),
+        "out_dir": str(out_dir),
+        "precision": precision,
+        "quantize": quantize,
+        "seed": seed,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "max_time": max_time,
+        "template": template,
         "neftune_alpha": neftune_alpha,
         **method_config,
-        "data": _plain(dataclasses.asdict(data)), "train": _plain(dataclasses.asdict(train)), "eval": _plain(dataclasses.asdict(eval)),
+        "data": _plain(dataclasses.asdict(data)),
+        "train": _plain(dataclasses.asdict(train)),
+        "eval": _plain(dataclasses.asdict(eval)),
         "speed": {
-            **dataclasses.asdict(speed), "packing": setup.packing, "compile": setup.compiled, "checkpoint_blocks": setup.checkpoint_blocks,
+            **dataclasses.asdict(speed),
+            "packing": setup.packing,
+            "compile": setup.compiled,
+            "checkpoint_blocks": setup.checkpoint_blocks,
             "dequantize_4bit_used": setup.dequantize_4bit,
         },
     }
     if setup.packing:
         batches = PackedBatches([len(e["input_ids"]) for e in train_set], mb, data.max_seq_length, seed)
         pack = PackCollate(data.max_seq_length)
-        fabric.print(f"packing {len(train_set):,} rows into {batches.batches_per_epoch * mb:,} rows of {data.max_seq_length} tokens ({batches.fill:.0%} full)")
+        fabric.print(
+            f"packing {len(train_set):,} rows into {batches.batches_per_epoch * mb:,} rows of {data.max_seq_length} tokens ({batches.fill:.0%} full)"
+        )
         next_batch = lambda: to_device(pack([[train_set[i] for i in packed] for packed in batches.next()]))  # noqa: E731
     else:
         batches = EpochBatches(len(train_set), mb, seed)
@@ -327,7 +342,12 @@ def run(
         fabric, model, optimizer, next_batch, schedule, lr, planner, progress, train, eval, val_batches, save, metrics, setup.checkpoint_blocks
     )
     final_dir = out_dir / "final"
-    hparams["trained"] = {"steps": progress.step, "tokens": progress.tokens, "seconds": round(progress.elapsed_s, 1), "stopped_by_time": progress.stopped_by_time}
+    hparams["trained"] = {
+        "steps": progress.step,
+        "tokens": progress.tokens,
+        "seconds": round(progress.elapsed_s, 1),
+        "stopped_by_time": progress.stopped_by_time,
+    }
     with atomic_dir(final_dir) as tmp:
         save_servable(model, method, tmp, checkpoint_dir, template, hparams, card, chat)
         (tmp / "submission.json").write_text(json.dumps(build_manifest(hparams, card), indent=2))

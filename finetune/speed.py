@@ -62,7 +62,13 @@ class Setup:
 
 
 def prepare(
-    fabric: L.Fabric, model, method_name: str, speed: SpeedArgs, train: TrainArgs, max_seq_length: int, quantize: str | None,
+    fabric: L.Fabric,
+    model,
+    method_name: str,
+    speed: SpeedArgs,
+    train: TrainArgs,
+    max_seq_length: int,
+    quantize: str | None,
     resumed_micro_batch: int | None = None,
 ) -> Setup:
     """Apply the speed options to ``model`` (Fabric-wrapped) and choose the micro-batch; logs each choice."""
@@ -249,7 +255,10 @@ def random_batch(vocab_size: int, micro_batch_size: int, max_seq_length: int, pa
     labels[:, 0] = IGNORE_INDEX
     batch = {"input_ids": ids, "labels": labels, "target_index": torch.arange(micro_batch_size * (max_seq_length - 1), device=device)}
     if packing:
-        batch |= {"positions": torch.arange(max_seq_length, device=device).expand(shape), "documents": torch.zeros(shape, dtype=torch.int32, device=device)}
+        batch |= {
+            "positions": torch.arange(max_seq_length, device=device).expand(shape),
+            "documents": torch.zeros(shape, dtype=torch.int32, device=device),
+        }
     return batch
 
 

@@ -24,7 +24,8 @@ from core.prompts import get_style
 from core.synthetic_tasks import exact_match
 from core.tiny import TEMPLATE, TINY_DATA_DIR, TINY_DIR, build_tiny
 from finetune.data import load_rows
-from finetune.lora import DataArgs, setup as finetune_lora
+from finetune.lora import DataArgs
+from finetune.lora import setup as finetune_lora
 from finetune.merge import merge
 from server.loading import load_generator
 from server.schemas import ProcessRequest
@@ -55,7 +56,9 @@ def free_port() -> int:
 def show(title: str, payload: dict, response: httpx.Response) -> None:
     body = response.json()
     body.pop("completions", None)  # the first completion is already at top level
-    print(f"\n--- {title}\nPOST {response.request.url.path} {json.dumps(payload)}\n-> {response.status_code} {json.dumps(body, ensure_ascii=False)[:1200]}")
+    print(
+        f"\n--- {title}\nPOST {response.request.url.path} {json.dumps(payload)}\n-> {response.status_code} {json.dumps(body, ensure_ascii=False)[:1200]}"
+    )
 
 
 def query_server(checkpoint_dir: Path, example: dict) -> None:
@@ -79,9 +82,17 @@ def query_server(checkpoint_dir: Path, example: dict) -> None:
         prompt = get_style(TEMPLATE).apply(example["instruction"], input=example["input"])
         calls = [
             ("tokenize", "/tokenize", {"text": prompt, "truncation": False, "max_length": 2048}),
-            ("greedy generation", "/process", {"prompt": prompt, "temperature": 1e-7, "max_new_tokens": 8, "top_k_per_token": 1, "stop_sequences": []}),
+            (
+                "greedy generation",
+                "/process",
+                {"prompt": prompt, "temperature": 1e-7, "max_new_tokens": 8, "top_k_per_token": 1, "stop_sequences": []},
+            ),
             ("echo: score the prompt, no new tokens", "/process", {"prompt": prompt, "echo_prompt": True, "max_new_tokens": 0, "top_k_per_token": 2}),
-            ("stop sequence '\\n' (HELM's multiple-choice setting)", "/process", {"prompt": prompt, "temperature": 1e-7, "max_new_tokens": 8, "stop_sequences": ["\n"]}),
+            (
+                "stop sequence '\\n' (HELM's multiple-choice setting)",
+                "/process",
+                {"prompt": prompt, "temperature": 1e-7, "max_new_tokens": 8, "stop_sequences": ["\n"]},
+            ),
         ]
         with httpx.Client(base_url=base, timeout=60) as client:
             for title, path, payload in calls:
@@ -138,7 +149,11 @@ def _train_args(steps: int) -> dict:
     from litgpt.args import TrainArgs
 
     # One packed row of 512 tokens a step: ~36 of the short tiny rows.
-    return {"train": TrainArgs(save_interval=None, log_interval=100, global_batch_size=1, micro_batch_size=1, lr_warmup_steps=40, max_steps=steps, max_norm=1.0)}
+    return {
+        "train": TrainArgs(
+            save_interval=None, log_interval=100, global_batch_size=1, micro_batch_size=1, lr_warmup_steps=40, max_steps=steps, max_norm=1.0
+        )
+    }
 
 
 if __name__ == "__main__":

@@ -320,15 +320,17 @@ async def evaluate(
     if gpu not in ("auto", "none", *helm_model.CARDS):
         raise EvalTimeError(f"gpu: {gpu!r} is not one of auto, none, {', '.join(helm_model.CARDS)}")
     limits = httpx.Limits(max_connections=threads, max_keepalive_connections=threads)
-    async with httpx.AsyncClient(
-        base_url=url, transport=transport, limits=limits, timeout=httpx.Timeout(timeout, connect=10.0)
-    ) as client:
+    async with httpx.AsyncClient(base_url=url, transport=transport, limits=limits, timeout=httpx.Timeout(timeout, connect=10.0)) as client:
         health = await _check_server(client, url)
         tpw = await _tokens_per_word(client)
         first, second = (
             build_trace(
-                requests_per_type * len(TYPES), s, max_prompt_tokens=max_prompt_tokens,
-                cap_new_tokens=cap_new_tokens, workload="all", tokens_per_word=tpw or 1.0,
+                requests_per_type * len(TYPES),
+                s,
+                max_prompt_tokens=max_prompt_tokens,
+                cap_new_tokens=cap_new_tokens,
+                workload="all",
+                tokens_per_word=tpw or 1.0,
                 min_per_type=requests_per_type,
             )  # fmt: skip
             for s in (seed, seed + 1)

@@ -500,9 +500,7 @@ def main(
         run_conf.write_text(cap_run_specs(text, max_eval_instances))
         print(f"run specs: {len(parse_run_entries(text))} entries from {_rel(Path(conf))}, at most {max_eval_instances} "
               f"instances each -> {_rel(run_conf)}", flush=True)  # fmt: skip
-    run, summarize = build_commands(
-        server_url, suite, max_eval_instances, run_conf, Path(venv), out_dir, num_threads, smoke, helm_args
-    )
+    run, summarize = build_commands(server_url, suite, max_eval_instances, run_conf, Path(venv), out_dir, num_threads, smoke, helm_args)
     run_log, summarize_log = out_dir / f"{suite}-helm-run.log", out_dir / f"{suite}-helm-summarize.log"
     scenarios_dir = out_dir / "benchmark_output" / "scenarios"
     print(f"helm-run (HELM_HTTP_MODEL_BASE_URL={run.env['HELM_HTTP_MODEL_BASE_URL']}; output: {_rel(run_log)})", flush=True)

@@ -55,7 +55,9 @@ def tracked_files(repo_root: Path) -> list[str]:
         if path.is_symlink():
             target = path.resolve()
             if not target.is_relative_to(root):
-                raise SubmissionError(f"{p}: a tracked symlink to {target}, outside the repo; its content would be zipped. Remove it or copy the file in")
+                raise SubmissionError(
+                    f"{p}: a tracked symlink to {target}, outside the repo; its content would be zipped. Remove it or copy the file in"
+                )
             if not target.exists():
                 raise SubmissionError(f"{p}: a tracked symlink to {target}, which does not exist")
         if path.is_file():  # a tracked file deleted from the checkout, or a symlink to a directory whose files are tracked, adds nothing
@@ -171,9 +173,7 @@ def package(
     return out
 
 
-def main(
-    run_dir: Path, weights_repo: str, out: Path = Path("dist/submission.zip"), max_file_mb: float = 5.0, allow_unlisted: bool = False
-) -> None:
+def main(run_dir: Path, weights_repo: str, out: Path = Path("dist/submission.zip"), max_file_mb: float = 5.0, allow_unlisted: bool = False) -> None:
     """Write the submission zip for the leaderboard bot.
 
     Args:

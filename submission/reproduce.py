@@ -115,9 +115,22 @@ def finetune(manifest: Path = Path("submission.json"), out_dir: Path = Path("out
     options = {f.name for f in dataclasses.fields(SpeedArgs)}  # the record also says what was used (e.g. dequantize_4bit_used)
     speed = SpeedArgs(**{**{k: v for k, v in recorded.items() if k in options}, "micro_batch": "fixed"})
     run(
-        method, method.config_kwargs(hp), checkpoint_dir / m["base_model"]["repo_id"], out_dir, hp["precision"], hp.get("quantize"),
-        hp["seed"], hp["lr"], hp["weight_decay"], hp["max_time"], "auto", _data_args(m), TrainArgs(**hp["train"]), EvalArgs(**hp["eval"]),
-        speed, hp.get("neftune_alpha", 0.0),
+        method,
+        method.config_kwargs(hp),
+        checkpoint_dir / m["base_model"]["repo_id"],
+        out_dir,
+        hp["precision"],
+        hp.get("quantize"),
+        hp["seed"],
+        hp["lr"],
+        hp["weight_decay"],
+        hp["max_time"],
+        "auto",
+        _data_args(m),
+        TrainArgs(**hp["train"]),
+        EvalArgs(**hp["eval"]),
+        speed,
+        hp.get("neftune_alpha", 0.0),
     )
 
 

@@ -50,7 +50,10 @@ def hf_tokenizer(checkpoint_dir: Path, template: str):
 
     config = json.loads((checkpoint_dir / "tokenizer_config.json").read_text())
     tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(checkpoint_dir / "tokenizer.json"), bos_token=config["bos_token"], eos_token=config["eos_token"], unk_token=config["unk_token"]
+        tokenizer_file=str(checkpoint_dir / "tokenizer.json"),
+        bos_token=config["bos_token"],
+        eos_token=config["eos_token"],
+        unk_token=config["unk_token"],
     )
     tok.chat_template = template
     return tok
@@ -63,7 +66,9 @@ def test_rendering_and_tokens_equal_transformers_apply_chat_template(tiny: Path,
     hf = hf_tokenizer(tiny, source)
     messages = CONVERSATION
     assert template.render(messages) == hf.apply_chat_template(messages, tokenize=False)
-    assert template.render(messages[:2], add_generation_prompt=True) == hf.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    assert template.render(messages[:2], add_generation_prompt=True) == hf.apply_chat_template(
+        messages[:2], tokenize=False, add_generation_prompt=True
+    )
     ids, assistant = encode_conversation(tokenizer, template, messages)
     assert ids == hf.apply_chat_template(messages, tokenize=True)
     # The loss covers each assistant turn (with its end-of-turn marker) and nothing else.
@@ -137,7 +142,10 @@ def test_malformed_conversation_names_file_and_line(tmp_path: Path, line: dict, 
 
 def test_a_template_refusing_a_conversation_names_file_and_line(tiny: Path, tmp_path: Path) -> None:
     path = tmp_path / "chat.jsonl"
-    rows = [{"messages": CONVERSATION}, {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}]
+    rows = [
+        {"messages": CONVERSATION},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokenizer = Tokenizer(tiny)
     template = ChatTemplate(INST, special_tokens(tiny, tokenizer), origin="inst")
@@ -164,7 +172,10 @@ def _chat_run(base: Path, train_file: Path, out_dir: Path, chat_template: str | 
     from finetune.run import DataArgs
 
     return setup(
-        checkpoint_dir=base, out_dir=out_dir, lr=3e-3, lora=LoRAArgs(r=4, alpha=8),
+        checkpoint_dir=base,
+        out_dir=out_dir,
+        lr=3e-3,
+        lora=LoRAArgs(r=4, alpha=8),
         data=DataArgs(train_file=train_file, chat_template=chat_template, max_seq_length=128, val_fraction=0.25),
         train=TrainArgs(save_interval=None, log_interval=1, global_batch_size=4, micro_batch_size=4, lr_warmup_steps=1, max_steps=2, max_norm=1.0),
         eval=EvalArgs(interval=0, max_iters=1),
@@ -174,9 +185,18 @@ def _chat_run(base: Path, train_file: Path, out_dir: Path, chat_template: str | 
 @pytest.fixture(scope="module")
 def chat_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
-    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {i}+{i}?"},
-                          {"role": "assistant", "content": str(2 * i)}, {"role": "user", "content": "Sure?"},
-                          {"role": "assistant", "content": "Yes."}]} for i in range(16)]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"What is {i}+{i}?"},
+                {"role": "assistant", "content": str(2 * i)},
+                {"role": "user", "content": "Sure?"},
+                {"role": "assistant", "content": "Yes."},
+            ]
+        }
+        for i in range(16)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

@@ -155,9 +155,26 @@ def _qlora_tiny(quant_type: str, double: bool) -> torch.nn.Module:
     """A litgpt LoRA model on every linear layer whose frozen base linears are bitsandbytes 4-bit (CPU)."""
     torch.manual_seed(6)
     config = LoRAConfig(
-        name="t", n_layer=2, n_embd=64, n_head=4, n_query_groups=2, intermediate_size=128, block_size=32, vocab_size=96, padded_vocab_size=96,
-        mlp_class_name="LLaMAMLP", norm_class_name="RMSNorm", bias=False,
-        lora_r=4, lora_alpha=8, lora_query=True, lora_key=True, lora_value=True, lora_projection=True, lora_mlp=True, lora_head=True,
+        name="t",
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_query_groups=2,
+        intermediate_size=128,
+        block_size=32,
+        vocab_size=96,
+        padded_vocab_size=96,
+        mlp_class_name="LLaMAMLP",
+        norm_class_name="RMSNorm",
+        bias=False,
+        lora_r=4,
+        lora_alpha=8,
+        lora_query=True,
+        lora_key=True,
+        lora_value=True,
+        lora_projection=True,
+        lora_mlp=True,
+        lora_head=True,
     )
     model = LoRAGPT(config)
     for name, p in model.named_parameters():

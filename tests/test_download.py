@@ -31,9 +31,7 @@ def _run_cli(args: list[str], tmp_path: Path, **env_overrides: str | None) -> su
             env.pop(key, None)
         else:
             env[key] = value
-    return subprocess.run(
-        [sys.executable, "-m", "core.hub", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([sys.executable, "-m", "core.hub", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture

@@ -17,8 +17,19 @@ def test_matmul_qkv_lora_equals_litgpts(groups: int, enabled: tuple[bool, bool, 
     torch.manual_seed(0)
     q, k, v = enabled
     config = Config(
-        name="t", n_layer=1, n_embd=32, n_head=4, n_query_groups=groups, block_size=16, vocab_size=50, padded_vocab_size=50,
-        lora_r=3, lora_alpha=6, lora_query=q, lora_key=k, lora_value=v,
+        name="t",
+        n_layer=1,
+        n_embd=32,
+        n_head=4,
+        n_query_groups=groups,
+        block_size=16,
+        vocab_size=50,
+        padded_vocab_size=50,
+        lora_r=3,
+        lora_alpha=6,
+        lora_query=q,
+        lora_key=k,
+        lora_value=v,
     )
     litgpt_model = GPT(config).double()
     for name, p in litgpt_model.named_parameters():
@@ -41,9 +52,25 @@ def test_addmm_lora_equals_litgpts(dropout: float) -> None:
     """``add_lora`` layers: same outputs and LoRA gradients as litgpt's, on every kind of LoRA layer."""
     torch.manual_seed(1)
     config = Config(
-        name="t", n_layer=2, n_embd=32, n_head=4, n_query_groups=2, block_size=16, vocab_size=50, padded_vocab_size=50,
-        intermediate_size=48, mlp_class_name="LLaMAMLP", lora_r=3, lora_alpha=6, lora_dropout=dropout,
-        lora_query=True, lora_key=True, lora_value=True, lora_projection=True, lora_mlp=True, lora_head=True,
+        name="t",
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        n_query_groups=2,
+        block_size=16,
+        vocab_size=50,
+        padded_vocab_size=50,
+        intermediate_size=48,
+        mlp_class_name="LLaMAMLP",
+        lora_r=3,
+        lora_alpha=6,
+        lora_dropout=dropout,
+        lora_query=True,
+        lora_key=True,
+        lora_value=True,
+        lora_projection=True,
+        lora_mlp=True,
+        lora_head=True,
     )
     litgpt_model = GPT(config).double()
     for name, p in litgpt_model.named_parameters():
@@ -67,8 +94,19 @@ def test_addmm_lora_equals_litgpts(dropout: float) -> None:
 
 
 def test_addmm_leaves_partial_qkv_lora_alone() -> None:
-    config = Config(name="t", n_layer=1, n_embd=32, n_head=4, block_size=8, vocab_size=50, padded_vocab_size=50, lora_r=2, lora_alpha=4,
-                    lora_query=True, lora_value=True)
+    config = Config(
+        name="t",
+        n_layer=1,
+        n_embd=32,
+        n_head=4,
+        block_size=8,
+        vocab_size=50,
+        padded_vocab_size=50,
+        lora_r=2,
+        lora_alpha=4,
+        lora_query=True,
+        lora_value=True,
+    )
     model = GPT(config)
     use_matmul_qkv_lora(model)
     assert use_lora_addmm(model) == 0 and type(model.transformer.h[0].attn.qkv) is MatmulQKVLoRA

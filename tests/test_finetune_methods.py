@@ -7,10 +7,12 @@ import shutil
 import lightning as L
 import pytest
 import torch
+from litgpt import Tokenizer
 from litgpt.args import EvalArgs, TrainArgs
 
 from core.checkpoints import WEIGHTS
 from core.methods import METHODS
+from core.prompts import get_style
 from finetune import adapter, adapter_v2, full, lora
 from finetune.adapter_args import AdapterArgs
 from finetune.budget import BudgetPlanner, Schedule
@@ -18,14 +20,21 @@ from finetune.data import Collate, encode_row, load_rows
 from finetune.loop import Progress, fit
 from finetune.merge import merge
 from finetune.run import DataArgs, build_model, build_optimizer
-from core.prompts import get_style
-from litgpt import Tokenizer
 from server.loading import load_generator
 from server.schemas import ProcessRequest
 
 METHOD_CONFIG = {
-    "lora": {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_query": True, "lora_key": True, "lora_value": True,
-             "lora_projection": True, "lora_mlp": True, "lora_head": True},
+    "lora": {
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "lora_query": True,
+        "lora_key": True,
+        "lora_value": True,
+        "lora_projection": True,
+        "lora_mlp": True,
+        "lora_head": True,
+    },
     "adapter": AdapterArgs(prompt_length=4, start_layer=1).as_config(),
     "adapter_v2": AdapterArgs(prompt_length=4, start_layer=1).as_config(),
     "full": {},
@@ -56,8 +65,19 @@ def test_each_method_lowers_the_loss_and_trains_only_its_parameters(tiny, name):
     rows = [encode_row(r, tokenizer, style, 64) for r in load_rows(train_file)[:64]]
     fixed = Collate()(rows[:8])  # the same batch every step: its loss must fall
     losses = []
-    fit(fabric, model, optimizer, lambda: fixed, Schedule(12, 2), LR[name], BudgetPlanner(float("inf"), 12), Progress(total_steps=12),
-        small_train(max_steps=12, log_interval=100), EvalArgs(interval=0), log=lambda row: losses.append(row["loss"]))
+    fit(
+        fabric,
+        model,
+        optimizer,
+        lambda: fixed,
+        Schedule(12, 2),
+        LR[name],
+        BudgetPlanner(float("inf"), 12),
+        Progress(total_steps=12),
+        small_train(max_steps=12, log_interval=100),
+        EvalArgs(interval=0),
+        log=lambda row: losses.append(row["loss"]),
+    )
     # A clear, steady fall (adapter v1 is slowest: a zero-init gate over 3k parameters).
     assert losses[-1] < losses[0] - 0.3 and losses[-1] < losses[len(losses) // 2], f"{name}: {losses}"
 
@@ -82,7 +102,9 @@ def test_each_method_lowers_the_loss_and_trains_only_its_parameters(tiny, name):
 def run_lora(tiny, out_dir, **kwargs):
     base_dir, train_file = tiny
     args = dict(
-        checkpoint_dir=base_dir, out_dir=out_dir, lr=3e-3,
+        checkpoint_dir=base_dir,
+        out_dir=out_dir,
+        lr=3e-3,
         lora=lora.LoRAArgs(r=4, alpha=8, dropout=0.1),  # dropout: resume must restore the RNG too
         data=DataArgs(train_file=train_file, max_seq_length=64, val_fraction=0.2),
         train=small_train(max_steps=12, save_interval=4, micro_batch_size=4, global_batch_size=8),
@@ -133,7 +155,9 @@ def test_resume_refuses_another_optimizers_state(small_data, tmp_path):
     run_lora(small_data, tmp_path / "a", train=small_train(max_steps=4, save_interval=4, micro_batch_size=4, global_batch_size=8))
     state_file = tmp_path / "a" / "step-000004" / STATE_FILE
     state = torch.load(state_file, weights_only=True)
-    state["optimizer"]["state"] = {i: {"state1": s["exp_avg"], "state2": s["exp_avg_sq"], "step": s["step"]} for i, s in state["optimizer"]["state"].items()}
+    state["optimizer"]["state"] = {
+        i: {"state1": s["exp_avg"], "state2": s["exp_avg_sq"], "step": s["step"]} for i, s in state["optimizer"]["state"].items()
+    }
     save_torch(state, state_file)  # a sound file (hash recorded), just another optimizer's
     with pytest.raises(ValueError, match=r"resume: .*step-000004/training_state.pth holds another optimizer's state .*'state1'"):
         run_lora(small_data, tmp_path / "a", resume="auto")
@@ -146,7 +170,9 @@ def test_resume_auto_without_checkpoints_starts_fresh_and_true_requires_one(smal
 
 
 def test_budget_stops_the_run_and_the_final_checkpoint_serves(small_data, tmp_path):
-    final = run_lora(small_data, tmp_path / "budget", max_time="4s", train=small_train(max_steps=100_000, micro_batch_size=4, global_batch_size=8, log_interval=50))
+    final = run_lora(
+        small_data, tmp_path / "budget", max_time="4s", train=small_train(max_steps=100_000, micro_batch_size=4, global_batch_size=8, log_interval=50)
+    )
     trained = __import__("yaml").safe_load((final / "hyperparameters.yaml").read_text())["trained"]
     elapsed = [float(r["elapsed_s"]) for r in csv.DictReader((tmp_path / "budget" / "metrics.csv").open())]
     longest_step = max(b - a for a, b in zip([0.0] + elapsed, elapsed))
@@ -165,8 +191,11 @@ def test_budget_stops_the_run_and_the_final_checkpoint_serves(small_data, tmp_pa
 def test_other_method_scripts_run_end_to_end_and_serve(tiny, tmp_path, script):
     base_dir, train_file = tiny
     final = script.setup(
-        checkpoint_dir=base_dir, out_dir=tmp_path / "run",
-        data=DataArgs(train_file=train_file, max_seq_length=64), train=small_train(max_steps=3), eval=EvalArgs(interval=0),
+        checkpoint_dir=base_dir,
+        out_dir=tmp_path / "run",
+        data=DataArgs(train_file=train_file, max_seq_length=64),
+        train=small_train(max_steps=3),
+        eval=EvalArgs(interval=0),
         **({"adapter": AdapterArgs(prompt_length=4, start_layer=1)} if script is not full else {}),
     )
     method = METHODS[script.__name__.split(".")[-1]]
@@ -201,8 +230,11 @@ def test_a_recipe_run_records_its_data_card_and_template(tiny, tmp_path):
         "    fields: {instruction: instruction, input: input, output: output}\n"
     )
     final = lora.setup(
-        checkpoint_dir=base_dir, out_dir=tmp_path / "run", data=DataArgs(recipe=recipe_path, max_seq_length=128),
-        train=small_train(max_steps=2), eval=EvalArgs(interval=0),
+        checkpoint_dir=base_dir,
+        out_dir=tmp_path / "run",
+        data=DataArgs(recipe=recipe_path, max_seq_length=128),
+        train=small_train(max_steps=2),
+        eval=EvalArgs(interval=0),
     )
     card = json.loads((final / "data_card.json").read_text())
     rows, expected = build(load_recipe(recipe_path), count_tokens=lambda text: 0)
@@ -213,8 +245,13 @@ def test_a_recipe_run_records_its_data_card_and_template(tiny, tmp_path):
 def test_rows_without_response_tokens_are_dropped_or_refused(tiny, tmp_path):
     base_dir, train_file = tiny
     with pytest.raises(ValueError, match="data.max_seq_length: 8 tokens leave no response tokens"):
-        lora.setup(checkpoint_dir=base_dir, out_dir=tmp_path / "r", data=DataArgs(train_file=train_file, max_seq_length=8),
-                   train=small_train(max_steps=1), eval=EvalArgs(interval=0))
+        lora.setup(
+            checkpoint_dir=base_dir,
+            out_dir=tmp_path / "r",
+            data=DataArgs(train_file=train_file, max_seq_length=8),
+            train=small_train(max_steps=1),
+            eval=EvalArgs(interval=0),
+        )
 
 
 def test_planner_shortens_the_schedule_to_the_budget_and_warns(capsys):
@@ -254,9 +291,21 @@ def test_each_logged_loss_is_its_own_steps_though_read_a_step_later(tiny, monkey
 
     monkeypatch.setattr(loop, "batch_loss", recording_batch_loss)
     val = [Collate()(rows[:4])]
-    progress = fit(fabric, model, optimizer, lambda: next(batches), Schedule(6, 1), LR["lora"], BudgetPlanner(float("inf"), 6),
-                   Progress(total_steps=6), small_train(max_steps=6, save_interval=4, micro_batch_size=4, global_batch_size=8),
-                   EvalArgs(interval=3), val, on_save=lambda p: saved.append((p.step, p.last_loss, len(logged))), log=logged.append)
+    progress = fit(
+        fabric,
+        model,
+        optimizer,
+        lambda: next(batches),
+        Schedule(6, 1),
+        LR["lora"],
+        BudgetPlanner(float("inf"), 6),
+        Progress(total_steps=6),
+        small_train(max_steps=6, save_interval=4, micro_batch_size=4, global_batch_size=8),
+        EvalArgs(interval=3),
+        val,
+        on_save=lambda p: saved.append((p.step, p.last_loss, len(logged))),
+        log=logged.append,
+    )
     train_losses = [c for i, c in enumerate(computed) if i not in (6, 13)]  # validation's own batch_loss calls come after steps 3 and 6
     step_losses = train_losses[1::2]  # the second micro-batch's loss is the step's logged loss
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
@@ -268,8 +317,18 @@ def test_each_logged_loss_is_its_own_steps_though_read_a_step_later(tiny, monkey
     batches = iter([Collate()(rows[i : i + 4]) for i in range(0, 48, 4)])
     monkeypatch.setattr(loop, "batch_loss", _nan_from_call(real_batch_loss, 5))  # step 3's first micro-batch
     with pytest.raises(FloatingPointError, match="at step 3;"):
-        fit(fabric, model, optimizer, lambda: next(batches), Schedule(6, 1), LR["lora"], BudgetPlanner(float("inf"), 6), Progress(total_steps=6),
-            small_train(max_steps=6, micro_batch_size=4, global_batch_size=8), EvalArgs(interval=0))
+        fit(
+            fabric,
+            model,
+            optimizer,
+            lambda: next(batches),
+            Schedule(6, 1),
+            LR["lora"],
+            BudgetPlanner(float("inf"), 6),
+            Progress(total_steps=6),
+            small_train(max_steps=6, micro_batch_size=4, global_batch_size=8),
+            EvalArgs(interval=0),
+        )
 
 
 def _nan_from_call(batch_loss, first_nan_call: int):
@@ -286,7 +345,9 @@ def _nan_from_call(batch_loss, first_nan_call: int):
 def test_batch_to_device_keeps_the_token_mask_on_the_cpu():
     from finetune.batching import batch_to_device
 
-    batch = Collate()([{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([-100, 2, 3])}, {"input_ids": torch.tensor([4]), "labels": torch.tensor([4])}])
+    batch = Collate()(
+        [{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([-100, 2, 3])}, {"input_ids": torch.tensor([4]), "labels": torch.tensor([4])}]
+    )
     moved = batch_to_device(batch, torch.device("meta"))
     assert moved.keys() == batch.keys() and moved["mask"] is batch["mask"]
     assert all(v.device.type == "meta" and v.shape == batch[k].shape for k, v in moved.items() if k != "mask")
@@ -315,8 +376,19 @@ def test_each_rows_elapsed_is_when_its_own_step_finished(tiny, monkeypatch):
     monkeypatch.setattr(loop, "batch_loss", slow_batch_loss)
     monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
     logged = []
-    fit(fabric, model, optimizer, lambda: next(batches), Schedule(5, 1), LR["lora"], BudgetPlanner(float("inf"), 5), Progress(total_steps=5),
-        small_train(max_steps=5, micro_batch_size=4, global_batch_size=8), EvalArgs(interval=0), log=logged.append)
+    fit(
+        fabric,
+        model,
+        optimizer,
+        lambda: next(batches),
+        Schedule(5, 1),
+        LR["lora"],
+        BudgetPlanner(float("inf"), 5),
+        Progress(total_steps=5),
+        small_train(max_steps=5, micro_batch_size=4, global_batch_size=8),
+        EvalArgs(interval=0),
+        log=logged.append,
+    )
     step_seconds = [b - a for a, b in zip([0.0] + [r["elapsed_s"] for r in logged], [r["elapsed_s"] for r in logged])]
     assert step_seconds == [2.0, 4.0, 6.0, 8.0, 10.0]
 

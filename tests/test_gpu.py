@@ -78,8 +78,19 @@ def _fixed_batch_losses(tiny, tmp_path: Path, form: str) -> list[float]:
     tokenizer, style = Tokenizer(base_dir), get_style("qa")
     fixed = batch_to_device(Collate()([encode_row(r, tokenizer, style, 64) for r in load_rows(train_file)[:8]]), fabric.device)
     losses = []
-    fit(fabric, model, optimizer, lambda: fixed, Schedule(12, 2), 3e-3, BudgetPlanner(float("inf"), 12), Progress(total_steps=12),
-        train, EvalArgs(interval=0), log=lambda row: losses.append(row["loss"]))
+    fit(
+        fabric,
+        model,
+        optimizer,
+        lambda: fixed,
+        Schedule(12, 2),
+        3e-3,
+        BudgetPlanner(float("inf"), 12),
+        Progress(total_steps=12),
+        train,
+        EvalArgs(interval=0),
+        log=lambda row: losses.append(row["loss"]),
+    )
     return losses
 
 

@@ -86,9 +86,7 @@ def test_cap_run_specs_lowers_each_spec_to_the_limit():
 def test_build_commands_argv_and_env(tmp_path):
     venv, out, conf = tmp_path / "venv", tmp_path / "out", tmp_path / "x.conf"
     base_env = {"PATH": "/usr/bin", "PYTHONPATH": "/somewhere", "NO_PROXY": "example.org", "HOME": "/root"}
-    run, summarize = helm.build_commands(
-        "http://10.1.2.3:8080/", "v1", 7, conf, venv=venv, out_dir=out, num_threads=30, base_env=base_env
-    )
+    run, summarize = helm.build_commands("http://10.1.2.3:8080/", "v1", 7, conf, venv=venv, out_dir=out, num_threads=30, base_env=base_env)
     assert run.argv == [
         str(venv / "bin" / "helm-run"),
         "--conf-paths", str(conf),
@@ -305,7 +303,7 @@ def test_ensure_helm_is_idempotent(tmp_path, monkeypatch):
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         body = b'{"status":"ready"}'
         self.send_response(200 if self.path == "/health" else 404)
         self.send_header("Content-Length", str(len(body)))

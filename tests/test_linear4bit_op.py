@@ -75,7 +75,10 @@ def test_auto_takes_in_block_only_when_identical_and_timed_faster(monkeypatch) -
     model = _qlora_tiny("nf4", True)
     times = iter([2.0, 1.0])  # bitsandbytes timed first, then in-block
     assert choose_dequantize_4bit(model, "auto", compiled=True, log=said.append, timer=lambda: next(times)) == "in-block"
-    assert said[-1] == "4-bit dequantization: in-block (bit-identical to bitsandbytes on all 11 layers; a step 2000 ms with bitsandbytes, 1000 ms with in-block)"
+    assert (
+        said[-1]
+        == "4-bit dequantization: in-block (bit-identical to bitsandbytes on all 11 layers; a step 2000 ms with bitsandbytes, 1000 ms with in-block)"
+    )
     assert all(getattr(layer, "traced_in_block", False) for layer in four_bit_layers(model))
 
     model = _qlora_tiny("nf4", True)

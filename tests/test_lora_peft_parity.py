@@ -118,8 +118,17 @@ def _lit_lora(checkpoint_dir: Path):
     from core.checkpoints import WEIGHTS, load_config
 
     base = load_config(checkpoint_dir)
-    lora = dict(lora_r=R, lora_alpha=ALPHA, lora_dropout=0.0, lora_query=True, lora_key=True, lora_value=True,
-                lora_projection=True, lora_mlp=True, lora_head=True)
+    lora = dict(
+        lora_r=R,
+        lora_alpha=ALPHA,
+        lora_dropout=0.0,
+        lora_query=True,
+        lora_key=True,
+        lora_value=True,
+        lora_projection=True,
+        lora_mlp=True,
+        lora_head=True,
+    )
     model = GPT(Config(**{**dataclasses.asdict(base), **lora}))
     state = torch.load(checkpoint_dir / WEIGHTS, weights_only=True, map_location="cpu")
     result = model.load_state_dict(state, strict=False)
@@ -269,7 +278,7 @@ def test_mapping_catches_a_swapped_slice(hf_dir: Path) -> None:
     peft = _peft_lora(hf_dir)
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
-        for n, p in lit.named_parameters():
+        for p in lit.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
         mapped = litgpt_lora_to_peft({n: p.detach() for n, p in lit.named_parameters() if p.requires_grad}, lit.config)

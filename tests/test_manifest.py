@@ -42,7 +42,7 @@ REQUIRED_IDS = {
 ACCEPTED_LICENSES = {"apache-2.0", "mit", "bigscience-openrail-m", "bigscience-bloom-rail-1.0", "llama2"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def meta_param_count(litgpt_name: str) -> int:
     from litgpt.model import GPT
 

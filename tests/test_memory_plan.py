@@ -12,8 +12,14 @@ from core.configs import config_from_name
 from finetune.memory_plan import GIB, ModelShape, Plan, candidates, choose, estimate_gib, main, probe_plan
 
 MISTRAL = ModelShape(  # ModelShape.of(Mistral-7B with r16 LoRA on every linear layer and the head)
-    linear_params=7_110_393_856, other_params=131_338_240, trainable_params=42_520_576, n_layer=32, n_embd=4096, kv_size=1024,
-    intermediate=14336, vocab=32000,
+    linear_params=7_110_393_856,
+    other_params=131_338_240,
+    trainable_params=42_520_576,
+    n_layer=32,
+    n_embd=4096,
+    kv_size=1024,
+    intermediate=14336,
+    vocab=32000,
 )
 
 
@@ -25,7 +31,9 @@ def test_shape_of_a_lora_model_counts_frozen_and_trainable_parameters() -> None:
     method = METHODS["lora"]
     flags = {f"lora_{k}": True for k in ("query", "key", "value", "projection", "mlp", "head")}
     with torch.device("meta"):
-        model = method.litgpt.GPT(method.litgpt.Config(**{**dataclasses.asdict(config_from_name("Mistral-7B-v0.1")), "lora_r": 16, "lora_alpha": 32, **flags}))
+        model = method.litgpt.GPT(
+            method.litgpt.Config(**{**dataclasses.asdict(config_from_name("Mistral-7B-v0.1")), "lora_r": 16, "lora_alpha": 32, **flags})
+        )
     method.freeze_all_but_trainable(model)
     assert ModelShape.of(model) == MISTRAL
     assert sum(p.numel() for p in model.parameters()) == MISTRAL.linear_params + MISTRAL.other_params + MISTRAL.trainable_params

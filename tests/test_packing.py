@@ -35,7 +35,11 @@ def _model(arch: str, lora: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     kwargs = dict(name="t", block_size=64, vocab_size=101, padded_vocab_size=101, **ARCHS[arch])
     if lora:
-        model = LoRAGPT(LoRAConfig(**kwargs, lora_r=4, lora_alpha=8, lora_query=True, lora_key=True, lora_value=True, lora_projection=True, lora_mlp=True, lora_head=True))
+        model = LoRAGPT(
+            LoRAConfig(
+                **kwargs, lora_r=4, lora_alpha=8, lora_query=True, lora_key=True, lora_value=True, lora_projection=True, lora_mlp=True, lora_head=True
+            )
+        )
         mark_only_lora_as_trainable(model)
         for name, p in model.named_parameters():
             if "lora_B" in name:  # non-zero B, so the adapters matter

@@ -67,7 +67,9 @@ def test_merge_then_serve(finetuned, tiny):
         ids = client.post("/tokenize", json={"text": "Is 12 even or odd?", "truncation": False, "max_length": 2048}).json()["tokens"]
         assert ids[0] == generator.codec.bos_id
         assert client.post("/decode", json={"tokens": ids}).json()["text"] == "Is 12 even or odd?"
-        greedy = client.post("/process", json={"prompt": "Is 12 even or odd?\nAnswer:", "temperature": 1e-7, "max_new_tokens": 5, "stop_sequences": ["\n"]}).json()
+        greedy = client.post(
+            "/process", json={"prompt": "Is 12 even or odd?\nAnswer:", "temperature": 1e-7, "max_new_tokens": 5, "stop_sequences": ["\n"]}
+        ).json()
         assert "\n" not in greedy["text"] and len(greedy["tokens"]) <= 5
         assert "".join(t["text"] for t in greedy["tokens"]) == greedy["text"]
         echo = client.post("/process", json={"prompt": "Is 12 even or odd?", "echo_prompt": True, "max_new_tokens": 0, "top_k_per_token": 2}).json()

@@ -59,7 +59,9 @@ def test_plot_writes_a_png_with_validation_points(tmp_path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=("step", "loss", "lr", "tokens", "elapsed_s", "val_loss"))
         writer.writeheader()
         for step in range(1, 101):
-            writer.writerow({"step": step, "loss": 3 / step**0.5, "lr": 1e-3, "tokens": 100 * step, "elapsed_s": step, "val_loss": 2.0 if step % 25 == 0 else ""})
+            writer.writerow(
+                {"step": step, "loss": 3 / step**0.5, "lr": 1e-3, "tokens": 100 * step, "elapsed_s": step, "val_loss": 2.0 if step % 25 == 0 else ""}
+            )
     out = plot_metrics(path, tmp_path / "loss.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_metrics(tmp_path / "absent.csv", tmp_path / "x.png") is None

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -67,8 +67,7 @@ def qa_rows(n: int, prefix: str = "q") -> list[dict]:
 
 
 def src(name: str, data_files: str, **kw) -> dict:
-    return {"name": name, "dataset": "json", "data_files": data_files, "license": "mit",
-            "fields": {"instruction": "q", "output": "a"}, **kw}
+    return {"name": name, "dataset": "json", "data_files": data_files, "license": "mit", "fields": {"instruction": "q", "output": "a"}, **kw}
 
 
 def run(tmp_path: Path, sources: list[dict], count_tokens=None, **top):
@@ -79,41 +78,70 @@ def run(tmp_path: Path, sources: list[dict], count_tokens=None, **top):
 
 
 def test_fields_list_join_template_and_types(tmp_path):
-    write_jsonl(tmp_path / "d.jsonl", [
-        {"question": "What is 6*7?", "context": "Arithmetic.", "answer": 42, "meta": {"tags": ["x", "y"]}},
-        {"question": "Name a prime.", "context": "", "answer": 7, "meta": {"tags": ["z"]}},
-    ])
-    rows, card = run(tmp_path, [{
-        "name": "mix", "dataset": "json", "data_files": "d.jsonl", "license": "cc-by-4.0",
-        "fields": {"instruction": ["question", "context"], "input": "meta.tags[0]", "output": "Answer: {answer}"},
-    }], seed=1)
+    write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"question": "What is 6*7?", "context": "Arithmetic.", "answer": 42, "meta": {"tags": ["x", "y"]}},
+            {"question": "Name a prime.", "context": "", "answer": 7, "meta": {"tags": ["z"]}},
+        ],
+    )
+    rows, card = run(
+        tmp_path,
+        [
+            {
+                "name": "mix",
+                "dataset": "json",
+                "data_files": "d.jsonl",
+                "license": "cc-by-4.0",
+                "fields": {"instruction": ["question", "context"], "input": "meta.tags[0]", "output": "Answer: {answer}"},
+            }
+        ],
+        seed=1,
+    )
     by_q = {r["instruction"]: r for r in rows}
     assert by_q["What is 6*7?\n\nArithmetic."] == {
-        "instruction": "What is 6*7?\n\nArithmetic.", "input": "x", "output": "Answer: 42", "source": "mix"}
+        "instruction": "What is 6*7?\n\nArithmetic.",
+        "input": "x",
+        "output": "Answer: 42",
+        "source": "mix",
+    }
     assert by_q["Name a prime."]["output"] == "Answer: 7"  # the empty context is skipped, not joined
     assert card["sources"][0]["fields"]["instruction"] == ["question", "context"]
 
 
 def test_messages_prompt_response_and_csv(tmp_path):
-    write_jsonl(tmp_path / "chat.jsonl", [
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                      {"role": "assistant", "content": "Hello."}]},
-    ])
+    write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi?"},
+                    {"role": "assistant", "content": "Hello."},
+                ]
+            },
+        ],
+    )
     write_jsonl(tmp_path / "lima.jsonl", [{"conversations": ["Tell me a fact.", "Water boils at 100 C.", "More?", "No."]}])
     write_jsonl(tmp_path / "pr.jsonl", [{"p": "Say yes.", "r": "yes"}])
     (tmp_path / "t.csv").write_text("question,answer\nIs the sky blue?,yes\n", encoding="utf-8")
-    rows, card = run(tmp_path, [
-        {"name": "chat", "dataset": "json", "data_files": "chat.jsonl", "license": "mit", "fields": {"messages": "messages"}},
-        {"name": "lima", "dataset": "json", "data_files": "lima.jsonl", "license": "mit", "fields": {"messages": "conversations"}},
-        {"name": "pr", "dataset": "json", "data_files": "pr.jsonl", "license": "mit", "fields": {"prompt": "p", "response": "r"}},
-        {"name": "csv", "dataset": "csv", "data_files": "t.csv", "license": "mit", "fields": {"instruction": "question", "output": "answer"}},
-    ])
+    rows, card = run(
+        tmp_path,
+        [
+            {"name": "chat", "dataset": "json", "data_files": "chat.jsonl", "license": "mit", "fields": {"messages": "messages"}},
+            {"name": "lima", "dataset": "json", "data_files": "lima.jsonl", "license": "mit", "fields": {"messages": "conversations"}},
+            {"name": "pr", "dataset": "json", "data_files": "pr.jsonl", "license": "mit", "fields": {"prompt": "p", "response": "r"}},
+            {"name": "csv", "dataset": "csv", "data_files": "t.csv", "license": "mit", "fields": {"instruction": "question", "output": "answer"}},
+        ],
+    )
     got = {r["source"]: r["messages"] if "messages" in r else (r["instruction"], r["input"], r["output"]) for r in rows}
     assert got == {  # conversations keep every turn, the system turn included
         "chat": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
         "lima": [
-            {"role": "user", "content": "Tell me a fact."}, {"role": "assistant", "content": "Water boils at 100 C."},
-            {"role": "user", "content": "More?"}, {"role": "assistant", "content": "No."},
+            {"role": "user", "content": "Tell me a fact."},
+            {"role": "assistant", "content": "Water boils at 100 C."},
+            {"role": "user", "content": "More?"},
+            {"role": "assistant", "content": "No."},
         ],
         "pr": ("Say yes.", "", "yes"),
         "csv": ("Is the sky blue?", "", "yes"),
@@ -122,25 +150,47 @@ def test_messages_prompt_response_and_csv(tmp_path):
 
 
 def test_multiple_choice_and_oasst_formats(tmp_path):
-    write_jsonl(tmp_path / "mc.jsonl", [
-        {"question": "2+2?", "choices": ["3", "4", "5"], "answer": "1"},
-        {"question": "Sky?", "choices": ["green", "blue"], "answer": "B"},
-    ])
-    write_jsonl(tmp_path / "oasst.jsonl", [
-        {"message_id": "p1", "parent_id": None, "role": "prompter", "text": "Why is the sea salty?", "rank": None, "lang": "en", "deleted": False},
-        {"message_id": "a1", "parent_id": "p1", "role": "assistant", "text": "Rivers carry minerals.", "rank": 0, "lang": "en", "deleted": False},
-        {"message_id": "a2", "parent_id": "p1", "role": "assistant", "text": "Worse answer.", "rank": 1, "lang": "en", "deleted": False},
-        {"message_id": "p2", "parent_id": "a1", "role": "prompter", "text": "Follow-up?", "rank": None, "lang": "en", "deleted": False},
-        {"message_id": "a3", "parent_id": "p2", "role": "assistant", "text": "Deeper turn.", "rank": 0, "lang": "en", "deleted": False},
-        {"message_id": "p3", "parent_id": None, "role": "prompter", "text": "Hola?", "rank": None, "lang": "es", "deleted": False},
-        {"message_id": "a4", "parent_id": "p3", "role": "assistant", "text": "Hola.", "rank": 0, "lang": "es", "deleted": False},
-    ])
-    rows, card = run(tmp_path, [
-        {"name": "mc", "dataset": "json", "data_files": "mc.jsonl", "license": "mit", "format": "multiple_choice",
-         "fields": {"question": "question", "choices": "choices", "answer": "answer"}},
-        {"name": "oasst", "dataset": "json", "data_files": "oasst.jsonl", "license": "apache-2.0", "format": "oasst",
-         "filter": {"lang": "en"}},
-    ])
+    write_jsonl(
+        tmp_path / "mc.jsonl",
+        [
+            {"question": "2+2?", "choices": ["3", "4", "5"], "answer": "1"},
+            {"question": "Sky?", "choices": ["green", "blue"], "answer": "B"},
+        ],
+    )
+    write_jsonl(
+        tmp_path / "oasst.jsonl",
+        [
+            {
+                "message_id": "p1",
+                "parent_id": None,
+                "role": "prompter",
+                "text": "Why is the sea salty?",
+                "rank": None,
+                "lang": "en",
+                "deleted": False,
+            },
+            {"message_id": "a1", "parent_id": "p1", "role": "assistant", "text": "Rivers carry minerals.", "rank": 0, "lang": "en", "deleted": False},
+            {"message_id": "a2", "parent_id": "p1", "role": "assistant", "text": "Worse answer.", "rank": 1, "lang": "en", "deleted": False},
+            {"message_id": "p2", "parent_id": "a1", "role": "prompter", "text": "Follow-up?", "rank": None, "lang": "en", "deleted": False},
+            {"message_id": "a3", "parent_id": "p2", "role": "assistant", "text": "Deeper turn.", "rank": 0, "lang": "en", "deleted": False},
+            {"message_id": "p3", "parent_id": None, "role": "prompter", "text": "Hola?", "rank": None, "lang": "es", "deleted": False},
+            {"message_id": "a4", "parent_id": "p3", "role": "assistant", "text": "Hola.", "rank": 0, "lang": "es", "deleted": False},
+        ],
+    )
+    rows, card = run(
+        tmp_path,
+        [
+            {
+                "name": "mc",
+                "dataset": "json",
+                "data_files": "mc.jsonl",
+                "license": "mit",
+                "format": "multiple_choice",
+                "fields": {"question": "question", "choices": "choices", "answer": "answer"},
+            },
+            {"name": "oasst", "dataset": "json", "data_files": "oasst.jsonl", "license": "apache-2.0", "format": "oasst", "filter": {"lang": "en"}},
+        ],
+    )
     got = sorted((r["source"], r["instruction"], r["output"]) for r in rows)
     assert got == [
         ("mc", "2+2?\nA. 3\nB. 4\nC. 5", "B"),
@@ -219,8 +269,10 @@ def test_min_output_chars(tmp_path):
 
 
 def test_filter_equality_lists_and_errors(tmp_path):
-    write_jsonl(tmp_path / "m.jsonl", [{"q": f"q{i}", "a": "A", "subject": s, "level": i % 3} for i, s in
-                                       enumerate(["physics", "law", "physics", "art", "law", "physics"])])
+    write_jsonl(
+        tmp_path / "m.jsonl",
+        [{"q": f"q{i}", "a": "A", "subject": s, "level": i % 3} for i, s in enumerate(["physics", "law", "physics", "art", "law", "physics"])],
+    )
     rows, card = run(tmp_path, [src("m", "m.jsonl", filter={"subject": "physics"})])
     assert sorted(r["instruction"] for r in rows) == ["q0", "q2", "q5"]
     assert card["sources"][0]["rows_after_filter"] == 3 and card["sources"][0]["filter"] == {"subject": "physics"}
@@ -235,31 +287,34 @@ def test_filter_equality_lists_and_errors(tmp_path):
 # ----------------------------------------------------------------------------- eval splits
 
 
-@pytest.mark.parametrize("dataset, config, split, refused", [
-    ("truthful_qa", "multiple_choice", "validation", True),
-    ("truthfulqa/truthful_qa", "generation", "train", True),
-    ("cais/mmlu", "all", "test", True),
-    ("cais/mmlu", "abstract_algebra", "dev", True),
-    ("hendrycks_test", "philosophy", "validation", True),
-    ("cais/mmlu", "all", "auxiliary_train", False),
-    ("cais/mmlu", "auxiliary_train", "train", False),
-    ("openai/gsm8k", "main", "test", True),
-    ("gsm8k", "main", "train[:50%]+test[:10]", True),
-    ("openai/gsm8k", "main", "train", False),
-    ("abisee/cnn_dailymail", "3.0.0", "test", True),
-    ("abisee/cnn_dailymail", "3.0.0", "train", False),
-    ("Samsung/samsum", None, "test", True),
-    ("samsum", None, "train", False),
-    ("hendrycks/competition_math", None, "test", True),
-    ("lighteval/MATH", "all", "test", True),
-    ("heegyu/bbq", None, "train", True),
-    ("lighteval/bbq_helm", "all", "test", True),
-    ("hendrycks/ethics", "justice", "test", True),
-    ("tasksource/bigbench", "navigate", "validation", False),  # not a task HELM evaluates
-    ("tasksource/bigbench", "navigate", "train", False),
-    ("tasksource/bigbench", "winowhy", "train", True),  # HELM's own test instances come from all examples
-    ("databricks/databricks-dolly-15k", None, "train", False),
-])
+@pytest.mark.parametrize(
+    "dataset, config, split, refused",
+    [
+        ("truthful_qa", "multiple_choice", "validation", True),
+        ("truthfulqa/truthful_qa", "generation", "train", True),
+        ("cais/mmlu", "all", "test", True),
+        ("cais/mmlu", "abstract_algebra", "dev", True),
+        ("hendrycks_test", "philosophy", "validation", True),
+        ("cais/mmlu", "all", "auxiliary_train", False),
+        ("cais/mmlu", "auxiliary_train", "train", False),
+        ("openai/gsm8k", "main", "test", True),
+        ("gsm8k", "main", "train[:50%]+test[:10]", True),
+        ("openai/gsm8k", "main", "train", False),
+        ("abisee/cnn_dailymail", "3.0.0", "test", True),
+        ("abisee/cnn_dailymail", "3.0.0", "train", False),
+        ("Samsung/samsum", None, "test", True),
+        ("samsum", None, "train", False),
+        ("hendrycks/competition_math", None, "test", True),
+        ("lighteval/MATH", "all", "test", True),
+        ("heegyu/bbq", None, "train", True),
+        ("lighteval/bbq_helm", "all", "test", True),
+        ("hendrycks/ethics", "justice", "test", True),
+        ("tasksource/bigbench", "navigate", "validation", False),  # not a task HELM evaluates
+        ("tasksource/bigbench", "navigate", "train", False),
+        ("tasksource/bigbench", "winowhy", "train", True),  # HELM's own test instances come from all examples
+        ("databricks/databricks-dolly-15k", None, "train", False),
+    ],
+)
 def test_eval_split_table(dataset, config, split, refused):
     assert (eval_split_reason(dataset, config, split) is not None) == refused
 
@@ -273,16 +328,31 @@ def test_eval_split_refused_before_any_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", boom)
     monkeypatch.setattr(recipes, "_hub_reachable", boom)
     write_jsonl(tmp_path / "a.jsonl", qa_rows(2))
-    sources = [src("ok", "a.jsonl"),
-               {"name": "tqa", "dataset": "truthful_qa", "config": "generation", "split": "validation", "license": "apache-2.0", "revision": SHA,
-                "fields": {"instruction": "question", "output": "best_answer"}}]
+    sources = [
+        src("ok", "a.jsonl"),
+        {
+            "name": "tqa",
+            "dataset": "truthful_qa",
+            "config": "generation",
+            "split": "validation",
+            "license": "apache-2.0",
+            "revision": SHA,
+            "fields": {"instruction": "question", "output": "best_answer"},
+        },
+    ]
     with pytest.raises(DataError) as e:
         load_recipe(write_recipe(tmp_path, sources))
     msg = str(e.value)
     assert "recipe.yaml" in msg and "'tqa'" in msg and "TruthfulQA" in msg and "force_eval_split: true" in msg
     # a Recipe built in code is refused by build() itself, before loading or probing anything
-    recipe = Recipe(name="code", sources=[Source(name="mmlu", dataset="cais/mmlu", config="all", split="test",
-                                                 license="mit", fields={"instruction": "question", "output": "answer"})])
+    recipe = Recipe(
+        name="code",
+        sources=[
+            Source(
+                name="mmlu", dataset="cais/mmlu", config="all", split="test", license="mit", fields={"instruction": "question", "output": "answer"}
+            )
+        ],
+    )
     with pytest.raises(DataError, match=r"(?s)'mmlu'.*MMLU.*force_eval_split: true"):
         build(recipe)
 
@@ -298,9 +368,21 @@ def test_forced_eval_split_is_recorded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     monkeypatch.setattr(recipes, "_hub_reachable", lambda timeout=0: True)
-    path = write_recipe(tmp_path, [{"name": "tqa", "dataset": "truthful_qa", "config": "generation", "split": "validation", "revision": SHA,
-                                    "license": "apache-2.0", "force_eval_split": True,
-                                    "fields": {"instruction": "question", "output": "best_answer"}}])
+    path = write_recipe(
+        tmp_path,
+        [
+            {
+                "name": "tqa",
+                "dataset": "truthful_qa",
+                "config": "generation",
+                "split": "validation",
+                "revision": SHA,
+                "license": "apache-2.0",
+                "force_eval_split": True,
+                "fields": {"instruction": "question", "output": "best_answer"},
+            }
+        ],
+    )
     rows, card = build(load_recipe(path))
     assert rows == [{"instruction": "Can pigs fly?", "input": "", "output": "No.", "source": "tqa"}]
     assert card["sources"][0]["forced_eval_split"] is True
@@ -314,12 +396,15 @@ def hub_source(**kw) -> dict:
     return {"name": "h", "dataset": "someone/qa", "license": "mit", "fields": {"instruction": "q", "output": "a"}, **kw}
 
 
-@pytest.mark.parametrize("revision, expected", [
-    (None, "sources[0].revision: required for hub dataset 'someone/qa': a 40-hex commit sha"),
-    ("main", "sources[0].revision: 'main' is not a commit"),
-    ("v1.0", "is not a commit"),
-    ("unpinned:", "needs a reason"),
-])
+@pytest.mark.parametrize(
+    "revision, expected",
+    [
+        (None, "sources[0].revision: required for hub dataset 'someone/qa': a 40-hex commit sha"),
+        ("main", "sources[0].revision: 'main' is not a commit"),
+        ("v1.0", "is not a commit"),
+        ("unpinned:", "needs a reason"),
+    ],
+)
 def test_a_hub_source_must_pin_a_commit_or_say_why_not(tmp_path, revision, expected):
     source = hub_source(**({"revision": revision} if revision is not None else {}))
     with pytest.raises(DataError, match=re.escape(expected)):
@@ -364,23 +449,26 @@ def test_every_shipped_hub_source_pins_a_commit_or_says_why_not():
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda r: r["sources"][2].pop("license"), "sources[2].license: required"),
-    (lambda r: r["sources"][0].update(wieght=2), "sources[0]: unknown key 'wieght' (did you mean 'weight'?)"),
-    (lambda r: r["sources"][1].update(weight=0), "sources[1].weight: must be a number > 0"),
-    (lambda r: r["sources"][1].update(max_rows=-3), "sources[1].max_rows: must be a positive integer"),
-    (lambda r: r["sources"][0].update(fields={"instruction": "q", "response": "a"}), "sources[0].fields: keys"),
-    (lambda r: r["sources"][0].pop("fields"), "sources[0].fields: required"),
-    (lambda r: r["sources"][0].update(format="alpaca"), "sources[0].format: must be one of"),
-    (lambda r: r["sources"][0].update(filter={"subject": {"nested": 1}}), "sources[0].filter.subject"),
-    (lambda r: r["sources"][1].update(name="a"), "sources[1].name: 'a' is already the name of sources[0]"),
-    (lambda r: r["sources"][0].pop("dataset"), "sources[0].dataset: required"),
-    (lambda r: r.update(template="no-such-style"), "template: unknown prompt style"),
-    (lambda r: r.update(dedup=True), "unknown key 'dedup' (did you mean 'dedupe'?)"),
-    (lambda r: r.update(max_tokens="2k"), "max_tokens: must be a positive integer"),
-    (lambda r: r.update(sources=[]), "sources: must be a non-empty list"),
-    (lambda r: r.pop("name"), "name: required"),
-])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda r: r["sources"][2].pop("license"), "sources[2].license: required"),
+        (lambda r: r["sources"][0].update(wieght=2), "sources[0]: unknown key 'wieght' (did you mean 'weight'?)"),
+        (lambda r: r["sources"][1].update(weight=0), "sources[1].weight: must be a number > 0"),
+        (lambda r: r["sources"][1].update(max_rows=-3), "sources[1].max_rows: must be a positive integer"),
+        (lambda r: r["sources"][0].update(fields={"instruction": "q", "response": "a"}), "sources[0].fields: keys"),
+        (lambda r: r["sources"][0].pop("fields"), "sources[0].fields: required"),
+        (lambda r: r["sources"][0].update(format="alpaca"), "sources[0].format: must be one of"),
+        (lambda r: r["sources"][0].update(filter={"subject": {"nested": 1}}), "sources[0].filter.subject"),
+        (lambda r: r["sources"][1].update(name="a"), "sources[1].name: 'a' is already the name of sources[0]"),
+        (lambda r: r["sources"][0].pop("dataset"), "sources[0].dataset: required"),
+        (lambda r: r.update(template="no-such-style"), "template: unknown prompt style"),
+        (lambda r: r.update(dedup=True), "unknown key 'dedup' (did you mean 'dedupe'?)"),
+        (lambda r: r.update(max_tokens="2k"), "max_tokens: must be a positive integer"),
+        (lambda r: r.update(sources=[]), "sources: must be a non-empty list"),
+        (lambda r: r.pop("name"), "name: required"),
+    ],
+)
 def test_bad_recipe_fields_are_named(tmp_path, mutate, expected):
     raw = {"name": "bad", "sources": [src("a", "a.jsonl"), src("b", "a.jsonl"), src("c", "a.jsonl")]}
     mutate(raw)
@@ -414,9 +502,24 @@ def test_unreachable_hub_sources_are_listed_in_process(tmp_path, monkeypatch):
     monkeypatch.setattr(recipes, "_hub_offline_by_env", lambda: False)
     monkeypatch.setattr(recipes, "_hub_reachable", lambda timeout=0: False)
     write_jsonl(tmp_path / "a.jsonl", qa_rows(2))
-    sources = [src("local", "a.jsonl"),
-               {"name": "hub1", "dataset": "nobody-xyz/first-set", "license": "mit", "revision": "unpinned: test", "fields": {"instruction": "q", "output": "a"}},
-               {"name": "hub2", "dataset": "nobody-xyz/second-set", "config": "main", "license": "mit", "revision": "unpinned: test", "fields": {"prompt": "q", "response": "a"}}]
+    sources = [
+        src("local", "a.jsonl"),
+        {
+            "name": "hub1",
+            "dataset": "nobody-xyz/first-set",
+            "license": "mit",
+            "revision": "unpinned: test",
+            "fields": {"instruction": "q", "output": "a"},
+        },
+        {
+            "name": "hub2",
+            "dataset": "nobody-xyz/second-set",
+            "config": "main",
+            "license": "mit",
+            "revision": "unpinned: test",
+            "fields": {"prompt": "q", "response": "a"},
+        },
+    ]
     start = time.monotonic()
     with pytest.raises(DataError) as e:
         run(tmp_path, sources)
@@ -431,13 +534,27 @@ def test_unreachable_hub_sources_are_listed_in_process(tmp_path, monkeypatch):
 def test_offline_cli_lists_every_unreachable_source(tmp_path):
     """For real: HF_DATASETS_OFFLINE=1, and a dead HF_ENDPOINT; one message, no traceback, no retry waits."""
     write_jsonl(tmp_path / "a.jsonl", qa_rows(3))
-    recipe = write_recipe(tmp_path, [
-        {"name": "dolly", "dataset": "databricks/databricks-dolly-15k", "license": "cc-by-sa-3.0", "revision": "unpinned: test",
-         "fields": {"instruction": "instruction", "input": "context", "output": "response"}},
-        src("local", "a.jsonl"),
-        {"name": "gsm8k", "dataset": "openai/gsm8k", "config": "main", "license": "mit", "revision": "unpinned: test",
-         "fields": {"instruction": "question", "output": "answer"}},
-    ])
+    recipe = write_recipe(
+        tmp_path,
+        [
+            {
+                "name": "dolly",
+                "dataset": "databricks/databricks-dolly-15k",
+                "license": "cc-by-sa-3.0",
+                "revision": "unpinned: test",
+                "fields": {"instruction": "instruction", "input": "context", "output": "response"},
+            },
+            src("local", "a.jsonl"),
+            {
+                "name": "gsm8k",
+                "dataset": "openai/gsm8k",
+                "config": "main",
+                "license": "mit",
+                "revision": "unpinned: test",
+                "fields": {"instruction": "question", "output": "answer"},
+            },
+        ],
+    )
     base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
     base.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2", PYTHONPATH=str(REPO))
     envs = {"offline": {**base, "HF_DATASETS_OFFLINE": "1"}, "dead_endpoint": {**base, "HF_ENDPOINT": "http://127.0.0.1:9"}}
@@ -445,7 +562,11 @@ def test_offline_cli_lists_every_unreachable_source(tmp_path):
     procs = {
         label: subprocess.Popen(
             [sys.executable, "-m", "finetune.recipes", "--recipe", str(recipe), "--out_dir", str(tmp_path / label)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for label, env in envs.items()
     }
@@ -479,8 +600,19 @@ def test_data_card_hashes_and_cli_output(tmp_path):
     assert card["rows_sha256"] == hashlib.sha256(rows_bytes(rows)).hexdigest()
     assert card["recipe_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert card["totals"]["rows"] == len(rows) == 8 and card["template"] == "qa" and card["seed"] == 1337
-    for key in ("dataset", "config", "split", "revision", "license", "data_files", "rows_loaded", "rows_after_cap",
-                "rows_after_weight", "rows_kept_after_dedupe_and_filters", "forced_eval_split"):
+    for key in (
+        "dataset",
+        "config",
+        "split",
+        "revision",
+        "license",
+        "data_files",
+        "rows_loaded",
+        "rows_after_cap",
+        "rows_after_weight",
+        "rows_kept_after_dedupe_and_filters",
+        "forced_eval_split",
+    ):
         assert key in card["sources"][0]
     out = recipes.main(recipe=path, out_dir=tmp_path / "out")
     train = out / "train.jsonl"
@@ -501,8 +633,17 @@ def test_shipped_recipes_parse_and_avoid_eval_splits():
             assert s.license.strip(), (path.name, s.name)
     mix = load_recipe(RECIPES_DIR / "rtx4090_mix.yaml")
     datasets_used = {s.dataset for s in mix.sources}
-    assert {"GAIR/lima", "databricks/databricks-dolly-15k", "OpenAssistant/oasst1", "cais/mmlu", "openai/gsm8k",
-            "TIGER-Lab/MathInstruct", "abisee/cnn_dailymail", "knkarthick/samsum", "tasksource/bigbench"} <= datasets_used
+    assert {
+        "GAIR/lima",
+        "databricks/databricks-dolly-15k",
+        "OpenAssistant/oasst1",
+        "cais/mmlu",
+        "openai/gsm8k",
+        "TIGER-Lab/MathInstruct",
+        "abisee/cnn_dailymail",
+        "knkarthick/samsum",
+        "tasksource/bigbench",
+    } <= datasets_used
     generated = ("math50k_camel", "college_math", "TheoremQA", "gsm_rft", "PoT/", "airoboros", "PRM-800K", "leetcode_ne")
     for name in ("rtx4090_mix.yaml", "a100_mix.yaml"):
         for s in load_recipe(RECIPES_DIR / name).sources:
@@ -525,9 +666,24 @@ def test_tiny_local_builds_from_fresh_tiny_data(tmp_path):
     assert {r["source"] for r in rows} == {"tiny_synthetic"}
     # the CLI with a real tokenizer for max_tokens (the tiny checkpoint's own)
     path = tmp_path / "tiny_tokens.yaml"
-    path.write_text(yaml.safe_dump({"name": "tiny_tokens", "max_tokens": 12, "sources": [{
-        "name": "tiny", "dataset": "json", "data_files": "data/train.jsonl", "license": "generated",
-        "fields": {"instruction": "instruction", "input": "input", "output": "output"}}]}), encoding="utf-8")
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny_tokens",
+                "max_tokens": 12,
+                "sources": [
+                    {
+                        "name": "tiny",
+                        "dataset": "json",
+                        "data_files": "data/train.jsonl",
+                        "license": "generated",
+                        "fields": {"instruction": "instruction", "input": "input", "output": "output"},
+                    }
+                ],
+            }
+        ),
+        encoding="utf-8",
+    )
     out = recipes.main(recipe=path, out_dir=tmp_path / "out", tokenizer_dir=tmp_path / "tiny")
     card = json.loads((out / "data_card.json").read_text())
     s = card["sources"][0]

@@ -368,8 +368,7 @@ def test_earliest_of_several_stops_wins(reference):
     both = [
         (p, text[p - 3 : p + 1], text[p : p + 2])
         for i, p in enumerate(offsets[1:-4], start=1)
-        if p >= 3 and len(ref["tokens"][i]["text"]) >= 2
-        and first_at(p - 3, text[p - 3 : p + 1]) and first_at(p, text[p : p + 2])
+        if p >= 3 and len(ref["tokens"][i]["text"]) >= 2 and first_at(p - 3, text[p - 3 : p + 1]) and first_at(p, text[p : p + 2])
     ]
     assert both, f"no usable stops in {text!r}"
     p, long_stop, short_stop = both[0]

@@ -65,9 +65,7 @@ def test_unmerged_lora_finds_a_moved_base(lora_run, tmp_path):
     shutil.copytree(base, moved)
     adapter = tmp_path / "adapter"
     shutil.copytree(unmerged, adapter)
-    (adapter / "hyperparameters.yaml").write_text(
-        (adapter / "hyperparameters.yaml").read_text().replace(str(base), str(tmp_path / "gone"))
-    )
+    (adapter / "hyperparameters.yaml").write_text((adapter / "hyperparameters.yaml").read_text().replace(str(base), str(tmp_path / "gone")))
     with pytest.raises(CheckpointError, match="base_checkpoint_dir"):
         load_generator(adapter, device="cpu")
     out = _run(load_generator(adapter, device="cpu", base_checkpoint_dir=moved), PROMPTS[0])

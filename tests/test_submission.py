@@ -29,7 +29,9 @@ def tiny_run(make_tiny_checkpoint, tmp_path_factory):
     base = make_tiny_checkpoint()
     root = tmp_path_factory.mktemp("submission_run")
     final = setup(
-        checkpoint_dir=base, out_dir=root / "run", lora=LoRAArgs(r=4, alpha=8),
+        checkpoint_dir=base,
+        out_dir=root / "run",
+        lora=LoRAArgs(r=4, alpha=8),
         data=DataArgs(train_file=base.parent / "data" / "train.jsonl", max_seq_length=64),
         train=TrainArgs(save_interval=None, log_interval=10, global_batch_size=4, micro_batch_size=4, lr_warmup_steps=1, max_steps=3),
         eval=EvalArgs(interval=0),
