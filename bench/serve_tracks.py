@@ -1,19 +1,25 @@
 """Serve each track's models on the track's memory: the HELM-like trace at concurrency 4 and 30 under a true cap.
 
-    python -m bench.serve_tracks --out_dir $OUT                                   (all cases, ~20 min on an H200)
-    python -m bench.serve_tracks --out_dir $OUT --cases '[llama2-7b@24, mistral-7b@24]'   (a <10 min share)
+    python -m bench.serve_tracks --out_dir $OUT --cases '[llama2-7b@24]'      (one case a device command, < 10 min)
+    python -m bench.serve_tracks --out_dir $OUT --cases '[mistral-7b-uncapped]'  (the no-regression run, < 10 min)
 
 Each case is a litgpt config with random bf16 weights (speed and memory don't depend on values)
 served by ``python -m server --gpu_memory_gib N`` in its own process: the server caps its CUDA
 allocator at N GiB (``torch.cuda.set_per_process_memory_fraction``) before loading the weights, so
-it cannot use more than an N GiB card would give it, and sizes its KV pool from what is left.
+it cannot use more than an N GiB card would give it, and sizes its KV pool from a measured
+worst-case step (``server.step_memory``); the server's one-line memory breakdown is kept.
 
 Per case: requests/s and errors of the trace at c=4 (``helm-run``'s default) and c=30 (the
 challenge's ``-n 30``), batch-1 decode tokens/s, the most sequences in flight at once, the pool's
 size, and peak memory three ways: the allocator's peak (allocated and reserved, from the server's
 /health) and the process's peak as ``nvidia-smi`` sees it (CUDA context included). The case's
-work directory (its random checkpoint) is deleted afterwards; results go to
-``$OUT/serve_tracks_<case>.json`` and ``$OUT/serve_tracks.json``.
+work directory (its random checkpoint, 14-30 GB) is deleted afterwards, so one device disk holds
+any case. Results go to ``$OUT/<case>.json`` with ``@`` written as ``_`` and a ``gib`` suffix
+(``llama2-7b_24gib.json``: names with ``@`` don't come back from the device) and ``$OUT/serve_tracks.json``.
+
+``mistral-7b-uncapped`` is the no-regression run instead: ``bench.serve`` on Mistral-7B uncapped,
+ours against upstream litgpt (HF and the projection left out for time), checked against
+``NO_REGRESSION`` (c=30 at least 15x litgpt, batch-1 decode at least 148 tokens/s).
 """
 
 from __future__ import annotations
@@ -38,6 +44,14 @@ CASES = {
     "qwen2.5-14b@40": ("Qwen2.5-14B", 40),
     "qwen2.5-7b@24": ("Qwen2.5-7B", 24),
 }
+UNCAPPED = "mistral-7b-uncapped"  # the no-regression run of bench.serve
+NO_REGRESSION = {"c30_vs_litgpt": 15.0, "batch1_decode_tokens_per_s": 148.0}
+
+
+def file_stem(case: str) -> str:
+    """``llama2-7b@24`` -> ``llama2-7b_24gib`` (the device's file transfer drops names with ``@``)."""
+    name, _, gib = case.partition("@")
+    return f"{name}_{gib}gib" if gib else name
 
 
 class GpuMemoryPeak:
@@ -84,7 +98,8 @@ def run_case(case: str, out_dir: Path, work_dir: Path, requests: int, cap_new_to
         traces = build_traces(ckpt, requests, cap_new_tokens, seed)
         port = _free_port()
         command = server_command("ours", ckpt, port, device, case_dir, ours_args=["--gpu_memory_gib", str(gib)])
-        with Server(command, port, out_dir / f"server_{case}.log") as server, GpuMemoryPeak(server.process.pid) as smi:
+        log = out_dir / f"server_{file_stem(case)}.log"
+        with Server(command, port, log) as server, GpuMemoryPeak(server.process.pid) as smi:
             entry["startup_s"] = round(server.startup_s, 1)
             asyncio.run(replay(server.url, traces[1][:2], 1))  # warm-up
             entry["batch1_decode"] = batch1_decode(server.url, decode_tokens)
@@ -108,10 +123,33 @@ def run_case(case: str, out_dir: Path, work_dir: Path, requests: int, cap_new_to
         }
         if smi.error:
             entry["summary"]["nvidia_smi_error"] = smi.error
+        entry["summary"]["memory"] = next((line for line in log.read_text().splitlines() if line.startswith("memory: ")), None)
     except Exception as e:  # one case failing still reports the others
         entry["error"] = f"{type(e).__name__}: {e}"
     finally:
         shutil.rmtree(case_dir, ignore_errors=True)
+    entry["total_s"] = round(time.perf_counter() - t0, 1)
+    return entry
+
+
+def no_regression(out_dir: Path, work_dir: Path, decode_tokens: int, seed: int, device: str) -> dict:
+    """``bench.serve`` uncapped on Mistral-7B, ours against upstream litgpt, checked against ``NO_REGRESSION``."""
+    from bench.serve import main as serve
+
+    t0 = time.perf_counter()
+    try:
+        report = serve(out_dir=out_dir, model="Mistral-7B-v0.1", work_dir=work_dir, servers=["ours", "litgpt"], requests=32,
+                       decode_tokens=decode_tokens, projection_requests_per_type=0, device=device, seed=seed)  # fmt: skip
+        measured = {
+            "c30_vs_litgpt": report["ratios"].get(f"c{HELM_CONCURRENCY}_requests_per_s_vs_litgpt"),
+            "batch1_decode_tokens_per_s": (report["servers"]["ours"].get("batch1_decode") or {}).get("tokens_per_s"),
+        }
+        met = {k: v is not None and v >= NO_REGRESSION[k] for k, v in measured.items()}
+        entry = {"case": UNCAPPED, "summary": {"target": NO_REGRESSION, "measured": measured, "met": met}, "serve": report}
+    except Exception as e:
+        entry = {"case": UNCAPPED, "error": f"{type(e).__name__}: {e}"}
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
     entry["total_s"] = round(time.perf_counter() - t0, 1)
     return entry
 
@@ -130,7 +168,7 @@ def main(
 
     Args:
         out_dir: where the JSON and the servers' logs go.
-        cases: which of ``CASES`` to run (split them over several runs to keep each short).
+        cases: which of ``CASES`` (or ``mistral-7b-uncapped``) to run; one case per device command stays under 10 min.
         work_dir: scratch space for each case's random checkpoint (deleted after the case).
         requests: trace length per concurrency.
         cap_new_tokens: cap on generated tokens in the traces (random weights never stop on their own).
@@ -138,15 +176,18 @@ def main(
         seed: trace seeds, as in ``bench.serve``.
         device: passed to the server.
     """
-    unknown = [c for c in cases if c not in CASES]
+    unknown = [c for c in cases if c not in CASES and c != UNCAPPED]
     if unknown:
-        raise ValueError(f"cases: unknown {unknown}; choose from {list(CASES)}")
+        raise ValueError(f"cases: unknown {unknown}; choose from {[*CASES, UNCAPPED]}")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"device": _device_name(device), "date": time.strftime("%Y-%m-%d"), "requests": requests, "cap_new_tokens": cap_new_tokens, "cases": {}}
     for case in cases:
-        entry = run_case(case, out_dir, work_dir, requests, cap_new_tokens, decode_tokens, seed, device)
+        if case == UNCAPPED:
+            entry = no_regression(out_dir / file_stem(case), work_dir / case, decode_tokens, seed, device)
+        else:
+            entry = run_case(case, out_dir, work_dir, requests, cap_new_tokens, decode_tokens, seed, device)
         report["cases"][case] = entry
-        (out_dir / f"serve_tracks_{case}.json").write_text(json.dumps(entry, indent=2))
+        (out_dir / f"{file_stem(case)}.json").write_text(json.dumps(entry, indent=2))
         print(f"{case}: {json.dumps(entry.get('summary') or entry.get('error'))}", flush=True)
     (out_dir / "serve_tracks.json").write_text(json.dumps(report, indent=2))
     return report

@@ -81,8 +81,9 @@ def serve(
         gpu_memory_gib: behave as on a GPU with this much memory (e.g. 24 for an RTX 4090): the process
             cannot allocate more, and the KV cache takes what the weights leave.
         kv_block_size: positions per KV-cache block.
-        kv_tokens: KV-cache size in tokens (all sequences together); default: what GPU memory holds
-            after the weights and a margin for activations, or 2 full windows on the CPU.
+        kv_tokens: KV-cache size in tokens (all sequences together); default: on a GPU what is left
+            after the weights, a measured worst-case step with every decode graph, and a small margin
+            (refused if a given size does not fit there); on the CPU 2 full windows.
         max_batch: sequences in flight at most (HELM sends 30 requests at once); at least 16, the
             most sequences one request may ask for.
         max_queue: requests waiting at most; past it /process answers 503 with Retry-After.
@@ -99,6 +100,8 @@ def serve(
         options = dict(max_batch=max_batch, prefill_tokens=prefill_tokens, kv_block_size=kv_block_size, kv_tokens=kv_tokens,
                        max_queue=max_queue, cuda_graphs=cuda_graphs, gpu_memory_gib=gpu_memory_gib)  # fmt: skip
         served = make_engine(generator, engine, **options)
+        if memory := getattr(served, "memory", None):
+            print(memory, flush=True)
     except ValueError as e:  # includes CheckpointError: a clear one-line refusal, not a traceback
         raise SystemExit(f"error: {e}") from None
     if warmup and hasattr(served, "warmup"):

@@ -20,6 +20,7 @@ the requests in that forward); the loop goes on.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import sys
 import threading
@@ -33,11 +34,11 @@ import torch
 
 from server.engine import Busy, FieldError, RequestFailed, Unavailable, until_done_or_gone
 from server.generate import Generator, Prompt, Sequence, advance, completions, echo_scores, echo_tokens, new_generator, pick
-from server.gpu_memory import usable_bytes
 from server.kv_pool import KVPool
-from server.paged_model import PagedModel, Segment, activation_bytes, kv_bytes_per_token
-from server.scheduler import Job, Scheduler
+from server.paged_model import PagedModel, Segment, kv_bytes_per_token
+from server.scheduler import ECHO_TOKENS, Job, Scheduler
 from server.schemas import MAX_SEQUENCES, Completion, ProcessRequest
+from server.step_memory import CudaProbe, measure, measured_blocks, worst_steps
 
 CPU_WINDOWS = 2  # on the CPU the pool holds this many full windows (tests and demos), unless --kv_tokens
 STALL_S = 120.0  # /health says "stalled" when a step with work to do has taken longer than this
@@ -64,30 +65,9 @@ class _Live:
         self.job = Job(list(self.prompt.ids), self.req.n, self.req.max_new_tokens, echo=self.req.echo_prompt, payload=self)
 
 
-def pool_blocks(
-    generator: Generator, block_size: int, kv_tokens: int | None, prefill_tokens: int, max_batch: int, gpu_memory_gib: float | None
-) -> int:
-    """Blocks in the KV pool: ``kv_tokens`` if given; on the CPU ``CPU_WINDOWS`` full windows; on a GPU
-    what is left under the memory cap after the weights, minus what a step's activations take."""
-    window = generator.max_seq_length
-    per_block = block_size * kv_bytes_per_token(generator.model)
-    if kv_tokens is not None:
-        tokens = kv_tokens
-    elif generator.device.type != "cuda":
-        tokens = CPU_WINDOWS * window
-    else:
-        margin = activation_bytes(generator.model, prefill_tokens, max_batch, window)
-        free = usable_bytes(generator.device, gpu_memory_gib)
-        tokens = max(free - margin, 0) // per_block * block_size
-        if tokens < window:
-            raise ValueError(
-                f"the KV cache needs {window * per_block / block_size / 2**20:.0f} MiB for one {window}-token sequence but only "
-                f"{max(free - margin, 0) / 2**20:.0f} MiB are left ({free / 2**30:.1f} GiB free after the weights, "
-                f"{margin / 2**30:.1f} GiB kept for activations); lower --max_seq_length, serve quantized (--quantize bnb.nf4) or a smaller model"
-            )
-    if tokens < window:
-        raise ValueError(f"kv_tokens: {tokens} cannot hold one {window}-token sequence (--max_seq_length); ask for at least {window}")
-    return math.ceil(tokens / block_size) + 1  # + block 0, the padding block
+def cpu_pool_blocks(window: int, block_size: int, kv_tokens: int | None) -> int:
+    """Blocks in a CPU pool (block 0, the padding block, included): ``kv_tokens``, or ``CPU_WINDOWS`` full windows."""
+    return math.ceil((CPU_WINDOWS * window if kv_tokens is None else kv_tokens) / block_size) + 1
 
 
 class BatchEngine:
@@ -113,10 +93,26 @@ class BatchEngine:
                 raise ValueError(f"{name}: must be at least {low}, got {value}")
         self.generator = generator
         self.codec = generator.codec
-        blocks = pool_blocks(generator, kv_block_size, kv_tokens, prefill_tokens, max_batch, gpu_memory_gib)
+        window = generator.max_seq_length
+        if kv_tokens is not None and kv_tokens < window:
+            raise ValueError(f"kv_tokens: {kv_tokens} cannot hold one {window}-token sequence (--max_seq_length); ask for at least {window}")
+        block_bytes = kv_block_size * kv_bytes_per_token(generator.model)
+
+        def runner(blocks: int) -> PagedModel:
+            return PagedModel(generator.model, blocks, kv_block_size, max_batch, window, cuda_graphs=cuda_graphs)
+
+        if generator.device.type == "cuda":  # what the worst steps leave under the limit (server.step_memory)
+            one_window = math.ceil(window / kv_block_size) + 1  # the provisional pool (+ the padding block)
+            steps = functools.partial(worst_steps, max_batch=max_batch, prefill_tokens=prefill_tokens, echo_tokens=ECHO_TOKENS)
+            measured = measure(CudaProbe(generator.device, gpu_memory_gib), runner, steps, one_window, block_bytes)
+            blocks = measured_blocks(measured, kv_block_size, block_bytes, window, kv_tokens)
+            self.memory = measured.breakdown(blocks * block_bytes, (blocks - 1) * kv_block_size)
+        else:
+            blocks = cpu_pool_blocks(window, kv_block_size, kv_tokens)
+            self.memory = f"memory: KV pool {(blocks - 1) * kv_block_size:,} tokens, {blocks * block_bytes / 2**30:.2f} GiB (CPU)"
         self.pool = KVPool(blocks, kv_block_size)
-        self.model = PagedModel(generator.model, blocks, kv_block_size, max_batch, generator.max_seq_length, cuda_graphs=cuda_graphs)
-        self.scheduler = Scheduler(self.pool, max_batch, prefill_tokens)
+        self.model = runner(blocks)
+        self.scheduler = Scheduler(self.pool, max_batch, prefill_tokens, ECHO_TOKENS)
         self.max_batch, self.max_queue = max_batch, max_queue
         self._inbox: deque[_Live] = deque()
         self._cancelled: deque[_Live] = deque()

@@ -33,12 +33,12 @@ def cap(device: torch.device, gpu_memory_gib: float | None) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, allocator_gib * GIB / total), device)
 
 
-def usable_bytes(device: torch.device, gpu_memory_gib: float | None) -> int:
-    """Bytes this process can still allocate on ``device``: free memory plus what the allocator holds
-    unused, and never more than the cap leaves."""
+def allowed_bytes(device: torch.device, gpu_memory_gib: float | None) -> int:
+    """The most bytes this process's allocator may hold on ``device``: what it holds plus what is free,
+    and never more than the cap gives it."""
     device = _indexed(device)
-    allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
-    usable = torch.cuda.mem_get_info(device)[0] + reserved - allocated
+    allowed = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
     if gpu_memory_gib is not None:
-        usable = min(usable, int((gpu_memory_gib - CUDA_CONTEXT_GIB) * GIB) - allocated)
-    return max(usable, 0)
+        total = torch.cuda.get_device_properties(device).total_memory
+        allowed = min(allowed, total, int((gpu_memory_gib - CUDA_CONTEXT_GIB) * GIB))
+    return allowed

@@ -61,20 +61,6 @@ def kv_bytes_per_token(model: GPT) -> int:
     return 2 * c.n_layer * c.n_query_groups * c.head_size * model.transformer.wte.weight.element_size()
 
 
-def activation_bytes(model: GPT, prefill_tokens: int, max_batch: int, max_len: int, echo_tokens: int = 512) -> int:
-    """What a step needs beside the weights and the KV pool (an estimate with headroom): one prefill
-    chunk's activations, the logits of a step (echo positions or the decode batch) and their
-    softmax/sort copies, one layer's gathered K/V for the largest decode batch, the decode graphs'
-    outputs, and 1 GiB for CUDA graph pools, cuBLAS workspaces and fragmentation."""
-    c, itemsize = model.config, model.transformer.wte.weight.element_size()
-    qkv = (c.n_head + 2 * c.n_query_groups) * c.head_size
-    prefill = prefill_tokens * (6 * c.n_embd + 3 * c.intermediate_size + qkv) * itemsize * 2
-    logits = (echo_tokens + max_batch) * c.padded_vocab_size * 16
-    gathered = 2 * max_batch * max_len * c.n_query_groups * c.head_size * itemsize
-    graphs = (max_len // LENGTH_BUCKET + 1) * 8 * max_batch * c.padded_vocab_size * itemsize
-    return prefill + logits + gathered + graphs + 2**30
-
-
 @dataclass
 class Segment:
     """New tokens of one sequence for a prefill pass: ``ids`` go to positions ``start..start+len-1``
@@ -114,7 +100,8 @@ class PagedModel:
         self._fp32_weights: dict[torch.nn.Module, torch.Tensor] = {}  # RMSNorm weights in fp32
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
+        self._pool = self._stream = None
+        self._logits: torch.Tensor | None = None  # what every graph's decode step writes its logits to
         # decode inputs, static so that CUDA graphs can replay them
         self._tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self._positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
@@ -328,15 +315,20 @@ class PagedModel:
         """Record the decode step for (B, blocks) once; later steps replay it with new inputs."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph (cuBLAS workspaces, lazy init)
-            self._decode_step(B, blocks)
-        torch.cuda.current_stream().wait_stream(stream)
+        if self._stream is None:  # one side stream: the allocator caches blocks per stream
+            self._stream = torch.cuda.Stream()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):  # warm-up outside the graph (cuBLAS workspaces, lazy init)
+            out = self._decode_step(B, blocks)
+        torch.cuda.current_stream().wait_stream(self._stream)
+        if self._logits is None:  # one logits buffer for all graphs, not one each (32 x 152k vocab: 10 MB a graph)
+            self._logits = torch.empty((self.max_batch, out.size(-1)), dtype=out.dtype, device=self.device)
+        del out
+        torch.cuda.empty_cache()  # the warm-up's blocks serve only the side stream: give them back before the graph's pool grows
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self._decode_step(B, blocks)
-        return graph, out
+            self._logits[:B].copy_(self._decode_step(B, blocks))
+        return graph, self._logits[:B]
 
     def warmup(self, max_batch: int, max_length: int | None = None) -> int:
         """Capture the decode graphs up front (so the first requests don't pay for it); returns how many.

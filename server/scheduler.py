@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from server.kv_pool import KVPool
 
 WAIT_FOR_SHARED = 32  # wait a round when a prompt being computed shares this many more tokens
+ECHO_TOKENS = 512  # prompt positions a prefill step returns logits for (echo requests), by default
 
 
 @dataclass(eq=False)
@@ -68,7 +69,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Scheduler:
-    def __init__(self, pool: KVPool, max_batch: int, prefill_tokens: int, echo_tokens: int = 512) -> None:
+    def __init__(self, pool: KVPool, max_batch: int, prefill_tokens: int, echo_tokens: int = ECHO_TOKENS) -> None:
         """``max_batch``: sequences in flight at most; ``echo_tokens``: prompt positions a prefill step
         returns logits for (echo requests), which bounds that step's logits memory."""
         self.pool, self.max_batch, self.prefill_tokens, self.echo_tokens = pool, max_batch, prefill_tokens, echo_tokens

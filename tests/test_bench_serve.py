@@ -36,12 +36,14 @@ def test_bench_serve_runs_on_the_tiny_model(make_tiny_checkpoint, tmp_path) -> N
 def test_serve_tracks_cases_are_litgpt_configs_and_unknown_ones_are_refused(tmp_path) -> None:
     import pytest
 
-    from bench.serve_tracks import CASES
+    from bench.serve_tracks import CASES, UNCAPPED, file_stem
     from bench.serve_tracks import main as tracks
     from core.configs import config_from_name
 
     for case, (name, gib) in CASES.items():
         assert config_from_name(name).name == name and case.endswith(f"@{gib}")
+        assert "@" not in file_stem(case) and file_stem(case).endswith(f"_{gib}gib")  # '@' names don't come back from the device
+    assert file_stem("llama2-7b@24") == "llama2-7b_24gib" and file_stem(UNCAPPED) == UNCAPPED
     with pytest.raises(ValueError, match="cases: unknown"):
         tracks(out_dir=tmp_path, cases=["gpt-5@80"])
 
