@@ -39,6 +39,7 @@ from finetune.batching import EpochBatches, batch_to_device
 from finetune.budget import BudgetPlanner, Schedule, parse_duration
 from finetune.data import IGNORE_INDEX, Collate, encode_row, load_rows
 from finetune.loop import Progress, fit
+from finetune.new_parameters import load_and_initialize
 from finetune.packing import PackCollate, PackedBatches
 from finetune.plot import plot_metrics
 from finetune.provenance import build_manifest
@@ -208,7 +209,11 @@ def build_model(fabric: L.Fabric, method: Method, method_config: dict, checkpoin
     method.freeze_all_but_trainable(model)
     fabric.print(f"{method.name}: {num_parameters(model, requires_grad=True):,} trainable of {num_parameters(model):,} parameters")
     model = fabric.setup_module(model)
-    load_checkpoint(fabric, model, checkpoint_dir / WEIGHTS, strict=method.name == "full")
+    load = lambda: load_checkpoint(fabric, model, checkpoint_dir / WEIGHTS, strict=method.name == "full")  # noqa: E731
+    if quantize is None:
+        load()  # built with normal init: the method's parameters are already initialized
+    else:
+        load_and_initialize(model, load)  # empty init: see finetune.new_parameters
     return model
 
 
