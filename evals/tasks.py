@@ -16,10 +16,11 @@
 from __future__ import annotations
 
 import csv
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from core.jsonl import RowFileError, read_rows
 
 LETTERS = "ABCDEFGHIJ"
 MMLU_HEADER = ["question", "A", "B", "C", "D", "answer"]
@@ -51,7 +52,11 @@ def _mmlu_block(question: str, options: list[str], answer: str | None) -> str:
 
 
 def load_mmlu_csv(path: Path, shots: int) -> Task:
-    rows = list(csv.reader(Path(path).open(newline="", encoding="utf-8")))
+    try:
+        with Path(path).open(newline="", encoding="utf-8-sig") as f:  # a byte-order mark is not part of the header
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise TaskError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     start = 1 if rows and [c.strip() for c in rows[0]] == MMLU_HEADER else 0
     parsed = []
     for number, row in enumerate(rows[start:], start + 1):
@@ -70,26 +75,16 @@ def load_mmlu_csv(path: Path, shots: int) -> Task:
     return Task(Path(path).stem, "multiple_choice", items, max_new_tokens=1, stop=["\n"])
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    text = Path(path).read_text(encoding="utf-8")
-    if Path(path).suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        if not isinstance(data, list):
-            raise TaskError(f"{path}: a .json task file holds a list of rows")
-        return data
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{number}: invalid JSON: {e.msg}") from None
-            if not isinstance(rows[-1], dict):
-                raise TaskError(f"{path}:{number}: each line must be a JSON object")
-    return rows
+def _read_rows(path: Path) -> list[dict]:
+    """A .jsonl/.json task file's rows, read as training data is (``core.jsonl``); each must be an object."""
+    try:
+        rows = read_rows(path)
+    except RowFileError as e:
+        raise TaskError(str(e)) from None
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise TaskError(f"{where}: each row must be a JSON object, got {type(row).__name__}")
+    return [row for _, row in rows]
 
 
 def gsm_solution(answer: str) -> str:
@@ -134,9 +129,7 @@ def load_task(path: Path, shots: int, template, max_new_tokens: int = 128) -> Ta
         return load_mmlu_csv(path, shots)
     if path.suffix not in (".jsonl", ".json"):
         raise TaskError(f"{path}: a task file is .csv (MMLU layout) or .jsonl/.json (GSM8K layout or training rows)")
-    rows = _read_jsonl(path)
-    if not rows:
-        raise TaskError(f"{path}: no rows")
+    rows = _read_rows(path)
     if {"question", "answer"} <= rows[0].keys() and "instruction" not in rows[0]:
         return load_gsm(path, rows, shots)
     return load_rows_task(path, rows, template, max_new_tokens)

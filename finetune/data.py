@@ -10,7 +10,6 @@ A bad row raises ``DataError`` naming the file and line, and nothing is silently
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from litgpt import Tokenizer
 from litgpt.prompts import PromptStyle
 
 from core.chat import ROLES, ChatTemplate, ChatTemplateError, encode_conversation
+from core.jsonl import RowFileError, read_rows
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips (prompt tokens, padding)
 
@@ -88,37 +88,16 @@ def as_messages(row: dict[str, str]) -> list[dict[str, str]]:
 def load_rows(path: Path) -> list[dict[str, str]]:
     """Rows of a .json (list) or .jsonl file, normalized; errors name ``file:line``.
 
-    JSONL lines end at ``\n`` only: JSON strings may hold U+2028 and other characters that
-    ``str.splitlines`` would also break at. A UTF-8 byte-order mark is skipped. No rows is an error.
+    Read by ``core.jsonl``: JSONL split at ``\n`` only, a UTF-8 byte-order mark skipped, no rows an error.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
-    if path.suffix == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            rows.append(normalize_row(raw, f"{path}:{lineno}"))
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: a .json data file must hold a list of rows")
-        rows = [normalize_row(raw, f"{path}: row {i}") for i, raw in enumerate(data)]
-    if not rows:
-        raise DataError(f"{path}: no rows (the file is empty)")
-    return rows
+        rows = read_rows(path)
+    except RowFileError as e:
+        raise DataError(str(e)) from None
+    return [normalize_row(raw, where) for where, raw in rows]
 
 
 def encode_row(

@@ -47,3 +47,31 @@ def test_non_utf8_file_named(tmp_path):
     with pytest.raises(DataError, match="not UTF-8") as info:
         load_rows(path)
     assert str(path) in str(info.value)
+
+
+def test_eval_task_files_are_read_the_same_way(tmp_path):
+    """make eval's task files (evals.tasks) follow the same rules: held-out rows, GSM8K lines, MMLU CSVs."""
+    from core.prompts import get_style
+    from evals.tasks import TaskError, load_task
+
+    qa = get_style("qa")
+    rows = tmp_path / "heldout.jsonl"
+    rows.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS).encode())
+    task = load_task(rows, shots=0, template=qa)
+    assert [item.gold for item in task.items] == [r["output"] for r in ROWS]  # one item per row, U+2028 kept inside
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_bytes(b"\xef\xbb\xbf" + json.dumps({"question": "What is 1\u2028+1?", "answer": "1+1=2\n#### 2"}).encode() + b"\n")
+    assert load_task(gsm, shots=0, template=qa).items[0].gold == "2"
+    mmlu = tmp_path / "x_test.csv"
+    mmlu.write_bytes(b"\xef\xbb\xbfquestion,A,B,C,D,answer\n" + b"Pick A,a,b,c,d,A\n" * 2)
+    assert [item.gold for item in load_task(mmlu, shots=1, template=qa).items] == ["A"]  # the header is a header
+    for name, content, message in [
+        ("empty.jsonl", b"\xef\xbb\xbf\n", "no rows"),
+        ("latin.jsonl", '{"instruction": "caf\u00e9", "output": "x"}'.encode("latin-1"), "not UTF-8"),
+        ("latin_test.csv", "question,A,B,C,D,answer\ncaf\u00e9,a,b,c,d,A\n".encode("latin-1"), "not UTF-8"),
+        ("list.jsonl", b"[1, 2]\n", ":1: each row must be a JSON object"),
+    ]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(TaskError, match=message) as info:
+            load_task(tmp_path / name, shots=0, template=qa)
+        assert str(tmp_path / name) in str(info.value)
