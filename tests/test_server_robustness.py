@@ -7,10 +7,11 @@ On the tiny model (CPU, fp32), through the real app:
 - 1,000 mixed requests (echo, several sequences, stops, sampling failures, clients that leave) leave
   no block held;
 - past ``max_queue`` requests get 503 with Retry-After, and the server recovers;
-- /health is 503 with the reason once the engine thread is gone;
+- /health is 503 with the reason once the engine thread is gone, or while one step makes no progress;
 - lone surrogates get 422 naming the field;
-- over real HTTP (uvicorn), clients that hang up are cancelled and free their blocks, and SIGTERM
-  ends the server within ``--drain_s`` even with generations in flight.
+- over real HTTP (uvicorn), 500 requests inside the engine whose clients hang up are all cancelled
+  and leave no block held, and SIGTERM ends the server within ``--drain_s`` with long generations
+  and the old wedge (tiny ``top_p``) in flight.
 """
 
 from __future__ import annotations
@@ -256,39 +257,88 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_clients_that_hang_up_are_cancelled_and_free_their_blocks(generator, engine) -> None:
-    e = engine(max_queue=10_000)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(e, generator.codec), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
+@pytest.fixture
+def http_server(generator, engine):
+    """Factory: the app over a new engine, served by uvicorn on a free port in a thread; yields (engine, url)."""
+    servers = []
+
+    def start(**options):
+        e = engine(**options)
+        port = _free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(e, generator.codec), host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
         while not server.started:
             time.sleep(0.05)
+        return e, f"http://127.0.0.1:{port}"
 
-        async def abandon(n: int) -> None:
-            limits = httpx.Limits(max_connections=n)
-            async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(0.05), limits=limits) as client:
-
-                async def one(i: int) -> None:
-                    with pytest.raises(httpx.TimeoutException):
-                        await client.post("/process", json={"prompt": SHOTS + f"Is {i}?", "max_new_tokens": 1500, "temperature": 0})
-
-                await asyncio.gather(*(one(i) for i in range(n)))
-
-        asyncio.run(abandon(500))
-        deadline = time.monotonic() + 60
-        while not e.idle and time.monotonic() < deadline:
-            time.sleep(0.1)
-        stats = httpx.get(url + "/health").json()["engine"]
-        assert stats["kv_blocks_held"] == 0 and stats["queued"] == 0 and stats["sequences"] == 0, stats
-        assert stats["decoded_tokens"] < 500 * 1500 // 10  # they were stopped, not run to the end
-        ok = httpx.post(url + "/process", json={"prompt": "Is 4 even or odd?\nAnswer:", "max_new_tokens": 3}, timeout=30)
-        assert ok.status_code == 200
-    finally:
+    yield start
+    for server, thread in servers:
         server.should_exit = True
         thread.join(10)
+
+
+def _until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_500_requests_abandoned_by_their_clients_leave_nothing_held(http_server) -> None:
+    """500 long generations are all inside the engine (a few running, the rest queued) when their clients hang up."""
+    e, url = http_server(max_queue=10_000)
+    body = {"prompt": SHOTS + "Is 7 even or odd?\nAnswer:", "max_new_tokens": 1500, "temperature": 1.0}
+
+    async def abandon(n: int) -> int:
+        limits = httpx.Limits(max_connections=n)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+            posts = [asyncio.ensure_future(client.post("/process", json={**body, "seed": i})) for i in range(n)]
+            deadline = time.monotonic() + 120
+            while e.counters["requests"] < n and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert e.counters["requests"] == n and e.stats["sequences"] > 0 and e.stats["queued"] > 0, e.stats
+            for p in posts:  # the clients go away: their connections close
+                p.cancel()
+            results = await asyncio.gather(*posts, return_exceptions=True)
+            return sum(isinstance(r, httpx.Response) for r in results)
+
+    answered = asyncio.run(abandon(500))
+    _until(lambda: e.idle)
+    stats = httpx.get(url + "/health").json()["engine"]
+    assert stats["kv_blocks_held"] == 0 and stats["queued"] == 0 and stats["sequences"] == 0, stats
+    assert e.idle and e.pool.available == e.pool.num_blocks - 1
+    assert stats["cancelled"] == 500 - answered, (answered, stats)  # every one the engine did not finish was cancelled
+    assert stats["decoded_tokens"] < 500 * 1500 // 10  # they were stopped, not run to the end
+    ok = httpx.post(url + "/process", json={"prompt": "Is 4 even or odd?\nAnswer:", "max_new_tokens": 3}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_health_is_503_while_a_step_makes_no_progress_then_ready_again(generator, http_server, monkeypatch) -> None:
+    import server.batch_engine as batch_engine
+
+    monkeypatch.setattr(batch_engine, "STALL_S", 0.5)
+    e, url = http_server()
+    release, real_prefill = threading.Event(), e.model.prefill
+
+    def stuck(segments):  # a forward that hangs, as a wedged kernel would
+        release.wait(60)
+        return real_prefill(segments)
+
+    e.model.prefill = stuck
+    answer: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: answer.append(httpx.post(url + "/process", json={"prompt": "hi", "max_new_tokens": 2}, timeout=60)))
+    thread.start()
+    _until(lambda: httpx.get(url + "/health").status_code == 503)
+    health = httpx.get(url + "/health")
+    assert health.status_code == 503 and "in one step for" in health.json()["reason"]
+    refused = httpx.post(url + "/process", json={"prompt": "also", "max_new_tokens": 2}, timeout=30)
+    assert refused.status_code == 503 and "in one step for" in refused.json()["detail"]
+    release.set()
+    thread.join(60)
+    assert answer[0].status_code == 200
+    assert httpx.get(url + "/health").status_code == 200
+    _wait_idle(e)
 
 
 @pytest.mark.slow(reason="starts a real server process: SIGTERM is only real there")
@@ -315,7 +365,12 @@ def test_sigterm_ends_the_server_within_drain_s(make_tiny_checkpoint, tmp_path) 
                 threading.Thread(target=_ignore, args=(httpx.post, url + "/process"), kwargs={"json": b, "timeout": 60}, daemon=True).start()
 
         flood()
-        time.sleep(1.0)
+        in_flight = {}
+        deadline = time.monotonic() + 60
+        while in_flight.get("requests", 0) < 16 and time.monotonic() < deadline:  # every one inside the engine
+            in_flight = httpx.get(url + "/health", timeout=5).json()["engine"]
+            time.sleep(0.1)
+        assert in_flight["requests"] == 16 and in_flight["sequences"] > 0, in_flight
         start = time.monotonic()
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=drain_s + 3)
