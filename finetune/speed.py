@@ -39,8 +39,9 @@ class SpeedArgs:
     # dequantization as one custom op traced inside each compiled block, weights quantized from the compute dtype.
     # "auto": in-block only if bit-identical to bitsandbytes on every layer AND timed faster in this process; else
     # bitsandbytes. "compiled": our torch-op dequantization (measured 4x slower than bitsandbytes on an H200).
-    # The default: change this one line to flip it (after a GPU bench says so).
-    dequantize_4bit: Literal["bitsandbytes", "in-block", "auto", "compiled"] = "bitsandbytes"
+    # The default "auto": on an H200 (BENCHMARKS.md, issue 13, 2026-12-03) it chose in-block and ran 1.27x (2,048-token
+    # rows) and 1.86x (mixed lengths) the whole-step speed of "bitsandbytes" at +0.4 GiB peak.
+    dequantize_4bit: Literal["bitsandbytes", "in-block", "auto", "compiled"] = "auto"
     lora_addmm: bool = False  # add each LoRA term inside its GEMM (torch.addmm) instead of in two more passes; off until measured on a GPU
 
     @property
