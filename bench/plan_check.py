@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from core.gpu_memory import CUDA_CONTEXT_GIB
+
 # case: (litgpt config, quantize, LoRA rank, card GiB, global batch, speed overrides)
 CASES = {
     "recipe4090": ("Mistral-7B-v0.1", "bnb.nf4", 64, 24.0, 8, {}),
@@ -116,7 +118,7 @@ def check(case: str, work_dir: Path, steps: int, speed: dict | None = None) -> d
         "estimate_parts_gib": {k: round(v, 2) for k, v in estimate.items()},
         "peak_reserved_gib": round(peak, 2),
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "headroom_to_card_gib": round(card - peak - 0.75, 2),
+        "headroom_to_card_gib": round(card - peak - CUDA_CONTEXT_GIB, 2),
         "headroom_to_cap_gib": round(cap - peak, 2),
         "estimate_vs_peak": round(estimate["total"] / peak, 3),
         "steps": len(rows),

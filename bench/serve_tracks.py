@@ -35,6 +35,7 @@ from pathlib import Path
 import httpx
 
 from bench.serve import Server, _device_name, _free_port, batch1_decode, build_traces, prepare_checkpoint, replay, server_command
+from core.gpu_memory import CUDA_CONTEXT_GIB
 from core.workload import HELM_CONCURRENCY, HELM_RUN_THREADS
 
 # case name -> (litgpt config, GiB): the track's card
@@ -119,7 +120,8 @@ def run_case(case: str, out_dir: Path, work_dir: Path, requests: int, cap_new_to
             "peak_allocated_gib": engine.get("gpu_peak_allocated_gib"),
             "peak_reserved_gib": engine.get("gpu_peak_reserved_gib"),
             "peak_process_gib_nvidia_smi": round(smi.peak_mib / 1024, 2) if smi.peak_mib else None,
-            "under_cap": (engine.get("gpu_peak_reserved_gib") or 0) <= gib,
+            # the whole process must fit the card: nvidia-smi's peak (CUDA context included), else reserved + context
+            "under_cap": (smi.peak_mib / 1024 if smi.peak_mib else (engine.get("gpu_peak_reserved_gib") or 0) + CUDA_CONTEXT_GIB) <= gib,
         }
         if smi.error:
             entry["summary"]["nvidia_smi_error"] = smi.error
