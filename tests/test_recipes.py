@@ -326,7 +326,7 @@ def test_eval_split_refused_before_any_loading(tmp_path, monkeypatch):
         raise AssertionError("load_dataset must not be called for a refused recipe")
 
     monkeypatch.setattr(datasets, "load_dataset", boom)
-    monkeypatch.setattr(recipes, "_hub_reachable", boom)
+    monkeypatch.setattr(recipes.loading, "_hub_reachable", boom)
     write_jsonl(tmp_path / "a.jsonl", qa_rows(2))
     sources = [
         src("ok", "a.jsonl"),
@@ -367,7 +367,7 @@ def test_forced_eval_split_is_recorded(tmp_path, monkeypatch):
         return datasets.Dataset.from_list([{"question": "Can pigs fly?", "best_answer": "No."}])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    monkeypatch.setattr(recipes, "_hub_reachable", lambda timeout=0: True)
+    monkeypatch.setattr(recipes.loading, "_hub_reachable", lambda timeout=0: True)
     path = write_recipe(
         tmp_path,
         [
@@ -424,15 +424,15 @@ def test_unpinned_sources_load_one_resolved_commit_recorded_and_replayed(tmp_pat
         return datasets.Dataset.from_list(qa_rows(3))
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    monkeypatch.setattr(recipes, "_hub_reachable", lambda timeout=0: True)
-    monkeypatch.setattr(recipes, "_resolve_revision", lambda dataset, timeout=0: "f" * 40)
+    monkeypatch.setattr(recipes.loading, "_hub_reachable", lambda timeout=0: True)
+    monkeypatch.setattr(recipes.loading, "_resolve_revision", lambda dataset, timeout=0: "f" * 40)
     recipe = load_recipe(write_recipe(tmp_path, [hub_source(revision="unpinned: no hub here"), hub_source(name="p", revision=SHA)]))
     _, card = build(recipe)
     assert calls == ["f" * 40, SHA]  # the unpinned source loads the commit the hub named, not a moving head
     first, second = card["sources"]
     assert (first["revision"], first["revision_unpinned"], first["revision_resolved"]) == (None, "no hub here", "f" * 40)
     assert (second["revision"], second["revision_resolved"]) == (SHA, SHA)
-    monkeypatch.setattr(recipes, "_resolve_revision", lambda dataset, timeout=0: "e" * 40)  # the hub moved on
+    monkeypatch.setattr(recipes.loading, "_resolve_revision", lambda dataset, timeout=0: "e" * 40)  # the hub moved on
     calls.clear()
     _, again = build(recipe, revisions=recipes.card_revisions(card))
     assert calls == ["f" * 40, SHA] and again["rows_sha256"] == card["rows_sha256"]
@@ -441,7 +441,7 @@ def test_unpinned_sources_load_one_resolved_commit_recorded_and_replayed(tmp_pat
 def test_every_shipped_hub_source_pins_a_commit_or_says_why_not():
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         for s in load_recipe(path).sources:
-            if recipes._hub_dataset(s.dataset):
+            if recipes.schema._hub_dataset(s.dataset):
                 assert (s.revision is None) != (s.revision_unpinned is None), (path.name, s.name)
                 assert s.revision_unpinned is None or len(s.revision_unpinned) > 40, (path.name, s.name)
 
@@ -499,8 +499,8 @@ def test_unreachable_hub_sources_are_listed_in_process(tmp_path, monkeypatch):
     """The hub probe failing switches datasets to cache-only: no retries, every missing source listed."""
     import datasets
 
-    monkeypatch.setattr(recipes, "_hub_offline_by_env", lambda: False)
-    monkeypatch.setattr(recipes, "_hub_reachable", lambda timeout=0: False)
+    monkeypatch.setattr(recipes.loading, "_hub_offline_by_env", lambda: False)
+    monkeypatch.setattr(recipes.loading, "_hub_reachable", lambda timeout=0: False)
     write_jsonl(tmp_path / "a.jsonl", qa_rows(2))
     sources = [
         src("local", "a.jsonl"),

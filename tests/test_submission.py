@@ -224,7 +224,7 @@ def test_changed_upstream_dataset_names_the_source_its_hashes_and_its_revision(t
 
     rows = {"someone/a": [{"q": f"a {i}?", "a": "x"} for i in range(3)], "someone/b": [{"q": f"b {i}?", "a": "y"} for i in range(3)]}
     monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, **kw: datasets.Dataset.from_list(rows[path]))
-    monkeypatch.setattr(recipes, "_hub_reachable", lambda timeout=0: True)
+    monkeypatch.setattr(recipes.loading, "_hub_reachable", lambda timeout=0: True)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "submission").mkdir()
     (tmp_path / "submission" / "recipe.yaml").write_text(yaml.safe_dump({"name": "t", "sources": [source("a"), source("b")]}))
