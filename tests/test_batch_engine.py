@@ -17,6 +17,7 @@ import httpx
 import pytest
 import torch
 from litgpt import GPT, Config
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from server.app import create_app
 from server.batch_engine import BatchEngine
@@ -98,6 +99,49 @@ def test_paged_forward_matches_litgpt(arch: str, short_segment: int, monkeypatch
     torch.testing.assert_close(tail[0], refs[2][19], atol=1e-5, rtol=1e-5)
     logits = paged.decode([seqs[2][20]], [20], [fork])
     torch.testing.assert_close(logits[0], refs[2][20], atol=1e-5, rtol=1e-5)
+
+
+class _PoolReads(TorchDispatchMode):
+    """The ops of a step that take the KV pool (a view of its storage) as an input."""
+
+    def __init__(self, pool: torch.Tensor) -> None:
+        super().__init__()
+        self.storage, self.reads = pool.untyped_storage().data_ptr(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = [a for a in args if isinstance(a, torch.Tensor)]
+        if any(t.untyped_storage().data_ptr() == self.storage for t in inputs) and func.overloadpacket not in _VIEWS:
+            self.reads.append((func.overloadpacket, inputs[0]))
+        return func(*args, **(kwargs or {}))
+
+
+_VIEWS = {
+    torch.ops.aten.view,
+    torch.ops.aten.detach,
+    torch.ops.aten.select,
+    torch.ops.aten.slice,
+    torch.ops.aten.transpose,
+    torch.ops.aten._unsafe_view,
+}
+
+
+def test_decode_reads_whole_blocks_not_elements() -> None:
+    """A decode step copies each sequence's K/V blocks as whole contiguous chunks of 8-byte words (one
+    ``index_select`` per layer), never element by element: the element-wise ``index`` gather of 2-byte
+    values made an H200 decode step at c=30 ~14 ms slower than the dense rows before the paged cache."""
+    model = _model("gqa").to(torch.bfloat16)
+    pool = KVPool(num_blocks=40, block_size=4)
+    paged = PagedModel(model, pool.num_blocks, pool.block_size, max_batch=16)
+    tables = _tables(pool, [9, 14, 5])
+    with torch.inference_mode():
+        paged.prefill([Segment(t, 0, list(range(1, n + 1))) for t, n in zip(tables, (9, 14, 5))])
+        with _PoolReads(paged.kv) as seen:
+            paged.decode([1, 2, 3], [9, 14, 5], tables)
+    gathers = [src for op, src in seen.reads if op is not torch.ops.aten.index_put_]
+    assert [op for op, _ in seen.reads if op is not torch.ops.aten.index_put_] == [torch.ops.aten.index_select] * model.config.n_layer
+    chunk = pool.block_size * 2 * model.config.n_query_groups * model.config.head_size * 2  # bytes of one layer's block
+    for src in gathers:
+        assert src.is_contiguous() and src.dtype == torch.int64 and src.shape == (pool.num_blocks, chunk // 8)
 
 
 def _requests() -> list[dict]:

@@ -198,7 +198,7 @@ def test_the_engine_takes_its_gpu_pool_from_the_measurement(make_tiny_checkpoint
     engine = BatchEngine(generator, max_batch=16, prefill_tokens=96, kv_block_size=8, cuda_graphs=False, gpu_memory_gib=1.5)
     try:
         room = GIB - 2**20 - steps - GIB // 2
-        assert engine.pool.num_blocks == room // block_bytes == engine.model.kv.size(3)
+        assert engine.pool.num_blocks == room // block_bytes == engine.model.num_blocks
         assert probes[0].events == ["settle", "reserved", *["peak", "settle"] * 4, "settle", "limit"]  # 3 prefills, 1 decode (no graphs on the CPU)
         assert engine.memory.startswith("memory: 1.00 GiB allowed = weights 0.00 + steps and graphs (measured; worst: prefill of")
     finally:
