@@ -28,16 +28,17 @@ def _request(prompt: str, n: int, echo: bool):
 def tiny_modes(work: Path) -> dict:
     from fastapi.testclient import TestClient
 
+    from core.precision import SERVE_QUANTIZE
     from core.tiny import build_tiny
     from server.app import create_app
     from server.engine import SerialEngine
-    from server.loading import QUANTIZE_MODES, load_generator
+    from server.loading import load_generator
 
     build_tiny(work / "tiny", work / "tiny-data")
     prompt = "Is 4821 even or odd?\nAnswer: odd. Which number is larger, 37 or 52?\nAnswer:"
     ref = load_generator(work / "tiny", device="cuda", dtype="bf16").run(_request(prompt, 8, True))[0][0]
     out = {}
-    for mode in QUANTIZE_MODES:
+    for mode in SERVE_QUANTIZE:
         gen = load_generator(work / "tiny", device="cuda", quantize=mode)  # bf16 compute (int8: fp16)
         got = gen.run(_request(prompt, 8, True))[0][0]
         n_prompt = len(ref.tokens) - 8

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import math
@@ -23,16 +22,15 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
-from lightning.fabric.plugins import BitsandbytesPrecision
 from litgpt import Tokenizer
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.utils import load_checkpoint, num_parameters
 
 from core.chat import ChatTemplate, save_chat_template
 from core.checkpoints import WEIGHTS, copy_side_files, load_config, verify_checkpoint
-from core.integrity import atomic_dir, clean_stale_temps, save_torch
+from core.integrity import atomic_dir, clean_stale_temps, save_torch, sha256_file
 from core.methods import Method
-from core.precision import FABRIC_PRECISION, default_dtype
+from core.precision import FABRIC_PRECISION, TRAIN_QUANTIZE, build_fabric, default_dtype
 from core.prompts import get_style, save_style
 from finetune import neftune, scoring
 from finetune.batching import EpochBatches, batch_to_device
@@ -46,9 +44,6 @@ from finetune.provenance import build_manifest
 from finetune.quantized_storage import ComputeDtypeStorage
 from finetune.speed import SpeedArgs, prepare
 from finetune.state import find_resume_dir, load_state, save_state, saved_micro_batch_size
-
-QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training")
-PRECISION_DTYPE = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "32-true": torch.float32}
 
 
 @dataclass
@@ -73,25 +68,16 @@ def default_precision() -> str:
 
 def make_fabric(precision: str, quantize: str | None, method: Method, out_dir: Path, storage_in_compute_dtype: bool = False) -> L.Fabric:
     """``storage_in_compute_dtype``: 4-bit weights quantized from the compute dtype, not float16 (``finetune.quantized_storage``)."""
-    plugins = None
     if quantize is not None:
-        if quantize not in QUANTIZE_MODES:
-            raise ValueError(f"quantize: choose one of {list(QUANTIZE_MODES)}, got {quantize!r}")
+        if quantize not in TRAIN_QUANTIZE:
+            raise ValueError(f"quantize: choose one of {list(TRAIN_QUANTIZE)}, got {quantize!r}")
         if method.name == "full":
             raise ValueError("quantize: full finetuning updates every weight and cannot train 4/8-bit weights; use lora (QLoRA)")
         if not torch.cuda.is_available():
             raise ValueError(f"quantize: {quantize} (QLoRA) uses bitsandbytes CUDA kernels and needs an NVIDIA GPU")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError(f"quantize: {quantize} needs bitsandbytes: .venv/bin/python -m pip install -c constraints.txt bitsandbytes")
-        if precision not in PRECISION_DTYPE:
-            raise ValueError(f"precision: quantization needs a '-true' precision ({list(PRECISION_DTYPE)}), got {precision!r}")
-        plugin = ComputeDtypeStorage if storage_in_compute_dtype else BitsandbytesPrecision
-        plugins, precision = plugin(quantize[4:], PRECISION_DTYPE[precision]), None
-    return L.Fabric(devices=1, precision=precision, plugins=plugins)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return build_fabric(precision, quantize, ComputeDtypeStorage if storage_in_compute_dtype else None, devices=1)
 
 
 def load_training_rows(data: DataArgs, tokenizer: Tokenizer, seed: int) -> tuple[list[dict], list[dict], dict, str]:
@@ -106,11 +92,11 @@ def load_training_rows(data: DataArgs, tokenizer: Tokenizer, seed: int) -> tuple
         if data.train_file is None:
             raise ValueError("data: give --data.train_file or --data.recipe")
         rows = load_rows(data.train_file)
-        card = {"train_file": str(data.train_file), "sha256": file_sha256(data.train_file), "rows": len(rows)}
+        card = {"train_file": str(data.train_file), "sha256": sha256_file(data.train_file), "rows": len(rows)}
         template = data.prompt_style
     if data.val_file is not None:
         val_rows = load_rows(data.val_file)
-        card["val_file"] = {"path": str(data.val_file), "sha256": file_sha256(data.val_file), "rows": len(val_rows)}
+        card["val_file"] = {"path": str(data.val_file), "sha256": sha256_file(data.val_file), "rows": len(val_rows)}
     else:
         rows = list(rows)
         random.Random(seed).shuffle(rows)

@@ -11,6 +11,7 @@ from typing import Literal
 
 import uvicorn
 
+from core.precision import ServeQuantize
 from core.workload import HELM_WINDOW
 from server.app import create_app
 from server.engine import Engine, EngineKind, make_engine
@@ -46,7 +47,7 @@ def serve(
     port: int = 8080,
     device: str = "auto",
     dtype: Literal["bf16", "fp16", "fp32"] | None = None,
-    quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"] | None = None,
+    quantize: ServeQuantize | None = None,
     use_template: bool = False,
     base_checkpoint_dir: Path | None = None,
     engine: EngineKind = "auto",

@@ -12,23 +12,19 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import lightning as L
 import torch
 import yaml
-from lightning.fabric.plugins import BitsandbytesPrecision
 from litgpt import GPT
 
 from core.chat import CHAT_TEMPLATE_FILE, ChatTemplate, model_chat_template, special_tokens
 from core.checkpoints import WEIGHTS, CheckpointError, load_config, verify_checkpoint
 from core.integrity import load_torch
 from core.methods import unmerged_method
-from core.precision import DTYPES, FABRIC_PRECISION, default_dtype
+from core.precision import DTYPES, FABRIC_PRECISION, SERVE_QUANTIZE, build_fabric, default_dtype
 from core.prompts import load_style
 from core.workload import HELM_WINDOW
 from server.generate import Generator
 from server.text import Codec
-
-QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -41,8 +37,8 @@ def check_quantize(quantize: str | None, device: torch.device) -> None:
     """Refuse quantized modes that cannot work here, with the reason and the way out."""
     if quantize is None:
         return
-    if quantize not in QUANTIZE_MODES:
-        raise ValueError(f"quantize: choose one of {list(QUANTIZE_MODES)}, got {quantize!r}")
+    if quantize not in SERVE_QUANTIZE:
+        raise ValueError(f"quantize: choose one of {list(SERVE_QUANTIZE)}, got {quantize!r}")
     if device.type != "cuda":
         raise ValueError(
             f"quantize: {quantize} uses bitsandbytes CUDA kernels and needs an NVIDIA GPU; this server runs on "
@@ -100,13 +96,8 @@ def load_generator(
         config, model_cls = load_config(checkpoint_dir), GPT
         weight_files = [checkpoint_dir / WEIGHTS]
 
-    plugins = BitsandbytesPrecision(quantize[4:], DTYPES[dtype]) if quantize else None
-    fabric = L.Fabric(
-        accelerator=torch_device.type,
-        devices=[torch_device.index or 0] if torch_device.type == "cuda" else 1,
-        precision=None if quantize else FABRIC_PRECISION[dtype],
-        plugins=plugins,
-    )
+    devices = [torch_device.index or 0] if torch_device.type == "cuda" else 1
+    fabric = build_fabric(FABRIC_PRECISION[dtype], quantize, accelerator=torch_device.type, devices=devices)
     with fabric.init_module(empty_init=True):
         model = model_cls(config)
     model.eval()

@@ -9,9 +9,10 @@ import torch
 from litgpt.args import EvalArgs, TrainArgs
 
 from core.checkpoints import WEIGHTS, CheckpointError
+from core.precision import SERVE_QUANTIZE
 from finetune.lora import DataArgs, LoRAArgs, setup
 from finetune.merge import merge
-from server.loading import QUANTIZE_MODES, load_generator
+from server.loading import load_generator
 from server.schemas import ProcessRequest
 
 PROMPTS = ["Is 4821 even or odd?\nAnswer:", "Repeat the words exactly.\nfox owl pear\nAnswer:", " leading space, 東京 🙂"]
@@ -79,7 +80,7 @@ def test_fp16_and_bf16_load_on_cpu(make_tiny_checkpoint):
         assert _run(gen, PROMPTS[0]).tokens  # runs end to end
 
 
-@pytest.mark.parametrize("mode", QUANTIZE_MODES)
+@pytest.mark.parametrize("mode", SERVE_QUANTIZE)
 def test_quantized_modes_refused_on_cpu_with_a_clear_message(make_tiny_checkpoint, mode):
     with pytest.raises(ValueError, match=r"quantize: .*needs an NVIDIA GPU"):
         load_generator(make_tiny_checkpoint(), device="cpu", quantize=mode)

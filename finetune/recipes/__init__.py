@@ -83,7 +83,7 @@ confs in ``data/helm/``, matched by dataset id and mirrors, by ``hf://`` data fi
 offline alternative (``dataset: json`` + ``data_files``).
 """
 
-from finetune.recipes.card import card_revisions, file_sha256, rows_bytes, write_data_card, write_rows
+from finetune.recipes.card import card_revisions, rows_bytes, write_data_card, write_rows
 from finetune.recipes.cli import main
 from finetune.recipes.pipeline import build
 from finetune.recipes.schema import Recipe, Source, check_eval_splits, eval_split_reason, load_recipe
@@ -95,7 +95,6 @@ __all__ = [
     "card_revisions",
     "check_eval_splits",
     "eval_split_reason",
-    "file_sha256",
     "load_recipe",
     "main",
     "rows_bytes",

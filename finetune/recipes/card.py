@@ -11,20 +11,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from core.integrity import sha256_file
 from finetune.recipes.schema import Recipe, Source, _flat_files, eval_split_reason
 
 
 def rows_bytes(rows: list[dict[str, Any]]) -> bytes:
     """The rows as JSON lines (sort_keys, UTF-8): what ``train.jsonl`` holds and ``rows_sha256`` hashes."""
     return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-
-
-def file_sha256(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _data_file_hashes(s: Source) -> dict[str, str | None]:
@@ -34,7 +27,7 @@ def _data_file_hashes(s: Source) -> dict[str, str | None]:
             out[f] = None  # remote: pin `revision` (hf://...@commit) to make it reproducible
             continue
         for p in sorted(glob.glob(f, recursive=True)) if glob.has_magic(f) else [f]:
-            out[p] = file_sha256(p) if Path(p).is_file() else None
+            out[p] = sha256_file(p) if Path(p).is_file() else None
     return out
 
 
@@ -95,7 +88,7 @@ def data_card(
     card = {
         "recipe": recipe.name,
         "recipe_file": str(recipe.path) if recipe.path else None,
-        "recipe_sha256": file_sha256(recipe.path) if recipe.path and Path(recipe.path).is_file() else None,
+        "recipe_sha256": sha256_file(recipe.path) if recipe.path and Path(recipe.path).is_file() else None,
         "description": recipe.description,
         "template": recipe.template,
         "seed": recipe.seed,
