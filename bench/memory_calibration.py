@@ -54,7 +54,7 @@ def calibrate(base: Path, quantize: str | None, plans: list[tuple[int, bool]], m
     from finetune.speed import SpeedArgs, prepare
 
     method = METHODS["lora"]
-    fabric = make_fabric("bf16-true", quantize, method, Path("/tmp"))
+    fabric = make_fabric("bf16-true", quantize, method)
     model = build_model(fabric, method, LoRAArgs(r=16, alpha=32).as_config(), base, quantize, max_seq_length)
     optimizer = build_optimizer(fabric, model, 1e-4, 0.0)
     shape = ModelShape.of(model.module)

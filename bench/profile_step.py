@@ -94,7 +94,7 @@ def main(
         base = write_random_checkpoint(model_name, work_dir / f"{model_name}-random", tokenizer_dir=work_dir / "tiny")
     method = METHODS["lora"]
     speed_args = SpeedArgs(**{"micro_batch": "fixed", **(speed or {})})
-    fabric = make_fabric("bf16-true" if cuda else "32-true", quantize, method, out_dir, speed_args.quantize_from_compute_dtype)
+    fabric = make_fabric("bf16-true" if cuda else "32-true", quantize, method, speed_args.quantize_from_compute_dtype)
     model = build_model(fabric, method, LoRAArgs(r=lora_r, alpha=2 * lora_r).as_config(), base, quantize, max_seq_length)
     optimizer = build_optimizer(fabric, model, 1e-4, 0.0)
     setup = prepare(fabric, model, "lora", speed_args, TrainArgs(micro_batch_size=1), max_seq_length, quantize)

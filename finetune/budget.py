@@ -53,7 +53,6 @@ class BudgetPlanner:
     planned_steps: int
     measure_steps: int = 10
     skip_steps: int = 2
-    fit_schedule: bool = True
     sec_per_step: float | None = None
     _t_first: float | None = field(default=None, repr=False)
     _t_last: float = field(default=0.0, repr=False)
@@ -87,9 +86,9 @@ class BudgetPlanner:
         print(
             f"WARNING: the plan does not fit the budget: {self.planned_steps:,} planned steps need about "
             f"{self.planned_steps * self.sec_per_step / 3600:.2f} h."
-            + (f" The LR schedule now ends at step {fits:,}." if self.fit_schedule else " The run will stop early.")
+            f" The LR schedule now ends at step {fits:,}."
         )
-        return max(step, fits) if self.fit_schedule else self.planned_steps
+        return max(step, fits)
 
     def out_of_time(self, elapsed: float) -> bool:
         """True when one more step would run into the reserve for the final save."""

@@ -66,7 +66,7 @@ def default_precision() -> str:
     return FABRIC_PRECISION[default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))]
 
 
-def make_fabric(precision: str, quantize: str | None, method: Method, out_dir: Path, storage_in_compute_dtype: bool = False) -> L.Fabric:
+def make_fabric(precision: str, quantize: str | None, method: Method, storage_in_compute_dtype: bool = False) -> L.Fabric:
     """``storage_in_compute_dtype``: 4-bit weights quantized from the compute dtype, not float16 (``finetune.quantized_storage``)."""
     if quantize is not None:
         if quantize not in TRAIN_QUANTIZE:
@@ -241,7 +241,7 @@ def run(
     max_seconds = parse_duration(max_time)
     neftune.check_alpha(neftune_alpha)
     scoring.check(eval, train.save_interval)
-    fabric = make_fabric(precision, quantize, method, out_dir, storage_in_compute_dtype=speed.quantize_from_compute_dtype)
+    fabric = make_fabric(precision, quantize, method, storage_in_compute_dtype=speed.quantize_from_compute_dtype)
     fabric.seed_everything(seed, verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in clean_stale_temps(out_dir):

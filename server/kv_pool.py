@@ -124,11 +124,3 @@ class KVPool:
         key = self._entry_of.pop(block, None)
         if key is not None:
             del self._index[key]
-
-    def forget(self, blocks: Sequence[int]) -> None:
-        """Drop ``blocks`` from the index (after a failed forward their K/V can't be trusted)."""
-        for block in blocks:
-            self._unindex(block)
-            if block in self._cached:
-                del self._cached[block]
-                self._free.append(block)

@@ -216,7 +216,7 @@ def test_quantize_is_refused_on_cpu_and_for_full(tiny, tmp_path):
     from finetune.run import make_fabric
 
     with pytest.raises(ValueError, match="full finetuning"):
-        make_fabric("bf16-true", "bnb.nf4", METHODS["full"], tmp_path)
+        make_fabric("bf16-true", "bnb.nf4", METHODS["full"])
 
 
 def test_a_recipe_run_records_its_data_card_and_template(tiny, tmp_path):

@@ -68,7 +68,7 @@ def _fixed_batch_losses(tiny, tmp_path: Path, form: str) -> list[float]:
 
     base_dir, train_file = tiny
     method, speed = METHODS["lora"], SpeedArgs(micro_batch="fixed", dequantize_4bit=form, packing=False)
-    fabric = make_fabric("bf16-true", "bnb.nf4", method, tmp_path, speed.quantize_from_compute_dtype)
+    fabric = make_fabric("bf16-true", "bnb.nf4", method, speed.quantize_from_compute_dtype)
     fabric.seed_everything(0, verbose=False)
     model = build_model(fabric, method, LoRAArgs(r=8, alpha=16, dropout=0.0).as_config(), base_dir, "bnb.nf4")
     optimizer = build_optimizer(fabric, model, 3e-3, 0.0)
