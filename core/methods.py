@@ -25,6 +25,11 @@ class Method:
         return importlib.import_module(self.module)
 
     @property
+    def trains_everything(self) -> bool:
+        """No frozen base ("full"): the run saves the whole model, loads it strictly, and can't quantize it."""
+        return self.mark_trainable is None
+
+    @property
     def mergeable(self) -> bool:
         """Whether the trained weights fold into a plain GPT (adapters add attention prefixes; they don't)."""
         return self.name in ("lora", "full")

@@ -249,7 +249,7 @@ def main(
     for track, gib in budgets.items():
         budget = Budget(gib)
         plans[track] = choose(
-            shape, budget.plan_gib, max_seq_length, global_batch_size, quantize, method == "full", compiled=True
+            shape, budget.plan_gib, max_seq_length, global_batch_size, quantize, chosen.trains_everything, compiled=True
         )  # finetune compiles on GPUs
         print(f"{track:>10} ({budget.describe()}): {plans[track].describe()}")
     if not any(p.fits for p in plans.values()):

@@ -71,7 +71,7 @@ def make_fabric(precision: str, quantize: str | None, method: Method, storage_in
     if quantize is not None:
         if quantize not in TRAIN_QUANTIZE:
             raise ValueError(f"quantize: choose one of {list(TRAIN_QUANTIZE)}, got {quantize!r}")
-        if method.name == "full":
+        if method.trains_everything:
             raise ValueError("quantize: full finetuning updates every weight and cannot train 4/8-bit weights; use lora (QLoRA)")
         if not torch.cuda.is_available():
             raise ValueError(f"quantize: {quantize} (QLoRA) uses bitsandbytes CUDA kernels and needs an NVIDIA GPU")
@@ -157,7 +157,7 @@ def save_servable(
     """The method's weights plus everything merge and serving need, in litgpt's layout."""
     save_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items() if method.keep(k, v)}
-    save_torch(weights if method.name == "full" else {"model": weights}, save_dir / method.weights_file)
+    save_torch(weights if method.trains_everything else {"model": weights}, save_dir / method.weights_file)
     copy_side_files(base_dir, save_dir)
     (save_dir / "model_config.yaml").write_text((base_dir / "model_config.yaml").read_text())
     (save_dir / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
@@ -195,7 +195,7 @@ def build_model(fabric: L.Fabric, method: Method, method_config: dict, checkpoin
     method.freeze_all_but_trainable(model)
     fabric.print(f"{method.name}: {num_parameters(model, requires_grad=True):,} trainable of {num_parameters(model):,} parameters")
     model = fabric.setup_module(model)
-    load = lambda: load_checkpoint(fabric, model, checkpoint_dir / WEIGHTS, strict=method.name == "full")  # noqa: E731
+    load = lambda: load_checkpoint(fabric, model, checkpoint_dir / WEIGHTS, strict=method.trains_everything)  # noqa: E731
     if quantize is None:
         load()  # built with normal init: the method's parameters are already initialized
     else:
@@ -358,7 +358,7 @@ def run(
 
 def next_step(method: Method, out_dir: Path, final_dir: Path) -> str:
     """What to do with a finished run: merge a LoRA, serve an adapter as it is, serve a full finetune."""
-    if method.mergeable and method.name != "full":
+    if method.mergeable and not method.trains_everything:
         return f"make merge RUN={out_dir} MERGED=<dir> (a standalone checkpoint), or serve it unmerged: make serve CKPT={final_dir}"
     if method.mergeable:
         return f"make serve CKPT={final_dir} (a standalone checkpoint)"

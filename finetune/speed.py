@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from litgpt.args import TrainArgs
 
+from core.methods import METHODS
 from finetune.attention import unsupported_reason, use_document_attention
 from finetune.data import IGNORE_INDEX
 from finetune.dequant4bit import check_against_bitsandbytes, four_bit_layers, use_compiled_dequantize
@@ -100,8 +101,9 @@ def prepare(
             total = torch.cuda.get_device_properties(fabric.device).total_memory / GIB
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget.usable_gib / total), fabric.device)
         shape = ModelShape.of(gpt)
+        full = METHODS[method_name].trains_everything
         plans = [
-            Plan(m, c, round(estimate_gib(shape, m * max_seq_length, c, quantize, method_name == "full", compiled)["total"], 2), budget.plan_gib)
+            Plan(m, c, round(estimate_gib(shape, m * max_seq_length, c, quantize, full, compiled)["total"], 2), budget.plan_gib)
             for m, c in candidates(train.global_batch_size, max_seq_length)
             if speed.checkpoint_blocks is None or c == speed.checkpoint_blocks
         ]
