@@ -75,10 +75,9 @@ def synthetic_rows(kind: str, n: int, seed: int = 0) -> list[dict]:
 def our_child(work: Path, out: Path, packed_rows_per_step: int = 0, speed: str = "{}") -> None:
     """Child process: our ``finetune.lora`` on the work (micro-batch 1 packed row, fixed), result to ``out``."""
     import yaml
-    from litgpt.args import EvalArgs, TrainArgs
 
+    from finetune.config import DataArgs, EvalArgs, TrainArgs
     from finetune.lora import LoRAArgs, setup
-    from finetune.run import DataArgs
     from finetune.speed import SpeedArgs
 
     t0 = time.perf_counter()
@@ -105,7 +104,7 @@ def our_child(work: Path, out: Path, packed_rows_per_step: int = 0, speed: str =
             lr_warmup_steps=1,
             max_steps=job.steps,
         ),
-        eval=EvalArgs(interval=0),
+        eval=EvalArgs(interval=0, final_validation=False),
         speed=SpeedArgs(**{"micro_batch": "fixed", **json.loads(speed)}),
     )
     memory = peak_memory("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,7 +122,7 @@ def our_child(work: Path, out: Path, packed_rows_per_step: int = 0, speed: str =
         "steady_s": round(steady_s, 4),
         **memory,
         "wall_s": round(time.perf_counter() - t0, 1),
-        "speed": hparams["speed"],
+        "speed": {**hparams["speed"], "dequantize_4bit_used": json.loads((final / "trained.json").read_text())["dequantize_4bit"]},
         "rows_per_step": hparams["train"]["global_batch_size"],
     }
     Path(out).write_text(json.dumps(result, indent=2))

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import torch
-from litgpt.args import EvalArgs, TrainArgs
+
+from finetune.config import EvalArgs, TrainArgs
 
 
 def long_rows(n: int, words: list[str], seed: int = 0) -> list[dict]:
@@ -24,8 +25,8 @@ def long_rows(n: int, words: list[str], seed: int = 0) -> list[dict]:
 
 
 def measure(base: Path, data: Path, out: Path, quantize: str | None, steps: int) -> dict:
+    from finetune.config import DataArgs
     from finetune.lora import LoRAArgs, setup
-    from finetune.run import DataArgs
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -38,10 +39,10 @@ def measure(base: Path, data: Path, out: Path, quantize: str | None, steps: int)
         lora=LoRAArgs(r=16, alpha=32),  # all linear layers and the head
         data=DataArgs(train_file=data, max_seq_length=2048, val_fraction=0.01),
         train=TrainArgs(save_interval=None, log_interval=1, global_batch_size=1, micro_batch_size=1, lr_warmup_steps=1, max_steps=steps),
-        eval=EvalArgs(interval=0),
+        eval=EvalArgs(interval=0, final_validation=False),
     )
     wall = time.perf_counter() - t0
-    trained = __import__("yaml").safe_load((final / "hyperparameters.yaml").read_text())["trained"]
+    trained = json.loads((final / "trained.json").read_text())
     rows = (out / "metrics.csv").read_text().splitlines()[1:]
     # steady state: the second half of the steps
     half = [r.split(",") for r in rows[len(rows) // 2 :]]

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-from litgpt.args import TrainArgs
 
+from finetune.config import TrainArgs
 from finetune.memory_plan import GIB, ModelShape, Plan, estimate_gib
 
 

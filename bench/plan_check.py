@@ -48,7 +48,6 @@ class _Tee(io.TextIOBase):
 
 def check(case: str, work_dir: Path, steps: int, speed: dict | None = None) -> dict:
     import yaml
-    from litgpt.args import EvalArgs, TrainArgs
     from litgpt.lora import GPT as LoRAGPT
     from litgpt.lora import Config as LoRAConfig
 
@@ -59,9 +58,9 @@ def check(case: str, work_dir: Path, steps: int, speed: dict | None = None) -> d
     from core.methods import METHODS
     from core.synthetic_tasks import WORDS, write_jsonl
     from core.tiny import build_tiny
+    from finetune.config import DataArgs, EvalArgs, TrainArgs
     from finetune.lora import LoRAArgs, setup
     from finetune.memory_plan import ModelShape, estimate_gib
-    from finetune.run import DataArgs
     from finetune.speed import SpeedArgs
 
     config_name, quantize, rank, card, global_batch, overrides = CASES[case]
@@ -86,7 +85,7 @@ def check(case: str, work_dir: Path, steps: int, speed: dict | None = None) -> d
             train=TrainArgs(
                 save_interval=None, log_interval=1, global_batch_size=global_batch, micro_batch_size=1, lr_warmup_steps=1, max_steps=steps
             ),
-            eval=EvalArgs(interval=0),
+            eval=EvalArgs(interval=0, final_validation=False),
             speed=SpeedArgs(gpu_memory_gib=card, **{**overrides, **(speed or {})}),
         )
     wall = time.perf_counter() - t0
@@ -113,7 +112,7 @@ def check(case: str, work_dir: Path, steps: int, speed: dict | None = None) -> d
         "plan_log": [line for line in log.getvalue().splitlines() if "memory plan" in line or "4-bit dequantization" in line],
         "micro_batch_size": micro,
         "checkpoint_blocks": ckpt,
-        "dequantize_4bit_used": hparams["speed"]["dequantize_4bit_used"],
+        "dequantize_4bit_used": json.loads((final / "trained.json").read_text())["dequantize_4bit"],
         "estimate_gib": round(estimate["total"], 2),
         "estimate_parts_gib": {k: round(v, 2) for k, v in estimate.items()},
         "peak_reserved_gib": round(peak, 2),

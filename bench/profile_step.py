@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-from litgpt.args import TrainArgs
+
+from finetune.config import TrainArgs
 
 CATEGORIES = {  # first match wins; kernel names (CUDA) and aten op names (CPU)
     "dequantize_4bit": r"dequantize|bitwise_and|kDequantize",

@@ -25,9 +25,10 @@ def error_line(e: BaseException) -> str:
     return f"error: {type(e).__name__}: {message} (rerun with {DEBUG_FLAG} for the traceback)"
 
 
-def run_cli(components: Callable | dict[str, Callable], args: list[str] | None = None, **kwargs: Any) -> Any:
+def run_cli(components: Callable | type | dict[str, Callable], args: list[str] | None = None, then: Callable | None = None, **kwargs: Any) -> Any:
     """jsonargparse's ``auto_cli`` over ``components`` (``--flag`` for every argument), with one-line errors.
 
+    ``then``: called with what was parsed (e.g. a config dataclass), its failures reported the same way.
     ``--debug`` anywhere in ``args`` (default: ``sys.argv``) is taken out and lets exceptions through with
     their traceback.
     """
@@ -38,7 +39,8 @@ def run_cli(components: Callable | dict[str, Callable], args: list[str] | None =
     argv = [a for a in argv if a != DEBUG_FLAG]
     kwargs.setdefault("epilog", f"{DEBUG_FLAG}: show the traceback of a failure (otherwise one line: error: ...)")
     try:
-        return auto_cli(components, args=argv, as_positional=False, **kwargs)
+        parsed = auto_cli(components, args=argv, as_positional=False, **kwargs)
+        return then(parsed) if then is not None else parsed
     except Exception as e:
         if debug:
             raise

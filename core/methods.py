@@ -35,7 +35,14 @@ class Method:
         return self.name in ("lora", "full")
 
     def config_kwargs(self, hparams: dict) -> dict:
-        return {k: v for k, v in hparams.items() if self.config_prefix and k.startswith(self.config_prefix)}
+        """The method's litgpt ``Config`` fields from a run's ``hyperparameters.yaml``: its group (``lora: {r: 8}`` ->
+        ``lora_r: 8``), or the flat ``lora_r`` keys of runs recorded before there were groups (and of litgpt's own runs)."""
+        if self.config_prefix is None:
+            return {}
+        group = hparams.get(self.config_prefix.rstrip("_"))
+        if isinstance(group, dict):
+            return {self.config_prefix + k: v for k, v in group.items()}
+        return {k: v for k, v in hparams.items() if k.startswith(self.config_prefix)}
 
     def freeze_all_but_trainable(self, model) -> None:
         if self.mark_trainable is not None:

@@ -7,11 +7,28 @@ Trains the adapter prefixes plus per-layer bias and scale terms and the norms; `
 into the base weights: serve the run directory itself (``make serve CKPT=<out_dir>/final``).
 """
 
-from finetune.adapter import setup_for
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
-setup = setup_for("adapter_v2")
+from finetune.adapter import AdapterRun
+from finetune.config import main
+
+
+@dataclass
+class AdapterV2Run(AdapterRun):
+    """Finetune checkpoint_dir with LLaMA-Adapter v2. --config <run>/final/hyperparameters.yaml replays a run."""
+
+    method: ClassVar[str] = "adapter_v2"
+    out_dir: Path = Path("out/finetune/adapter_v2-tiny")
+
+
+def setup(**options) -> Path:
+    """Finetune with LLaMA-Adapter v2; ``options`` are ``AdapterV2Run``'s fields. Returns the final directory."""
+    from finetune.run import run
+
+    return run(AdapterV2Run(**options))
+
 
 if __name__ == "__main__":
-    from core.cli import run_cli
-
-    run_cli(setup)
+    main(AdapterV2Run)

@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field
 
 import lightning as L
 import torch
-from litgpt.args import EvalArgs, TrainArgs
 from tqdm import tqdm
 
 from finetune.budget import BudgetPlanner, Schedule
+from finetune.config import EvalArgs, TrainArgs
 from finetune.forward import training_loss
 
 
@@ -189,6 +189,9 @@ def fit(
             )
 
     pending: _Queued | None = None
+    if eval.initial_validation and val_batches and progress.step == 0:
+        progress.val_losses.append((0, validate(fabric, model, val_batches)))
+        say(f"step      0/{schedule.total_steps} | val loss {progress.val_losses[-1][1]:.4f} (eval.initial_validation)")
     model.train()
     while progress.step < schedule.total_steps:
         if planner.out_of_time(elapsed()):
@@ -215,14 +218,19 @@ def fit(
         if pending is not None:
             finish(pending)  # the previous step, while the GPU runs this one
         pending = queued
-        validating = bool(val_batches and eval.interval and progress.step % eval.interval == 0)
+        last = progress.step >= schedule.total_steps
+        validating = bool(val_batches and ((eval.interval and progress.step % eval.interval == 0) or (last and eval.final_validation)))
         saving = bool(on_save is not None and train.save_interval and progress.step % train.save_interval == 0)
-        if validating or saving or progress.step >= schedule.total_steps:
+        if validating or saving or last:
             finish(pending, validating)
             pending = None
             if saving:
                 on_save(progress)
+    final = bool(val_batches and eval.final_validation)  # stopped by the budget: validate the last step all the same
     if pending is not None:
-        finish(pending)
+        finish(pending, validating=final)
+    elif final and progress.step > 0 and (not progress.val_losses or progress.val_losses[-1][0] != progress.step):
+        progress.val_losses.append((progress.step, validate(fabric, model, val_batches)))
+        say(f"step {progress.step:6d}/{schedule.total_steps} | val loss {progress.val_losses[-1][1]:.4f} (eval.final_validation)")
     bar.close()
     return progress

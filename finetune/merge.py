@@ -22,7 +22,7 @@ from litgpt.scripts.merge_lora import merge_lora
 
 from core.checkpoints import CONFIG, WEIGHTS, CheckpointError, copy_side_files, verify_checkpoint
 from core.integrity import SUFFIX, TEMP_MARK, IntegrityError, clean_stale_temps, copy_file, move, record, sidecar, verify
-from core.methods import unmerged_method
+from core.methods import METHODS, unmerged_method
 
 LORA = f"{WEIGHTS}.lora"
 HPARAMS = "hyperparameters.yaml"  # litgpt's merge_lora reads the base directory, precision and LoRA config from it
@@ -80,9 +80,12 @@ def _merge_atomically(checkpoint_dir: Path, target: Path, base_checkpoint_dir: P
         raise CheckpointError(str(e)) from None
     scratch = Path(tempfile.mkdtemp(dir=target, prefix=f".merge{TEMP_MARK}{os.getpid()}-"))
     try:
-        for f in checkpoint_dir.iterdir():  # litgpt reads the adapter, hyperparameters, config and tokenizer here
-            if f.is_file() and f.name != WEIGHTS and not f.name.endswith(SUFFIX):
+        for f in checkpoint_dir.iterdir():  # litgpt reads the adapter, config and tokenizer here
+            if f.is_file() and f.name not in (WEIGHTS, HPARAMS) and not f.name.endswith(SUFFIX):
                 (scratch / f.name).symlink_to(f.resolve())
+        # ... and, from hyperparameters.yaml, the base directory, precision and flat lora_* keys (ours nests them: lora: {r: 8})
+        litgpt_hparams = {"checkpoint_dir": str(base_dir), "precision": hparams.get("precision"), **METHODS["lora"].config_kwargs(hparams)}
+        (scratch / HPARAMS).write_text(yaml.safe_dump(litgpt_hparams))
         merge_lora(scratch, pretrained_checkpoint_dir=base_checkpoint_dir)
         record(scratch / WEIGHTS)  # hashed once, as it is made
         move(scratch / WEIGHTS, target / WEIGHTS)

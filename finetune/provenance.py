@@ -64,7 +64,8 @@ def hardware() -> dict:
     return {"gpu": None, "cpu": platform.processor() or platform.machine()}
 
 
-def build_manifest(hparams: dict, card: dict) -> dict:
+def build_manifest(method: str, hparams: dict, trained: dict, card: dict) -> dict:
+    """``hparams``: the run's config as recorded (``hyperparameters.yaml``, what ``--config`` replays); ``trained``: what it did."""
     repo_id, read_from = base_model_id(Path(hparams["checkpoint_dir"]))
     try:
         entry = lookup(repo_id)
@@ -80,13 +81,13 @@ def build_manifest(hparams: dict, card: dict) -> dict:
         "schema": SCHEMA,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "base_model": base,
-        "method": hparams["method"],
+        "method": method,
         "quantize": hparams.get("quantize"),
-        "template": hparams.get("template"),
+        "template": trained.get("template"),
         "data": {"recipe": data.get("recipe"), "train_file": None if data.get("recipe") else data.get("train_file"), "card": card},
         "seed": hparams["seed"],
         "finetune": hparams,
         "versions": versions(),
         "hardware": hardware(),
-        "training": hparams.get("trained", {}),
+        "training": trained,
     }

@@ -16,25 +16,24 @@ import importlib.util
 import json
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
 import yaml
 from litgpt import Tokenizer
-from litgpt.args import EvalArgs, TrainArgs
 from litgpt.utils import load_checkpoint, num_parameters
 
 from core.chat import ChatTemplate, save_chat_template
 from core.checkpoints import WEIGHTS, copy_side_files, load_config, verify_checkpoint
 from core.integrity import atomic_dir, clean_stale_temps, save_torch, sha256_file
-from core.methods import Method
+from core.methods import METHODS, Method
 from core.precision import FABRIC_PRECISION, TRAIN_QUANTIZE, build_fabric, default_dtype
 from core.prompts import get_style, save_style
 from finetune import neftune, scoring
 from finetune.batching import EpochBatches, batch_to_device
 from finetune.budget import BudgetPlanner, Schedule, parse_duration
+from finetune.config import DataArgs, RunConfig, method_config, quantize_of, record, refuse_unread
 from finetune.data import IGNORE_INDEX, Collate, encode_row, load_rows
 from finetune.loop import Progress, fit
 from finetune.new_parameters import load_and_initialize
@@ -42,24 +41,10 @@ from finetune.packing import PackCollate, PackedBatches
 from finetune.plot import plot_metrics
 from finetune.provenance import build_manifest
 from finetune.quantized_storage import ComputeDtypeStorage
-from finetune.speed import SpeedArgs, prepare
+from finetune.speed import prepare
 from finetune.state import find_resume_dir, load_state, save_state, saved_micro_batch_size
 
-
-@dataclass
-class DataArgs:
-    """Where the instruction data comes from and how it is rendered."""
-
-    train_file: Path | None = Path("data/generated/tiny/train.jsonl")  # local JSON/JSONL
-    recipe: Path | None = None  # a data recipe YAML (data/recipes/); wins over train_file
-    val_file: Path | None = None  # None: hold out val_fraction of the training rows
-    val_fraction: float = 0.05
-    prompt_style: str = "qa"  # a recipe's own template wins
-    # conversations ({"messages": [...]}) and, once there is one, every row: None = the base model's own
-    # chat template (tokenizer_config.json), or one of core.chat.NAMED ("chatml", "qa"), or a .jinja file
-    chat_template: str | None = None
-    max_seq_length: int = 512
-    mask_prompt: bool = True  # loss on response tokens only
+TRAINED = "trained.json"  # what the run did: steps, tokens, seconds, whether the budget stopped it, the template
 
 
 def default_precision() -> str:
@@ -93,7 +78,7 @@ def load_training_rows(data: DataArgs, tokenizer: Tokenizer, seed: int) -> tuple
             raise ValueError("data: give --data.train_file or --data.recipe")
         rows = load_rows(data.train_file)
         card = {"train_file": str(data.train_file), "sha256": sha256_file(data.train_file), "rows": len(rows)}
-        template = data.prompt_style
+        template = data.prompt_style or "qa"
     if data.val_file is not None:
         val_rows = load_rows(data.val_file)
         card["val_file"] = {"path": str(data.val_file), "sha256": sha256_file(data.val_file), "rows": len(val_rows)}
@@ -216,39 +201,25 @@ def build_optimizer(fabric: L.Fabric, model, lr: float, weight_decay: float):
     return fabric.setup_optimizers(optimizer)
 
 
-def run(
-    method: Method,
-    method_config: dict,
-    checkpoint_dir: Path,
-    out_dir: Path,
-    precision: str | None,
-    quantize: str | None,
-    seed: int,
-    lr: float,
-    weight_decay: float,
-    max_time: str,
-    resume: bool | str | Path,
-    data: DataArgs,
-    train: TrainArgs,
-    eval: EvalArgs,
-    speed: SpeedArgs = SpeedArgs(),
-    neftune_alpha: float = 0.0,
-) -> Path:
-    """Finetune with ``method``; returns the ``final`` directory."""
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    precision = precision or default_precision()
+def run(config: RunConfig) -> Path:
+    """Finetune with ``config.method``; returns the ``final`` directory."""
+    refuse_unread(config)
+    method = METHODS[config.method]
+    data, train, eval, speed, quantize = config.data, config.train, config.eval, config.speed, quantize_of(config)
+    checkpoint_dir, out_dir = Path(config.checkpoint_dir), Path(config.out_dir)
+    precision = config.precision or default_precision()
     verify_checkpoint(checkpoint_dir)
-    max_seconds = parse_duration(max_time)
-    neftune.check_alpha(neftune_alpha)
+    max_seconds = parse_duration(config.max_time)
+    neftune.check_alpha(config.neftune_alpha)
     scoring.check(eval, train.save_interval)
     fabric = make_fabric(precision, quantize, method, storage_in_compute_dtype=speed.quantize_from_compute_dtype)
-    fabric.seed_everything(seed, verbose=False)
+    fabric.seed_everything(config.seed, verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in clean_stale_temps(out_dir):
         fabric.print(f"removed {stale}, left by an interrupted save")
 
     tokenizer = Tokenizer(checkpoint_dir)
-    rows, val_rows, card, template = load_training_rows(data, tokenizer, seed)
+    rows, val_rows, card, template = load_training_rows(data, tokenizer, config.seed)
     style = get_style(template)
     chat = None
     if data.chat_template is not None or any("messages" in r for r in (*rows, *val_rows)):
@@ -260,51 +231,49 @@ def run(
     to_device = lambda b: batch_to_device(b, fabric.device)  # noqa: E731
     val_encoded = keep_trainable([encode(r) for r in val_rows], data.max_seq_length, fabric)
 
-    model = build_model(fabric, method, method_config, checkpoint_dir, quantize, data.max_seq_length)
-    neftune.attach(model, neftune_alpha)
-    optimizer = build_optimizer(fabric, model, lr, weight_decay)
-    resume_dir = find_resume_dir(resume, out_dir, method.weights_file, fabric.print)
+    model = build_model(fabric, method, method_config(config), checkpoint_dir, quantize, data.max_seq_length)
+    neftune.attach(model, config.neftune_alpha)
+    optimizer = build_optimizer(fabric, model, config.lr, config.weight_decay)
+    resume_dir = find_resume_dir(config.resume, out_dir, method.weights_file, fabric.print)
     resumed_micro_batch = saved_micro_batch_size(resume_dir) if resume_dir else None
     setup = prepare(fabric, model, method.name, speed, train, data.max_seq_length, quantize, resumed_micro_batch)
     train, mb = setup.train, setup.train.micro_batch_size
     val_batches = [to_device(collate(val_encoded[i : i + mb])) for i in range(0, len(val_encoded), mb)][: eval.max_iters]
 
-    hparams = {
-        "method": method.name,
-        "checkpoint_dir": str(checkpoint_dir),
-        "out_dir": str(out_dir),
-        "precision": precision,
-        "quantize": quantize,
-        "seed": seed,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "max_time": max_time,
-        "template": template,
-        "neftune_alpha": neftune_alpha,
-        **method_config,
-        "data": _plain(dataclasses.asdict(data)),
-        "train": _plain(dataclasses.asdict(train)),
-        "eval": _plain(dataclasses.asdict(eval)),
-        "speed": {
-            **dataclasses.asdict(speed),
-            "packing": setup.packing,
-            "compile": setup.compiled,
-            "checkpoint_blocks": setup.checkpoint_blocks,
-            "dequantize_4bit_used": setup.dequantize_4bit,
-        },
-    }
+    # The record: this config with every "auto" resolved to what ran, so --config replays it exactly.
+    ran = dataclasses.replace(
+        config,
+        checkpoint_dir=checkpoint_dir,
+        out_dir=out_dir,
+        precision=precision,
+        train=train,
+        speed=dataclasses.replace(
+            speed,
+            packing=setup.packing,
+            compile=setup.compiled,
+            checkpoint_blocks=setup.checkpoint_blocks,
+            micro_batch="fixed",
+            dequantize_4bit="compiled" if (setup.dequantize_4bit or "").startswith("compiled") else setup.dequantize_4bit or speed.dequantize_4bit,
+        ),
+    )
+    hparams = record(ran)
     if setup.packing:
-        batches = PackedBatches([len(e["input_ids"]) for e in train_set], mb, data.max_seq_length, seed)
+        batches = PackedBatches([len(e["input_ids"]) for e in train_set], mb, data.max_seq_length, config.seed)
         pack = PackCollate(data.max_seq_length)
         fabric.print(
             f"packing {len(train_set):,} rows into {batches.batches_per_epoch * mb:,} rows of {data.max_seq_length} tokens ({batches.fill:.0%} full)"
         )
         next_batch = lambda: to_device(pack([[train_set[i] for i in packed] for packed in batches.next()]))  # noqa: E731
     else:
-        batches = EpochBatches(len(train_set), mb, seed)
+        batches = EpochBatches(len(train_set), mb, config.seed)
         next_batch = lambda: to_device(collate([train_set[i] for i in batches.next()]))  # noqa: E731
     accumulate = train.gradient_accumulation_iters(devices=1)
-    planned = train.max_steps or max(1, math.ceil((train.epochs or 1) * batches.batches_per_epoch / accumulate))
+    planned = train.max_steps or max(1, math.ceil(train.epochs * batches.batches_per_epoch / accumulate))
+    warmup = train.lr_warmup_steps if train.lr_warmup_steps is not None else round(train.lr_warmup_fraction * planned)
+    if warmup >= planned and planned > 1:
+        raise ValueError(
+            f"train.lr_warmup_steps: {warmup} warmup steps of {planned} planned leave no decay; lower it or use --train.lr_warmup_fraction"
+        )
     progress = Progress(total_steps=planned)
     metrics = MetricsLog(out_dir)
     if resume_dir is not None:
@@ -313,12 +282,12 @@ def run(
         progress = Progress(**saved)
         metrics.truncate_after(progress.step)
         fabric.print(f"resumed from {resume_dir} at step {progress.step} ({progress.elapsed_s:.0f}s of budget used)")
-    warmup = train.lr_warmup_steps or int((train.lr_warmup_fraction or 0.0) * planned)
-    schedule = Schedule(progress.total_steps, min(warmup, planned - 1) or 1)
+    min_lr = train.min_lr if train.min_lr is not None else config.lr / 10
+    schedule = Schedule(progress.total_steps, min(warmup, planned - 1) or 1, min_lr / config.lr if config.lr else 0.0)
     planner = BudgetPlanner(max_seconds, progress.total_steps)
 
     board = None
-    if getattr(eval, "score_interval", None):
+    if eval.score_interval:
         board = scoring.Scoreboard(out_dir, eval.score_tasks or [scoring.write_heldout(val_rows, out_dir)], eval)
 
     def save(p: Progress) -> None:
@@ -330,18 +299,21 @@ def run(
             fabric.print(f"step {p.step}: score {score:.1%} (eval.score_interval); best so far {board.best()['checkpoint']}")
 
     progress = fit(
-        fabric, model, optimizer, next_batch, schedule, lr, planner, progress, train, eval, val_batches, save, metrics, setup.checkpoint_blocks
+        fabric, model, optimizer, next_batch, schedule, config.lr, planner, progress, train, eval, val_batches, save, metrics, setup.checkpoint_blocks
     )
     final_dir = out_dir / "final"
-    hparams["trained"] = {
+    trained = {
         "steps": progress.step,
         "tokens": progress.tokens,
         "seconds": round(progress.elapsed_s, 1),
         "stopped_by_time": progress.stopped_by_time,
+        "template": template,
+        "dequantize_4bit": setup.dequantize_4bit,
     }
     with atomic_dir(final_dir) as tmp:
         save_servable(model, method, tmp, checkpoint_dir, template, hparams, card, chat)
-        (tmp / "submission.json").write_text(json.dumps(build_manifest(hparams, card), indent=2))
+        (tmp / TRAINED).write_text(json.dumps(trained, indent=2) + "\n")
+        (tmp / "submission.json").write_text(json.dumps(build_manifest(method.name, hparams, trained, card), indent=2))
     plot_metrics(metrics.path, out_dir / "loss.png")
     if board is not None:
         if not any(entry["step"] == progress.step for entry in board.scores):  # final/ equals a step just scored otherwise
@@ -351,7 +323,7 @@ def run(
     fabric.print(
         f"done: {progress.step} steps, {progress.tokens:,} tokens in {progress.elapsed_s:.1f}s "
         f"({progress.tokens / max(progress.elapsed_s, 1e-9):,.0f} tok/s); final train loss {progress.last_loss:.4f}\n"
-        f"saved to {final_dir}\nnext: {next_step(method, out_dir, final_dir)}"
+        f"saved to {final_dir} (replay it: --config {final_dir / 'hyperparameters.yaml'})\nnext: {next_step(method, out_dir, final_dir)}"
     )
     return final_dir
 
@@ -363,10 +335,3 @@ def next_step(method: Method, out_dir: Path, final_dir: Path) -> str:
     if method.mergeable:
         return f"make serve CKPT={final_dir} (a standalone checkpoint)"
     return f"make serve CKPT={final_dir} ({method.name} is served as it is, base + {method.weights_file}; it cannot be merged)"
-
-
-def _plain(d: dict) -> dict:
-    def plain(v):
-        return str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
-
-    return {k: plain(v) for k, v in d.items()}

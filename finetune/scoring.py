@@ -18,31 +18,19 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from litgpt.args import EvalArgs as LitEvalArgs
-
 from core.paths import REPO_ROOT
+from finetune.config import EvalArgs
 
 SCORES_FILE = "scores.json"
 BEST_LINK = "best"
 HELDOUT_FILE = "heldout.jsonl"
 
 
-@dataclass
-class EvalArgs(LitEvalArgs):
-    """litgpt's validation options plus scoring saved checkpoints with ``make eval``."""
-
-    score_interval: int | None = None  # score the checkpoint saved every this many steps (a multiple of train.save_interval), and final/
-    score_tasks: list[Path] | None = None  # evals task files (MMLU .csv, GSM8K .jsonl, rows); default: the run's held-out rows
-    score_max_items: int | None = 200  # items scored per task (the intervals in eval.json say how much that resolves)
-    score_device: str = "auto"  # where the scorer loads the checkpoint (auto: the GPU when there is one)
-
-
-def check(eval: LitEvalArgs, save_interval: int | None) -> None:
+def check(eval: EvalArgs, save_interval: int | None) -> None:
     """Refuse scoring options that cannot work, naming the flag, before the run starts."""
-    interval = getattr(eval, "score_interval", None)
+    interval = eval.score_interval
     if interval is None:
         return
     if interval < 1:

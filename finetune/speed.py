@@ -12,11 +12,10 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import lightning as L
 import torch
-from litgpt.args import TrainArgs
 
 from core.methods import METHODS
 from finetune.attention import unsupported_reason, use_document_attention
@@ -26,24 +25,29 @@ from finetune.fast_lora import use_lora_addmm, use_matmul_qkv_lora
 from finetune.linear4bit_op import check_in_block, use_in_block_linear_4bit
 from finetune.memory_plan import GIB, ModelShape, Plan, candidates, estimate_gib, gpu_budget, probe_plan
 
+if TYPE_CHECKING:
+    from finetune.config import TrainArgs
+
 
 @dataclass
 class SpeedArgs:
     """How fast training runs. Only ``packing`` changes what a batch holds (batch sizes then count packed rows)."""
 
-    packing: bool = True  # several rows per max_seq_length row, attending only to themselves (lora, full)
-    compile: bool | None = None  # torch.compile each transformer block; None: on CUDA
-    micro_batch: str = "auto"  # "auto": the memory plan picks train.micro_batch_size (a divisor of the global batch); "fixed": as given
-    checkpoint_blocks: bool | None = None  # activation checkpointing per block; None: only if memory needs it
-    gpu_memory_gib: float | None = None  # plan for (and cap the run at) this much memory, e.g. 24 to rehearse a 4090 run
-    # QLoRA's 4-bit layers. "bitsandbytes": its own layers, eager between the compiled pieces. "in-block": bitsandbytes'
-    # dequantization as one custom op traced inside each compiled block, weights quantized from the compute dtype.
-    # "auto": in-block only if bit-identical to bitsandbytes on every layer AND timed faster in this process; else
-    # bitsandbytes. "compiled": our torch-op dequantization (measured 4x slower than bitsandbytes on an H200).
-    # The default "auto": on an H200 (BENCHMARKS.md, issue 13, 2026-12-03) it chose in-block and ran 1.27x (2,048-token
-    # rows) and 1.86x (mixed lengths) the whole-step speed of "bitsandbytes" at +0.4 GiB peak.
+    packing: bool = True
+    """several rows per max_seq_length row, attending only to themselves (lora, full)"""
+    compile: bool | None = None
+    """torch.compile each transformer block; None: on CUDA"""
+    micro_batch: Literal["auto", "fixed"] = (
+        "auto"  # "auto": on a GPU the memory plan picks train.micro_batch_size (a divisor of the global batch); "fixed": as given
+    )
+    checkpoint_blocks: bool | None = None
+    """activation checkpointing per block; None: only if memory needs it"""
+    gpu_memory_gib: float | None = None
+    """cap the run at (and plan the micro-batch for) this much GPU memory, e.g. 24 to rehearse a 4090 run"""
     dequantize_4bit: Literal["bitsandbytes", "in-block", "auto", "compiled"] = "auto"
-    lora_addmm: bool = False  # add each LoRA term inside its GEMM (torch.addmm) instead of in two more passes; off until measured on a GPU
+    """QLoRA's 4-bit layers. "bitsandbytes": its own layers, eager between the compiled pieces. "in-block": bitsandbytes' dequantization as one custom op traced inside each compiled block, weights quantized from the compute dtype. "auto": in-block only if bit-identical to bitsandbytes on every layer AND timed faster in this process; else bitsandbytes. "compiled": our torch-op dequantization (measured 4x slower than bitsandbytes on an H200). The default "auto": on an H200 (BENCHMARKS.md, issue 13, 2026-12-03) it chose in-block and ran 1.27x (2,048-token rows) and 1.86x (mixed lengths) the whole-step speed of "bitsandbytes" at +0.4 GiB peak."""
+    lora_addmm: bool = False
+    """add each LoRA term inside its GEMM (torch.addmm) instead of in two more passes; off until measured on a GPU"""
 
     @property
     def quantize_from_compute_dtype(self) -> bool:
@@ -76,6 +80,8 @@ def prepare(
     """Apply the speed options to ``model`` (Fabric-wrapped) and choose the micro-batch; logs each choice."""
     if speed.micro_batch not in ("auto", "fixed"):
         raise ValueError(f"speed.micro_batch: 'auto' or 'fixed', got {speed.micro_batch!r}")
+    if speed.gpu_memory_gib is not None and fabric.device.type != "cuda":
+        raise ValueError(f"speed.gpu_memory_gib: caps GPU memory, and this run is on {fabric.device.type}; drop it")
     gpt = model.module
     packing = speed.packing
     if packing and (reason := unsupported_reason(gpt)) is not None:
@@ -93,13 +99,14 @@ def prepare(
         keep_quantized_layers_eager(gpt)
         compile_blocks(gpt)
     checkpoint_blocks = bool(speed.checkpoint_blocks)
-    if resumed_micro_batch is not None:
-        train = dataclasses.replace(train, micro_batch_size=resumed_micro_batch)
-    elif speed.micro_batch == "auto" and fabric.device.type == "cuda":
+    if fabric.device.type == "cuda":
         budget = gpu_budget(fabric.device, speed.gpu_memory_gib)
         if speed.gpu_memory_gib:  # a true cap: what the allocator would get on that card
             total = torch.cuda.get_device_properties(fabric.device).total_memory / GIB
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget.usable_gib / total), fabric.device)
+    if resumed_micro_batch is not None:
+        train = dataclasses.replace(train, micro_batch_size=resumed_micro_batch)
+    elif speed.micro_batch == "auto" and fabric.device.type == "cuda":
         shape = ModelShape.of(gpt)
         full = METHODS[method_name].trains_everything
         plans = [

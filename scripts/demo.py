@@ -23,8 +23,8 @@ from core.paths import CHECKPOINTS_DIR, OUT_DIR
 from core.prompts import get_style
 from core.synthetic_tasks import exact_match
 from core.tiny import TEMPLATE, TINY_DATA_DIR, TINY_DIR, build_tiny
+from finetune.config import DataArgs, EvalArgs, TrainArgs
 from finetune.data import load_rows
-from finetune.lora import DataArgs
 from finetune.lora import setup as finetune_lora
 from finetune.merge import merge
 from server.loading import load_generator
@@ -128,8 +128,7 @@ def main(steps: int = 800, lr: float = 1e-3, max_time: str = "3m", out_dir: Path
         out_dir=out_dir,
         max_time=max_time,
         lr=lr,
-        data=DataArgs(train_file=TINY_DATA_DIR / "train.jsonl", prompt_style=TEMPLATE),
-        **_train_args(steps),
+        **demo_settings(steps),
     )
     merged_dir = merge(adapter_dir, out_dir=CHECKPOINTS_DIR / "tiny-lora")
 
@@ -145,14 +144,25 @@ def main(steps: int = 800, lr: float = 1e-3, max_time: str = "3m", out_dir: Path
         raise SystemExit("finetuning did not improve held-out accuracy")
 
 
-def _train_args(steps: int) -> dict:
-    from litgpt.args import TrainArgs
+def demo_settings(steps: int) -> dict:
+    """The tiny demo's own settings (the defaults are for real runs: epochs, warmup as a fraction, a cosine floor).
 
-    # One packed row of 512 tokens a step: ~36 of the short tiny rows.
+    One packed row of 512 tokens a step (~36 of the short tiny rows), a fixed 40-step warmup, cosine to 0,
+    validation every 200 steps and none after the last.
+    """
     return {
+        "data": DataArgs(train_file=TINY_DATA_DIR / "train.jsonl", prompt_style=TEMPLATE, max_seq_length=512),
         "train": TrainArgs(
-            save_interval=None, log_interval=100, global_batch_size=1, micro_batch_size=1, lr_warmup_steps=40, max_steps=steps, max_norm=1.0
-        )
+            save_interval=None,
+            log_interval=100,
+            global_batch_size=1,
+            micro_batch_size=1,
+            lr_warmup_steps=40,
+            max_steps=steps,
+            max_norm=1.0,
+            min_lr=0.0,
+        ),
+        "eval": EvalArgs(interval=200, max_iters=10, final_validation=False),
     }
 
 

@@ -11,7 +11,6 @@ which ``make submission`` packs) and writes under ``--out_dir`` (default ``out/r
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -26,18 +25,6 @@ def _manifest(path: Path) -> dict:
     if not Path(path).is_file():
         raise SystemExit(f"error: {path} not found; run from the unpacked submission (it holds submission.json)")
     return json.loads(Path(path).read_text())
-
-
-def _data_args(manifest: dict):
-    from finetune.run import DataArgs
-
-    recorded = dict(manifest["finetune"]["data"])
-    if manifest["data"].get("recipe"):
-        recorded.update(recipe=RECIPE, train_file=None)
-    else:
-        recorded.update(train_file=TRAIN_FILE, recipe=None)
-    recorded = {k: Path(v) if k in ("train_file", "recipe", "val_file") and v else v for k, v in recorded.items()}
-    return DataArgs(**recorded)
 
 
 def download(manifest: Path = Path("submission.json"), checkpoint_dir: Path = CHECKPOINTS_DIR) -> None:
@@ -98,40 +85,22 @@ def data(manifest: Path = Path("submission.json")) -> None:
     print(f"data verified: sha256 {got}")
 
 
-def finetune(manifest: Path = Path("submission.json"), out_dir: Path = Path("out/reproduce"), checkpoint_dir: Path = CHECKPOINTS_DIR) -> None:
-    """Run the recorded finetune (same method, config, seed and budget; resumes if interrupted)."""
-    from litgpt.args import TrainArgs
+def finetune(manifest: Path = Path("submission.json"), out_dir: Path = Path("out/reproduce"), checkpoint_dir: Path = CHECKPOINTS_DIR) -> Path:
+    """Run the recorded finetune: its config (``hyperparameters.yaml``, kept in submission.json) read back with
+    ``--config``, as ``python -m finetune.<method> --config`` reads it, with this machine's paths; resumes if interrupted."""
+    import yaml
 
-    from core.methods import METHODS
+    from finetune.config import config_class, parse
     from finetune.run import run
-    from finetune.scoring import EvalArgs
-    from finetune.speed import SpeedArgs
 
     m = _manifest(manifest)
-    hp = m["finetune"]
-    method = METHODS[hp["method"]]
-    # The recorded batches: packed or not (runs from before packing were padded), with the micro-batch that ran.
-    recorded = hp.get("speed", {"packing": False})
-    options = {f.name for f in dataclasses.fields(SpeedArgs)}  # the record also says what was used (e.g. dequantize_4bit_used)
-    speed = SpeedArgs(**{**{k: v for k, v in recorded.items() if k in options}, "micro_batch": "fixed"})
-    run(
-        method,
-        method.config_kwargs(hp),
-        checkpoint_dir / m["base_model"]["repo_id"],
-        out_dir,
-        hp["precision"],
-        hp.get("quantize"),
-        hp["seed"],
-        hp["lr"],
-        hp["weight_decay"],
-        hp["max_time"],
-        "auto",
-        _data_args(m),
-        TrainArgs(**hp["train"]),
-        EvalArgs(**hp["eval"]),
-        speed,
-        hp.get("neftune_alpha", 0.0),
-    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recorded = out_dir / "submission_config.yaml"
+    recorded.write_text(yaml.safe_dump(m["finetune"], sort_keys=False))
+    data = ["--data.recipe", str(RECIPE), "--data.train_file", "null"] if m["data"].get("recipe") else ["--data.train_file", str(TRAIN_FILE)]
+    args = ["--config", str(recorded), "--checkpoint_dir", str(Path(checkpoint_dir) / m["base_model"]["repo_id"]), "--out_dir", str(out_dir)]
+    return run(parse(config_class(m["method"]), [*args, *data, "--resume", "auto"]))
 
 
 def merge(manifest: Path = Path("submission.json"), out_dir: Path = Path("out/reproduce")) -> None:

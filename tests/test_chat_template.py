@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from litgpt import Tokenizer
-from litgpt.args import EvalArgs, TrainArgs
 
 from core.chat import CHAT_TEMPLATE_FILE, NAMED, ChatTemplate, ChatTemplateError, encode_conversation, encode_prompt, special_tokens
 from core.prompts import get_style
+from finetune.config import EvalArgs, TrainArgs
 from finetune.data import IGNORE_INDEX, DataError, encode_row, load_rows
 
 # ChatML with transformers' {% generation %} markers: its assistant mask is the reference for ours.
@@ -168,8 +168,8 @@ def test_template_that_is_not_prefix_stable_is_refused(tiny: Path) -> None:
 
 
 def _chat_run(base: Path, train_file: Path, out_dir: Path, chat_template: str | None):
+    from finetune.config import DataArgs
     from finetune.lora import LoRAArgs, setup
-    from finetune.run import DataArgs
 
     return setup(
         checkpoint_dir=base,

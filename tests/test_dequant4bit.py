@@ -238,8 +238,8 @@ def test_prepare_compiles_blocks_around_the_compiled_dequantization() -> None:
     """The GPU path on the CPU: ``finetune.speed.prepare`` with torch.compile (inductor's C++ backend here)
     picks the compiled form, keeps the 4-bit layers outside the compiled blocks, and trains as bitsandbytes does."""
     import lightning as L
-    from litgpt.args import TrainArgs
 
+    from finetune.config import TrainArgs
     from finetune.speed import SpeedArgs, prepare
 
     theirs = _qlora_tiny("nf4", True)

@@ -151,10 +151,8 @@ def test_main_scores_mmlu_gsm_and_rows_and_writes_json(make_tiny_checkpoint, tmp
 
 @pytest.mark.slow(reason="the acceptance check: a real 30-step LoRA finetune on the CPU, then two evals of 50 held-out items")
 def test_make_eval_separates_the_base_model_from_a_briefly_finetuned_one(make_tiny_checkpoint, tmp_path):
-    from litgpt.args import EvalArgs, TrainArgs
-
     from finetune import lora
-    from finetune.run import DataArgs
+    from finetune.config import DataArgs, EvalArgs, TrainArgs
     from finetune.speed import SpeedArgs
 
     base = make_tiny_checkpoint()

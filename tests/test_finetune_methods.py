@@ -8,7 +8,6 @@ import lightning as L
 import pytest
 import torch
 from litgpt import Tokenizer
-from litgpt.args import EvalArgs, TrainArgs
 
 from core.checkpoints import WEIGHTS
 from core.methods import METHODS
@@ -16,10 +15,11 @@ from core.prompts import get_style
 from finetune import adapter, adapter_v2, full, lora
 from finetune.adapter_args import AdapterArgs
 from finetune.budget import BudgetPlanner, Schedule
+from finetune.config import DataArgs, EvalArgs, TrainArgs
 from finetune.data import Collate, encode_row, load_rows
 from finetune.loop import Progress, fit
 from finetune.merge import merge
-from finetune.run import DataArgs, build_model, build_optimizer
+from finetune.run import build_model, build_optimizer
 from server.loading import load_generator
 from server.schemas import ProcessRequest
 
@@ -164,7 +164,9 @@ def test_resume_refuses_another_optimizers_state(small_data, tmp_path):
 
 
 def test_resume_auto_without_checkpoints_starts_fresh_and_true_requires_one(small_data, tmp_path):
-    run_lora(small_data, tmp_path / "fresh", resume="auto", train=small_train(max_steps=2, micro_batch_size=4, global_batch_size=8))
+    run_lora(
+        small_data, tmp_path / "fresh", resume="auto", train=small_train(max_steps=2, lr_warmup_steps=1, micro_batch_size=4, global_batch_size=8)
+    )
     with pytest.raises(FileNotFoundError, match="resume"):
         run_lora(small_data, tmp_path / "none", resume=True)
 
@@ -173,7 +175,7 @@ def test_budget_stops_the_run_and_the_final_checkpoint_serves(small_data, tmp_pa
     final = run_lora(
         small_data, tmp_path / "budget", max_time="4s", train=small_train(max_steps=100_000, micro_batch_size=4, global_batch_size=8, log_interval=50)
     )
-    trained = __import__("yaml").safe_load((final / "hyperparameters.yaml").read_text())["trained"]
+    trained = json.loads((final / "trained.json").read_text())
     elapsed = [float(r["elapsed_s"]) for r in csv.DictReader((tmp_path / "budget" / "metrics.csv").open())]
     longest_step = max(b - a for a, b in zip([0.0] + elapsed, elapsed))
     # The budget cut the 100k-step plan short: either the time check stopped the loop, or (once the
@@ -233,7 +235,7 @@ def test_a_recipe_run_records_its_data_card_and_template(tiny, tmp_path):
         checkpoint_dir=base_dir,
         out_dir=tmp_path / "run",
         data=DataArgs(recipe=recipe_path, max_seq_length=128),
-        train=small_train(max_steps=2),
+        train=small_train(max_steps=2, lr_warmup_steps=1),
         eval=EvalArgs(interval=0),
     )
     card = json.loads((final / "data_card.json").read_text())

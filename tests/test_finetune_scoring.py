@@ -4,11 +4,9 @@ import json
 
 import pytest
 import yaml
-from litgpt.args import TrainArgs
 
 from finetune import lora, scoring
-from finetune.run import DataArgs
-from finetune.scoring import EvalArgs
+from finetune.config import DataArgs, EvalArgs, TrainArgs
 from finetune.speed import SpeedArgs
 
 

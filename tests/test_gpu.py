@@ -54,12 +54,12 @@ def tiny(make_tiny_checkpoint):
 def _fixed_batch_losses(tiny, tmp_path: Path, form: str) -> list[float]:
     """QLoRA (nf4, bf16) of the tiny model through our real setup, 12 steps on one fixed batch: its loss must fall."""
     from litgpt import Tokenizer
-    from litgpt.args import EvalArgs, TrainArgs
 
     from core.methods import METHODS
     from core.prompts import get_style
     from finetune.batching import batch_to_device
     from finetune.budget import BudgetPlanner, Schedule
+    from finetune.config import EvalArgs, TrainArgs
     from finetune.data import Collate, encode_row, load_rows
     from finetune.loop import Progress, fit
     from finetune.lora import LoRAArgs

@@ -103,8 +103,8 @@ def test_prepare_traces_the_4bit_layers_inside_the_compiled_blocks() -> None:
     """``prepare`` with torch.compile (inductor's C++ backend here) and in-block: the layers are not kept
     eager, and the model trains as bitsandbytes' does."""
     import lightning as L
-    from litgpt.args import TrainArgs
 
+    from finetune.config import TrainArgs
     from finetune.speed import SpeedArgs, prepare
 
     theirs = _qlora_tiny("nf4", True)

@@ -6,11 +6,10 @@ import math
 import pytest
 import torch
 import yaml
-from litgpt.args import EvalArgs, TrainArgs
 from transformers.trainer_utils import neftune_post_forward_hook
 
 from finetune import lora, neftune
-from finetune.run import DataArgs
+from finetune.config import DataArgs, EvalArgs, TrainArgs
 from server.loading import load_generator
 from server.schemas import ProcessRequest
 

@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from litgpt.args import EvalArgs, TrainArgs
 
 from core.checkpoints import WEIGHTS, verify_checkpoint
 from core.prompts import load_style
 from core.tiny import build_tiny
+from finetune.config import DataArgs, EvalArgs, TrainArgs
 from finetune.data import DataError, load_rows
-from finetune.lora import DataArgs, LoRAArgs, setup
+from finetune.lora import LoRAArgs, setup
 from finetune.merge import merge
 from server.app import create_app
 from server.engine import make_engine

@@ -12,11 +12,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 from litgpt import Tokenizer
-from litgpt.args import EvalArgs, TrainArgs
 
 from core.methods import METHODS
 from core.prompts import get_style
 from finetune.budget import BudgetPlanner, Schedule
+from finetune.config import EvalArgs, TrainArgs
 from finetune.data import Collate, encode_row, load_rows
 from finetune.loop import Progress, fit, format_seconds, progress_bar
 from finetune.lora import LoRAArgs

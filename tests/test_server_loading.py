@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
-from litgpt.args import EvalArgs, TrainArgs
 
 from core.checkpoints import WEIGHTS, CheckpointError
 from core.precision import SERVE_QUANTIZE
-from finetune.lora import DataArgs, LoRAArgs, setup
+from finetune.config import DataArgs, EvalArgs, TrainArgs
+from finetune.lora import LoRAArgs, setup
 from finetune.merge import merge
 from server.loading import load_generator
 from server.schemas import ProcessRequest

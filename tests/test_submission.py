@@ -12,11 +12,10 @@ import zipfile
 
 import pytest
 import torch
-from litgpt.args import EvalArgs, TrainArgs
 
 from core.paths import REPO_ROOT
+from finetune.config import DataArgs, EvalArgs, TrainArgs
 from finetune.lora import LoRAArgs, setup
-from finetune.run import DataArgs
 from submission import reproduce
 from submission.package import SubmissionError, package
 from tests.test_dockerfile import instructions
@@ -47,7 +46,7 @@ def test_submission_json_is_complete_and_hashes_match_the_data_card(tiny_run):
         "repo_id_from": "checkpoint_source.json",  # the checkpoint's own record (core.tiny wrote it), not its path
     }  # fmt: skip
     assert m["method"] == "lora" and m["seed"] == 1337 and m["template"] == "qa"
-    assert m["finetune"]["lora_r"] == 4 and m["finetune"]["train"]["max_steps"] == 3
+    assert m["finetune"]["lora"]["r"] == 4 and m["finetune"]["train"]["max_steps"] == 3
     assert re.fullmatch(r"[0-9a-f]{40}", m["versions"]["onegpu"]["sha"])
     for key in ("litgpt", "torch", "lightning", "python"):
         assert m["versions"][key]

@@ -1,0 +1,197 @@
+"""Every finetune option is read by the run or refused naming what to use; a run replays from its own record.
+
+The parsers are each method's config dataclass (``finetune.config``). Reads are traced on real tiny
+runs (reads made only to write the record or to validate don't count), so an option that is parsed and
+then ignored fails here.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+import yaml
+
+from core.methods import METHODS
+from finetune import config as run_config
+from finetune.adapter import AdapterRun
+from finetune.adapter_args import AdapterArgs
+from finetune.adapter_v2 import AdapterV2Run
+from finetune.config import REFUSED, DataArgs, EvalArgs, TrainArgs, main, parse
+from finetune.data import load_rows
+from finetune.full import FullRun
+from finetune.lora import LoRAArgs, LoRARun
+from finetune.run import run
+from finetune.speed import SpeedArgs
+
+CONFIGS = {"lora": LoRARun, "adapter": AdapterRun, "adapter_v2": AdapterV2Run, "full": FullRun}
+GROUPS = {DataArgs: "data.", TrainArgs: "train.", EvalArgs: "eval.", SpeedArgs: "speed.", LoRAArgs: "lora.", AdapterArgs: "adapter."}
+# Read only where a tiny CPU run does not go; each has its own test.
+CONDITIONAL = {
+    "eval.score_tasks": "read when eval.score_interval scores checkpoints (tests/test_finetune_scoring.py)",
+    "eval.score_max_items": "read when eval.score_interval scores checkpoints (tests/test_finetune_scoring.py)",
+    "eval.score_device": "read when eval.score_interval scores checkpoints (tests/test_finetune_scoring.py)",
+}
+NOT_USES = {("config.py", "record"), ("config.py", "refuse_unread"), ("dataclasses.py", "replace")}
+
+
+def options(config_cls) -> set[str]:
+    """The dotted names of every option the method's parser takes."""
+    names = set()
+    for f in dataclasses.fields(config_cls):
+        value = getattr(config_cls(), f.name)
+        names |= {f"{f.name}.{g.name}" for g in dataclasses.fields(value)} if dataclasses.is_dataclass(value) else {f.name}
+    return names
+
+
+@pytest.fixture(scope="module")
+def tiny(make_tiny_checkpoint, tmp_path_factory):
+    """The tiny base and 40 of its rows: an epoch is a few packed steps of 64 tokens."""
+    base = make_tiny_checkpoint()
+    path = tmp_path_factory.mktemp("rows") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in load_rows(base.parent / "data" / "train.jsonl")[:40]))
+    return base, path
+
+
+def tiny_args(tiny, out_dir, method: str) -> list[str]:
+    base, train_file = tiny
+    args = ["--checkpoint_dir", str(base), "--out_dir", str(out_dir), "--data.train_file", str(train_file), "--data.max_seq_length", "64"]
+    args += ["--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--train.save_interval", "2", "--eval.interval", "2"]
+    args += ["--eval.max_iters", "1", "--lr", "3e-3"]
+    if method == "lora":
+        args += ["--lora.r", "4", "--lora.dropout", "0.1"]  # dropout: the replay must draw the same masks
+    if method.startswith("adapter"):
+        args += ["--adapter.prompt_length", "4", "--adapter.start_layer", "1"]
+    return args
+
+
+def traced_reads(monkeypatch, config_cls) -> set[str]:
+    """Patch the config classes to note each field the run reads (not for the record or a check)."""
+    reads: set[str] = set()
+
+    def tracer(cls, prefix):
+        names = {f.name for f in dataclasses.fields(cls)}
+
+        def getattribute(self, name):
+            if name in names:
+                frame, depth = sys._getframe(1), 0
+                while frame is not None and depth < 12:
+                    if (frame.f_code.co_filename.rsplit("/", 1)[-1], frame.f_code.co_name) in NOT_USES:
+                        break
+                    frame, depth = frame.f_back, depth + 1
+                else:
+                    reads.add(prefix + name)
+            return object.__getattribute__(self, name)
+
+        monkeypatch.setattr(cls, "__getattribute__", getattribute)
+
+    tracer(config_cls, "")
+    for cls, prefix in GROUPS.items():
+        tracer(cls, prefix)
+    return reads
+
+
+def test_every_option_of_every_method_is_read_by_the_run_or_refused(tiny, tmp_path, monkeypatch):
+    read: set[str] = set()
+    for name, config_cls in CONFIGS.items():
+        by_epochs = parse(config_cls, tiny_args(tiny, tmp_path / f"{name}-epochs", name))  # epochs, warmup fraction, floor lr / 10
+        by_steps = parse(config_cls, [*tiny_args(tiny, tmp_path / name, name), "--train.max_steps", "3", "--train.lr_warmup_steps", "1"])
+        with monkeypatch.context() as patch:
+            reads = traced_reads(patch, config_cls)
+            run(by_epochs)
+            run(by_steps)
+        read |= reads
+        unread = options(config_cls) - read - set(REFUSED) - set(CONDITIONAL)
+        assert not unread, f"{name}: options parsed and never read by the run: {sorted(unread)}"
+    assert set(REFUSED) | set(CONDITIONAL) <= options(LoRARun)  # the lists name real options
+
+
+@pytest.mark.parametrize("name, value", [(n, {"train.tie_embeddings": "true", "eval.evaluate_example": "first"}.get(n, "64")) for n in REFUSED])
+def test_each_refused_option_stops_the_run_naming_it_and_what_to_use(tiny, tmp_path, capsys, name, value):
+    with pytest.raises(SystemExit) as stopped:
+        main(LoRARun, [*tiny_args(tiny, tmp_path / "run", "lora"), f"--{name}", value])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {name}: not read by this runner; {REFUSED[name]}"
+    assert "--" in REFUSED[name] or "make eval" in REFUSED[name] or "model_config.yaml" in REFUSED[name]
+    assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+def test_one_time_budget(tiny, tmp_path, capsys):
+    assert "max_time" in {f.name for f in dataclasses.fields(LoRARun)}
+    with pytest.raises(SystemExit):
+        main(LoRARun, [*tiny_args(tiny, tmp_path / "run", "lora"), "--train.max_time", "86400"])
+    assert "--max_time" in capsys.readouterr().err
+
+
+def test_defaults_are_for_real_runs_and_warmup_that_never_ends_is_refused(tiny, tmp_path):
+    train = TrainArgs()
+    assert train.max_steps is None and train.epochs == 1 and train.lr_warmup_steps is None and 0 < train.lr_warmup_fraction < 0.1
+    assert LoRARun().data.max_seq_length == 2048
+    with pytest.raises(SystemExit):
+        main(LoRARun, [*tiny_args(tiny, tmp_path / "run", "lora"), "--train.max_steps", "3", "--train.lr_warmup_steps", "40"])
+
+
+def lr_column(out_dir) -> list[float]:
+    return [float(r["lr"]) for r in csv.DictReader((out_dir / "metrics.csv").open())]
+
+
+def test_the_lr_warms_up_by_fraction_and_decays_to_the_floor(tiny, tmp_path):
+    args = tiny_args(tiny, tmp_path / "run", "lora")
+    main(LoRARun, [*args, "--train.max_steps", "20", "--train.lr_warmup_fraction", "0.1", "--train.min_lr", "1e-3"])
+    lrs = lr_column(tmp_path / "run")
+    assert lrs[0] == pytest.approx(1.5e-3) and lrs[1] == pytest.approx(3e-3)  # 2 warmup steps of 20
+    assert lrs[-1] == pytest.approx(1e-3, rel=0.02) and min(lrs) >= 1e-3 * (1 - 1e-9)
+
+
+def test_initial_and_final_validation(tiny, tmp_path, capsys):
+    args = tiny_args(tiny, tmp_path / "run", "lora")
+    main(LoRARun, [*args, "--train.max_steps", "3", "--eval.interval", "0", "--eval.initial_validation", "true"])
+    out = capsys.readouterr().out
+    assert "(eval.initial_validation)" in out
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert [bool(r["val_loss"]) for r in rows] == [False, False, True]  # eval.final_validation (default true)
+    main(LoRARun, [*tiny_args(tiny, tmp_path / "off", "lora"), "--train.max_steps", "3", "--eval.interval", "0", "--eval.final_validation", "false"])
+    assert not any(r["val_loss"] for r in csv.DictReader((tmp_path / "off" / "metrics.csv").open()))
+
+
+def same_run(a, b, weights_file: str) -> None:
+    rows_a, rows_b = (list(csv.DictReader((d / "metrics.csv").open())) for d in (a, b))
+    assert [(r["loss"], r["lr"], r["tokens"], r["val_loss"]) for r in rows_a] == [(r["loss"], r["lr"], r["tokens"], r["val_loss"]) for r in rows_b]
+    wa = torch.load(a / "final" / weights_file, weights_only=True)
+    wb = torch.load(b / "final" / weights_file, weights_only=True)
+    wa, wb = wa.get("model", wa), wb.get("model", wb)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("name", ["lora", "full"])
+def test_config_of_a_run_replays_it_bit_for_bit(tiny, tmp_path, name):
+    config_cls = CONFIGS[name]
+    main(config_cls, [*tiny_args(tiny, tmp_path / "a", name), "--train.max_steps", "4"])
+    record = tmp_path / "a" / "final" / "hyperparameters.yaml"
+    main(config_cls, ["--config", str(record), "--out_dir", str(tmp_path / "b")])
+    same_run(tmp_path / "a", tmp_path / "b", METHODS[name].weights_file)
+    replayed = yaml.safe_load((tmp_path / "b" / "final" / "hyperparameters.yaml").read_text())
+    assert replayed == {**yaml.safe_load(record.read_text()), "out_dir": str(tmp_path / "b")}
+
+
+def test_submission_reproduce_replays_through_the_same_config_path(tiny, tmp_path, monkeypatch):
+    from submission import reproduce
+
+    base, train_file = tiny
+    main(LoRARun, [*tiny_args(tiny, tmp_path / "a", "lora"), "--train.max_steps", "4"])
+    unpacked = tmp_path / "unpacked"
+    (unpacked / "submission").mkdir(parents=True)
+    shutil.copy(tmp_path / "a" / "final" / "submission.json", unpacked / "submission.json")
+    shutil.copy(train_file, unpacked / reproduce.TRAIN_FILE)
+    monkeypatch.chdir(unpacked)
+    parsed = []
+    monkeypatch.setattr(run_config, "parse", lambda cls, args, parse=run_config.parse: parsed.append(args) or parse(cls, args))
+    reproduce.finetune(out_dir=tmp_path / "b", checkpoint_dir=base.parent)
+    assert parsed and parsed[0][:2] == ["--config", str(tmp_path / "b" / "submission_config.yaml")]
+    same_run(tmp_path / "a", tmp_path / "b", METHODS["lora"].weights_file)
