@@ -108,7 +108,7 @@ def merge(manifest: Path = Path("submission.json"), out_dir: Path = Path("out/re
     from core.methods import METHODS
     from finetune.merge import merge as merge_run
 
-    method = METHODS[_manifest(manifest)["finetune"]["method"]]
+    method = METHODS[_manifest(manifest)["method"]]
     if not method.mergeable:
         print(f"{method.name} is served unmerged: {out_dir / 'final'}")
         return
