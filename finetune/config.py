@@ -170,6 +170,10 @@ def quantize_of(config: RunConfig) -> Quantize | None:
 
 def refuse_unread(config: RunConfig) -> None:
     """Stop before anything loads if an option this runner does not read is set, naming it and what to use."""
+    for group, expected in {"data": DataArgs, "train": TrainArgs, "eval": EvalArgs, "speed": SpeedArgs}.items():
+        value = getattr(config, group)
+        if not isinstance(value, expected):  # e.g. litgpt.args.EvalArgs, whose defaults set options this runner refuses
+            raise TypeError(f"{group}: give {expected.__module__}.{expected.__qualname__}, got {type(value).__module__}.{type(value).__qualname__}")
     for name, instead in REFUSED.items():
         group, key = name.split(".")
         if getattr(getattr(config, group), key) is not None:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,3 +196,14 @@ def test_submission_reproduce_replays_through_the_same_config_path(tiny, tmp_pat
     reproduce.finetune(out_dir=tmp_path / "b", checkpoint_dir=base.parent)
     assert parsed and parsed[0][:2] == ["--config", str(tmp_path / "b" / "submission_config.yaml")]
     same_run(tmp_path / "a", tmp_path / "b", METHODS["lora"].weights_file)
+
+
+def test_litgpt_args_objects_are_refused_naming_the_runner_class(tmp_path: Path) -> None:
+    """litgpt.args.EvalArgs sets evaluate_example="first" by default; passing it in gets a TypeError naming ours."""
+    from litgpt.args import EvalArgs as LitgptEvalArgs
+
+    from finetune.config import refuse_unread
+    from finetune.lora import LoRARun
+
+    with pytest.raises(TypeError, match=r"eval: give finetune\.config\.EvalArgs, got litgpt\.args\.EvalArgs"):
+        refuse_unread(LoRARun(checkpoint_dir=tmp_path, eval=LitgptEvalArgs(interval=0)))

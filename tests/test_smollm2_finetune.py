@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from litgpt.args import EvalArgs, TrainArgs
 
 from core.checkpoints import load_model
 from finetune import lora
+from finetune.config import DataArgs, EvalArgs, TrainArgs
 from finetune.export_hf import export_hf
 from finetune.merge import merge
-from finetune.run import DataArgs
 
 pytestmark = pytest.mark.slow(reason="trains, merges and exports a real 135M-parameter model (~90 s on 2 cores)")
 
