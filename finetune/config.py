@@ -127,6 +127,17 @@ class RunConfig:
     """Options every method shares; each method's subclass adds its own group and sets ``method``."""
 
     method: ClassVar[str]  # core.methods.METHODS key
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """``--help`` reads a field's docstring from the class that declares it; jsonargparse looks only at the
+        method's own class, so the shared fields' docs are handed down as an ``Args:`` section of its docstring."""
+        super().__init_subclass__(**kwargs)
+        own = set(_field_docs(cls, inherited=False))
+        handed = {name: doc for name, doc in _field_docs(RunConfig, inherited=True).items() if name not in own}
+        if handed:
+            lines = "".join(f"\n    {name}: {' '.join(doc.split())}" for name, doc in handed.items())
+            cls.__doc__ = f"{(cls.__doc__ or '').rstrip()}\n\nArgs:{lines}\n"
+
     group: ClassVar[str | None] = None  # the field holding the method's own options (their as_config() sets litgpt Config fields)
     checkpoint_dir: Path = Path("checkpoints/tiny")
     """converted base checkpoint (make download or make tiny)"""
@@ -156,6 +167,17 @@ class RunConfig:
     """packing, torch.compile, micro-batch auto-sizing and activation checkpointing (finetune.speed)"""
     neftune_alpha: float = 0.0
     """NEFTune noise on the input embeddings while training, U(-1,1) * alpha/sqrt(L*d) (finetune.neftune); 0 is off; the 4090 winner used 5"""
+
+
+def _field_docs(cls: type, inherited: bool) -> dict[str, str]:
+    """The attribute docstrings of ``cls``'s body (and of its bases' when ``inherited``), by field name."""
+    from docstring_parser import parse_from_object
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__ if inherited else (cls,)):
+        if klass is cls or "__dataclass_fields__" in vars(klass):  # cls is not a dataclass yet in __init_subclass__
+            docs.update({p.arg_name: p.description for p in parse_from_object(klass).params if p.description})
+    return docs
 
 
 def method_config(config: RunConfig) -> dict:

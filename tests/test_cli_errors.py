@@ -55,10 +55,76 @@ def test_unexpected_errors_say_what_they_are_and_how_to_see_more(capsys) -> None
     assert err == "error: KeyError: 'lm_head.weight' (rerun with --debug for the traceback)"
 
 
-def test_jsonargparse_still_refuses_unknown_flags_itself(capsys) -> None:
+def _refused(capsys, components, args: list[str]) -> str:
+    """A command line jsonargparse refuses: exit code 2 and one line, no usage block."""
     with pytest.raises(SystemExit) as exit_:
-        run_cli(merge.main, args=["--checkpoint_dir", "x", "--no_such_flag", "1"])
+        run_cli(components, args=args)
     assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "usage:" not in err, err
+    return err.strip()
+
+
+def test_unknown_flags_are_refused_in_one_line_naming_them(capsys) -> None:
+    err = _refused(capsys, merge.main, ["--checkpoint_dir", "x", "--no_such_flag", "1"])
+    assert "--no_such_flag" in err and "--help" in err
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "adapter_v2", "full"])
+def test_a_bad_enumerated_option_names_the_flag_the_value_and_every_choice(method: str, capsys) -> None:
+    """jsonargparse alone says "Cannot take a Union of no types" for a Literal; the line lists the Literal's own values."""
+    from typing import get_args
+
+    from finetune.config import Precision, config_class
+    from finetune.speed import SpeedArgs
+
+    config = config_class(method)
+    err = _refused(capsys, config, ["--precision", "bf32"])
+    assert err == f"error: --precision: 'bf32' is not one of {', '.join(get_args(Precision))}"
+    micro = get_args(dataclasses_field_type(SpeedArgs, "micro_batch"))
+    err = _refused(capsys, config, ["--speed.micro_batch=x"])
+    assert err == f"error: --speed.micro_batch: 'x' is not one of {', '.join(micro)}"
+
+
+def test_a_nested_literal_lists_every_value(capsys) -> None:
+    from core.precision import TRAIN_QUANTIZE
+
+    err = _refused(capsys, lora.LoRARun, ["--quantize", "nf5"])
+    assert err == f"error: --quantize: 'nf5' is not one of {', '.join(TRAIN_QUANTIZE)}"
+
+
+def test_a_bad_value_in_a_config_file_says_so(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("speed:\n  micro_batch: sometimes\n")
+    err = _refused(capsys, lora.LoRARun, ["--config", str(config)])
+    assert err.startswith("error: --speed.micro_batch: the value in --config is not one of auto")
+
+
+def test_a_mistyped_number_names_the_flag(capsys) -> None:
+    err = _refused(capsys, lora.LoRARun, ["--lr", "abc"])
+    assert err.startswith("error: --lr: ") and "abc" in err
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "adapter_v2", "full"])
+def test_every_option_of_every_method_has_help(method: str) -> None:
+    """--help describes each option, the shared RunConfig fields included (their docs live on the base class)."""
+    from jsonargparse import ArgumentParser
+
+    from finetune.config import _parse_field_docstrings, config_class
+
+    _parse_field_docstrings()
+    parser = ArgumentParser()
+    parser.add_class_arguments(config_class(method))
+    options = [a for a in parser._actions if a.option_strings and a.dest not in ("help", "config", "print_config")]
+    options = [a for a in options if not a.dest.endswith("CONFIG") and type(a).__name__ != "_ActionConfigLoad"]
+    undocumented = [a.option_strings[0] for a in options if not (a.help or "").split("(type:")[0].strip()]
+    assert len(options) > 40 and not undocumented, undocumented
+
+
+def dataclasses_field_type(cls: type, name: str):
+    import typing
+
+    return typing.get_type_hints(cls)[name]
 
 
 @pytest.mark.parametrize("name", list(METHODS))
