@@ -3,14 +3,19 @@
 A ``Job`` is one request as the scheduler sees it: prompt ids, how many sequences, how many new
 tokens at most. Each step:
 
-1. admission, first come first served: the request at the head of the queue starts when its blocks
-   fit the pool and its sequences fit the batch; otherwise it waits (backpressure) and so does
-   everything behind it. A request gets, up front, every block it can ever write (prompt plus
+1. admission, first come first served: the oldest queued request starts when its blocks fit the
+   pool and its sequences fit the batch; otherwise it waits (backpressure) and so does everything
+   behind it. A request gets, up front, every block it can ever write (prompt plus
    ``max_new_tokens`` for each sequence), so a running request never runs out of cache. Its
    prompt's first full blocks come from the shared-prefix index when some earlier prompt computed
-   them (by reference: nothing is copied). A request that shares a longer prefix with a prompt being
-   computed right now waits a round for it rather than computing the same prefix twice. Admission
-   looks at the head of the queue only: its cost is the requests admitted, not the queue's length.
+   them (by reference: nothing is copied). A request that shares a longer prefix with an older
+   prompt being computed right now waits a round for it rather than computing the same prefix
+   twice; as vLLM v1 does with its ``skipped_waiting_requests``, the requests behind it are not held
+   up by that wait: they are admitted past it, and it keeps its place at the head of the queue.
+   Its blocks and batch seats stay reserved while it waits, so it starts as soon as the prefix is
+   in (never later because younger requests took its room), and it waits only on older prompts,
+   so a stream of younger ones cannot keep it waiting. Admission's cost is the requests admitted
+   plus the waiters passed over (at most ``max_batch`` of them), not the queue's length.
 2. prefill: the prompts not fully computed share ``prefill_tokens`` (a longer prompt continues next
    step: chunked prefill); computed full blocks go into the index at once.
 3. decode: every request whose prompt is done generates one token per sequence.
@@ -22,6 +27,7 @@ failed request frees its blocks at the next step.
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -46,6 +52,7 @@ class Job:
     pos: int = 0  # position the next decode step writes
     state: str = "queued"  # queued -> prefill -> decode -> done
     cancelled: bool = False
+    arrival: int = 0  # the order the scheduler received it in (running jobs are kept in this order)
 
     @property
     def stored(self) -> int:
@@ -62,6 +69,7 @@ class Step:
     prefill: list[tuple[Job, int, int]] = field(default_factory=list)  # (job, start, tokens)
     decode: list[Job] = field(default_factory=list)
     refused: list[tuple[Job, str]] = field(default_factory=list)  # can never fit this pool
+    waiting: list[Job] = field(default_factory=list)  # passed over: an older prompt is computing their prefix
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -75,12 +83,15 @@ class Scheduler:
         self.pool, self.max_batch, self.prefill_tokens, self.echo_tokens = pool, max_batch, prefill_tokens, echo_tokens
         self.queue: deque[Job] = deque()
         self.queued = 0  # jobs in the queue that are not cancelled
-        self.running: list[Job] = []  # admitted, in order: prefilling or decoding
+        self.running: list[Job] = []  # admitted, in arrival order: prefilling or decoding
         self.sequences = 0  # sequences of the running jobs
+        self._arrivals = 0
 
     # --- bookkeeping --------------------------------------------------------------------------
 
     def add(self, job: Job) -> None:
+        self._arrivals += 1
+        job.arrival = self._arrivals
         self.queue.append(job)
         self.queued += 1
 
@@ -149,41 +160,56 @@ class Scheduler:
         return None
 
     def _admit(self, step: Step) -> None:
-        pool = self.pool
-        while self.queue:
-            job = self.queue[0]
-            if job.cancelled:
+        pool, bs = self.pool, self.pool.block_size
+        waiting = step.waiting  # passed over (a prefix in flight): back at the head of the queue, in order
+        reserved_blocks = reserved_seqs = 0  # what the passed-over requests will need
+        try:
+            while self.queue:
+                job = self.queue[0]
+                if job.cancelled:
+                    self.queue.popleft()
+                    continue
+                if (self.running or waiting) and self.sequences + reserved_seqs + job.n > self.max_batch:
+                    return
+                if (refusal := self.never_fits(job)) is not None:
+                    self.queue.popleft()
+                    self.queued -= 1
+                    job.state = "done"
+                    step.refused.append((job, refusal))
+                    continue
+                limit = (len(job.ids) - 1) // bs  # the last prompt token is always computed
+                shared = [] if job.echo else pool.match(job.ids, limit)
+                own, spare = self._blocks_needed(job, len(shared))
+                held_by_nobody = sum(1 for b in shared if pool.refs(b) == 0)  # taking these uses up available blocks
+                need = own + spare + held_by_nobody
+                if need > pool.available - reserved_blocks:
+                    return
                 self.queue.popleft()
-                continue
-            if self.running and self.sequences + job.n > self.max_batch:
-                return
-            if (refusal := self.never_fits(job)) is not None:
-                self.queue.popleft()
+                if not job.echo and self._waits_for_prefix(job, len(shared) * bs):
+                    waiting.append(job)
+                    reserved_blocks += need  # an upper bound: a longer shared prefix only lowers it
+                    reserved_seqs += job.n
+                    continue
                 self.queued -= 1
-                job.state = "done"
-                step.refused.append((job, refusal))
-                continue
-            limit = (len(job.ids) - 1) // pool.block_size  # the last prompt token is always computed
-            shared = [] if job.echo else pool.match(job.ids, limit)
-            if not job.echo and self._shares_more_with_running(job, len(shared) * pool.block_size):
-                return
-            own, spare = self._blocks_needed(job, len(shared))
-            held_by_nobody = sum(1 for b in shared if pool.refs(b) == 0)  # taking these uses up available blocks
-            if own + spare + held_by_nobody > pool.available:
-                return
-            self.queue.popleft()
-            self.queued -= 1
-            pool.share(shared)
-            job.blocks = shared + pool.allocate(own)
-            job.spare = pool.allocate(spare)
-            job.computed = len(shared) * pool.block_size
-            job.state = "prefill"
-            self.running.append(job)
-            self.sequences += job.n
+                pool.share(shared)
+                job.blocks = shared + pool.allocate(own)
+                job.spare = pool.allocate(spare)
+                job.computed = len(shared) * bs
+                job.state = "prefill"
+                bisect.insort(self.running, job, key=lambda j: j.arrival)
+                self.sequences += job.n
+        finally:
+            self.queue.extendleft(reversed(waiting))
 
-    def _shares_more_with_running(self, job: Job, cached: int) -> bool:
-        limit = len(job.ids) - 1
-        return any(min(common_prefix(other.ids, job.ids), limit) >= cached + WAIT_FOR_SHARED for other in self.running if other.state == "prefill")
+    def _waits_for_prefix(self, job: Job, cached: int) -> bool:
+        """Whether an older prompt being computed holds ``WAIT_FOR_SHARED`` or more tokens of ``job``'s
+        prompt (in whole blocks) beyond the ``cached`` ones the index gave it."""
+        bs, limit = self.pool.block_size, len(job.ids) - 1
+        return any(
+            min(common_prefix(other.ids, job.ids), limit) // bs * bs - cached >= WAIT_FOR_SHARED
+            for other in self.running
+            if other.state == "prefill" and other.arrival < job.arrival
+        )
 
     # --- after the model ran ------------------------------------------------------------------
 
