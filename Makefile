@@ -20,6 +20,8 @@ METHOD   ?= lora
 DATA     ?= data/generated/tiny/train.jsonl
 RECIPE   ?=
 QUANTIZE ?=
+DEVICES  ?= 1
+STRATEGY ?= auto
 RUN      ?= out/finetune/$(METHOD)-$(notdir $(MODEL))
 MERGED   ?= checkpoints/$(notdir $(MODEL))-$(METHOD)
 EXPORT   ?= out/export/$(notdir $(MERGED))
@@ -42,7 +44,7 @@ EVAL_OUT ?= out/eval/$(notdir $(CKPT)).json
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: MODEL=$(MODEL) CHECKPOINT=$(CHECKPOINT) METHOD=$(METHOD) DATA=$(DATA) RECIPE=$(RECIPE) QUANTIZE=$(QUANTIZE)"
-	@echo "             RUN=$(RUN) MERGED=$(MERGED) CKPT=$(CKPT) HOST=$(HOST) PORT=$(PORT) ARGS='...'"
+	@echo "             DEVICES=$(DEVICES) STRATEGY=$(STRATEGY) RUN=$(RUN) MERGED=$(MERGED) CKPT=$(CKPT) HOST=$(HOST) PORT=$(PORT) ARGS='...'"
 
 setup: $(STAMP) ## create .venv with the pinned dependencies (quick when already done)
 
@@ -81,13 +83,14 @@ download: setup ## download + convert + verify an approved model: make download 
 convert: setup ## convert HF files already in CHECKPOINT (litgpt config read from config.json): make convert CHECKPOINT=checkpoints/org/name
 	$(PYTHON) -m core.hub convert --checkpoint_dir $(CHECKPOINT) $(ARGS)
 
-plan: setup ## will it fit? micro-batch + checkpointing per track: make plan MODEL=... [METHOD=lora QUANTIZE=bnb.nf4]
-	$(PYTHON) -m finetune.memory_plan $(if $(wildcard $(CHECKPOINT)/model_config.yaml),--checkpoint_dir $(CHECKPOINT),--model_name $(notdir $(MODEL))) --method $(METHOD) $(if $(QUANTIZE),--quantize $(QUANTIZE)) $(ARGS)
+plan: setup ## will it fit? micro-batch + checkpointing per track: make plan MODEL=... [METHOD=lora QUANTIZE=bnb.nf4 DEVICES=2 STRATEGY=fsdp]
+	$(PYTHON) -m finetune.memory_plan $(if $(wildcard $(CHECKPOINT)/model_config.yaml),--checkpoint_dir $(CHECKPOINT),--model_name $(notdir $(MODEL))) --method $(METHOD) $(if $(QUANTIZE),--quantize $(QUANTIZE)) $(if $(filter-out 1,$(DEVICES)),--devices $(DEVICES) --strategy $(if $(filter fsdp,$(STRATEGY)),fsdp,ddp)) $(ARGS)
 
 finetune: setup ## finetune CHECKPOINT with METHOD (lora|adapter|adapter_v2|full) on DATA or RECIPE into RUN
 	@if [ "$(MODEL)" = tiny ]; then $(MAKE) --no-print-directory tiny; fi
 	$(PYTHON) -m finetune.$(METHOD) --checkpoint_dir $(CHECKPOINT) --out_dir $(RUN) \
-		$(if $(RECIPE),--data.recipe $(RECIPE),--data.train_file $(DATA)) $(if $(QUANTIZE),--quantize $(QUANTIZE)) $(ARGS)
+		$(if $(RECIPE),--data.recipe $(RECIPE),--data.train_file $(DATA)) $(if $(QUANTIZE),--quantize $(QUANTIZE)) \
+		$(if $(filter-out 1,$(DEVICES)),--devices $(DEVICES)) $(if $(filter-out auto,$(STRATEGY)),--strategy $(STRATEGY)) $(ARGS)
 
 merge: setup ## merge RUN/final (LoRA; a full finetune is copied) into the standalone checkpoint MERGED
 	$(PYTHON) -m finetune.merge --checkpoint_dir $(RUN)/final --out_dir $(MERGED) $(ARGS)

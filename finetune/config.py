@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from core.precision import TrainQuantize
+from finetune.distributed import Strategy
 from finetune.speed import SpeedArgs
 
 Precision = Literal["bf16-true", "16-true", "32-true", "bf16-mixed", "16-mixed"]
@@ -66,9 +67,9 @@ class TrainArgs:
     log_interval: int = 10
     """optimizer steps between log lines"""
     global_batch_size: int = 16
-    """rows per optimizer step (packed rows of data.max_seq_length tokens when packing)"""
+    """rows per optimizer step, all devices together (packed rows of data.max_seq_length tokens when packing)"""
     micro_batch_size: int = 4
-    """rows per forward pass; with speed.micro_batch auto the memory plan picks it on a GPU"""
+    """rows per forward pass on each device; with speed.micro_batch auto the memory plan picks it on a GPU"""
     lr_warmup_steps: int | None = None
     """warmup steps; given, it replaces lr_warmup_fraction"""
     lr_warmup_fraction: float = 0.03
@@ -154,6 +155,12 @@ class RunConfig:
     max_time: str = "24h"
     """the wall-clock budget ("23h", "90m", ...), counted across resumes: the first steps are measured, the LR
     schedule shortened to what fits, and the run stops and saves before the budget ends"""
+    devices: int = 1
+    """processes, one per GPU (or CPU processes over gloo): each trains on its share of every global batch, which
+    stays train.global_batch_size rows (devices x train.micro_batch_size x accumulation); rank 0 writes"""
+    strategy: Strategy = "auto"
+    """how the devices share the model: "ddp" replicates it; "fsdp" shards the weights (and a full finetune's
+    optimizer state) over the GPUs, one transformer block at a time (CUDA only); "auto": ddp when devices > 1"""
     resume: bool | Literal["auto"] | Path = False
     """"auto": continue from the newest sound step checkpoint in out_dir (if any); a path: from that one; restores
     weights, optimizer, schedule, data position and RNG exactly"""

@@ -49,10 +49,15 @@ def clear_prefix_caches(model: torch.nn.Module) -> None:
 def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], checkpoint_blocks: bool = False) -> torch.Tensor:
     """Next-token cross-entropy over the labelled (response) positions of a padded or packed batch.
 
-    ``model`` is a litgpt GPT, or Fabric's wrapper of one (run it under ``fabric.autocast()``).
+    ``model`` is a litgpt GPT, or Fabric's wrapper of one (run it under ``fabric.autocast()``). Under DDP/FSDP
+    the loss goes through the strategy's forward (``finetune.run.build_model`` marks ``training_loss``), which
+    DDP needs to sync gradients and FSDP to gather weights.
     """
     clear_prefix_caches(model)
-    return training_loss(getattr(model, "module", model), batch, checkpoint_blocks)
+    inputs = {k: v for k, v in batch.items() if k not in ("mask", "tokens")}  # counted on the host, not model inputs
+    if "training_loss" in getattr(model, "_forward_methods", ()):
+        return model.training_loss(inputs, checkpoint_blocks)
+    return training_loss(getattr(model, "module", model), inputs, checkpoint_blocks)
 
 
 @torch.no_grad()
@@ -165,7 +170,10 @@ def fit(
         progress.elapsed_s = done_at - started  # when this step finished, not when it was read
         if not math.isfinite(progress.last_loss):
             raise FloatingPointError(f"training loss is {progress.last_loss} at step {queued.step}; lower the learning rate")
-        if (new_total := planner.observe(queued.step, progress.elapsed_s, queued.tokens)) is not None:
+        new_total = planner.observe(queued.step, progress.elapsed_s, queued.tokens)
+        if fabric.world_size > 1 and queued.step == planner.skip_steps + planner.measure_steps:
+            new_total = fabric.broadcast(new_total, 0)  # one plan, rank 0's, so every rank keeps the same schedule
+        if new_total is not None:
             schedule.total_steps = progress.total_steps = new_total
             bar.total = new_total
         bar.update(1)
@@ -194,27 +202,30 @@ def fit(
         say(f"step      0/{schedule.total_steps} | val loss {progress.val_losses[-1][1]:.4f} (eval.initial_validation)")
     model.train()
     while progress.step < schedule.total_steps:
-        if planner.out_of_time(elapsed()):
+        if fabric.strategy.reduce_boolean_decision(planner.out_of_time(elapsed()), all=False):  # any rank out of time stops all
             progress.stopped_by_time = True
             say(f"Stopping at step {progress.step}: the time budget of {planner.max_seconds:.0f}s is (nearly) spent.")
             break
         for group in optimizer.param_groups:
             group["lr"] = base_lr * schedule.factor(progress.step)
-        step_tokens = 0
+        step_tokens, step_loss = 0, 0.0
         for micro in range(accumulate):
             batch = next_batch()
             with fabric.no_backward_sync(model, enabled=micro < accumulate - 1):
                 with fabric.autocast():
                     loss = batch_loss(model, batch, checkpoint_blocks)
                 fabric.backward(loss / accumulate)
-            step_tokens += int(batch["mask"].sum())  # a CPU tensor: no device sync
+            step_loss = step_loss + loss.detach() / accumulate
+            step_tokens += batch["tokens"] if "tokens" in batch else int(batch["mask"].sum())  # host numbers: no device sync
+        if fabric.world_size > 1:
+            step_loss = fabric.all_reduce(step_loss, reduce_op="mean")  # the step's loss over every rank's micro-batches
         if train.max_norm is not None:
             fabric.clip_gradients(model, optimizer, max_norm=train.max_norm, error_if_nonfinite=False)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         progress.step += 1
         progress.tokens += step_tokens
-        queued = _Queued(progress.step, step_tokens, progress.tokens, optimizer.param_groups[0]["lr"], readout.start(loss))
+        queued = _Queued(progress.step, step_tokens, progress.tokens, optimizer.param_groups[0]["lr"], readout.start(step_loss))
         if pending is not None:
             finish(pending)  # the previous step, while the GPU runs this one
         pending = queued

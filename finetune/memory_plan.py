@@ -9,7 +9,10 @@ real step (``probe_plan``), stepping down if that step runs out of memory.
 
 The estimate counts weights (by storage type), the trainable parameters with their gradients and
 AdamW states, the activations a block keeps per token (calibrated on an H100, see BENCHMARKS.md), the
-logits the loss holds, and a fixed allowance for workspaces and allocator slack. It is compared with
+logits the loss holds, and a fixed allowance for workspaces and allocator slack. On several devices it
+is one device's memory: DDP replicates everything and adds its gradient buckets (a copy of the trainable
+gradients); FSDP shards weights, gradients and AdamW states over the devices and holds the unsharded
+weights of two blocks at a time (the one computing, the one prefetched). It is compared with
 what a card leaves the allocator (``Budget``: the card less the CUDA context, less a margin of 1 GiB
 or 5%), and a rehearsal on a bigger GPU is capped at that usable memory for real.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -114,16 +118,37 @@ class ModelShape:
 
 
 def estimate_gib(
-    shape: ModelShape, tokens: int, checkpoint_blocks: bool, quantize: str | None, full: bool, compiled: bool = False, bytes_per_value: int = 2
+    shape: ModelShape,
+    tokens: int,
+    checkpoint_blocks: bool,
+    quantize: str | None,
+    full: bool,
+    compiled: bool = False,
+    bytes_per_value: int = 2,
+    devices: int = 1,
+    strategy: str = "ddp",
 ) -> dict[str, float]:
-    """Peak memory by part, in GiB, for one micro-batch of ``tokens`` tokens."""
+    """Peak memory by part, in GiB, on one device running a micro-batch of ``tokens`` tokens.
+
+    ``devices`` > 1: ``strategy`` "ddp" (replicated, plus gradient buckets) or "fsdp" (sharded, plus two blocks gathered).
+    """
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"strategy: 'ddp' or 'fsdp', got {strategy!r}")
     if full:  # every weight trains: weight + grad + two AdamW states
         weights = shape.trainable_params * bytes_per_value * 4
         trainable = 0.0
+        unsharded = shape.trainable_params * bytes_per_value  # the weights alone
     else:
         per_linear = QUANTIZED_BYTES[quantize] if quantize else bytes_per_value
         weights = shape.linear_params * per_linear + shape.other_params * bytes_per_value
         trainable = shape.trainable_params * 4 * bytes_per_value  # weight, grad, two AdamW states
+        unsharded = weights + shape.trainable_params * bytes_per_value
+    parallel = {}
+    if devices > 1 and strategy == "ddp":
+        parallel["ddp buckets"] = shape.trainable_params * bytes_per_value  # the all-reduce's copy of the gradients
+    elif devices > 1:
+        weights, trainable = weights / devices, trainable / devices
+        parallel["fsdp gathered"] = 2 * unsharded / shape.n_layer * (2 if full else 1)  # two blocks' weights (and, full, their gradients)
     factor = ACTIVATION_FACTOR["compiled" if compiled else "eager"]
     per_block_token = factor * (9 * shape.n_embd + 3 * shape.kv_size + 4 * shape.intermediate) * bytes_per_value
     if checkpoint_blocks:  # each block keeps its input; one block at a time recomputes the rest
@@ -132,7 +157,7 @@ def estimate_gib(
         activations = tokens * shape.n_layer * per_block_token
     rows = tokens if tokens * shape.vocab <= 2**27 else 2048  # finetune.forward's head chunks
     logits = rows * shape.vocab * (bytes_per_value + 4 + 4)  # logits, fp32 copy, its gradient
-    parts = {"weights": weights, "trainable+optimizer": trainable, "activations": activations, "logits": logits}
+    parts = {"weights": weights, "trainable+optimizer": trainable, "activations": activations, "logits": logits, **parallel}
     out = {k: v / GIB for k, v in parts.items()}
     out["overhead"] = OVERHEAD_GIB
     out["total"] = sum(out.values())
@@ -154,11 +179,24 @@ def choose(
     full: bool,
     compiled: bool = False,
     checkpoint_blocks: bool | None = None,
+    devices: int = 1,
+    strategy: str = "ddp",
 ) -> Plan:
-    """The fastest candidate estimated to fit; if none does, the smallest (its ``fits`` is False)."""
-    options = [c for c in candidates(global_batch_size, max_seq_length) if checkpoint_blocks is None or c[1] == checkpoint_blocks]
+    """The fastest candidate estimated to fit; if none does, the smallest (its ``fits`` is False).
+
+    On ``devices`` devices each takes ``global_batch_size / devices`` rows a step: its micro-batch divides that.
+    """
+    if global_batch_size % devices:
+        raise ValueError(f"global_batch_size: {global_batch_size} rows do not split over {devices} devices")
+    options = [c for c in candidates(global_batch_size // devices, max_seq_length) if checkpoint_blocks is None or c[1] == checkpoint_blocks]
     plans = [
-        Plan(m, ckpt, round(estimate_gib(shape, m * max_seq_length, ckpt, quantize, full, compiled)["total"], 2), budget_gib) for m, ckpt in options
+        Plan(
+            m,
+            ckpt,
+            round(estimate_gib(shape, m * max_seq_length, ckpt, quantize, full, compiled, devices=devices, strategy=strategy)["total"], 2),
+            budget_gib,
+        )
+        for m, ckpt in options
     ]
     return next((p for p in plans if p.fits), min(plans, key=lambda p: p.peak_gib))
 
@@ -212,6 +250,8 @@ def main(
     global_batch_size: int = 16,
     lora_r: int = 16,
     gpu_memory_gib: float | None = None,
+    devices: int = 1,
+    strategy: Literal["ddp", "fsdp"] = "ddp",
 ) -> dict[str, Plan]:
     """Print the plan for each track (or for ``gpu_memory_gib``) of finetuning ``checkpoint_dir`` with ``method``.
 
@@ -224,6 +264,8 @@ def main(
         global_batch_size: rows per optimizer step; micro-batch sizes are its divisors.
         lora_r: LoRA rank on every linear layer and the head (our default targets).
         gpu_memory_gib: plan for this much memory instead of the three tracks.
+        devices: GPUs the run shares (finetune's --devices); the plan is one GPU's memory.
+        strategy: with devices > 1: ddp (replicated) or fsdp (weights, gradients and optimizer sharded).
     """
     from core.checkpoints import load_config
     from core.configs import config_from_name
@@ -233,6 +275,12 @@ def main(
         raise ValueError("give --checkpoint_dir (a converted checkpoint) or --model_name (a litgpt config name)")
     if method not in METHODS:
         raise ValueError(f"method: choose one of {sorted(METHODS)}, got {method!r}")
+    if devices < 1:
+        raise ValueError(f"devices: a number of GPUs >= 1, got {devices}")
+    if global_batch_size % devices:
+        raise ValueError(f"global_batch_size: {global_batch_size} rows do not split over --devices {devices}")
+    if devices > 1 and quantize is not None:
+        raise ValueError(f"quantize: {quantize} (QLoRA) trains on one device (finetune refuses it with --devices > 1); plan it with --devices 1")
     chosen = METHODS[method]
     config = load_config(Path(checkpoint_dir)) if checkpoint_dir is not None else config_from_name(model_name)
     extra = (
@@ -249,9 +297,18 @@ def main(
     for track, gib in budgets.items():
         budget = Budget(gib)
         plans[track] = choose(
-            shape, budget.plan_gib, max_seq_length, global_batch_size, quantize, chosen.trains_everything, compiled=True
+            shape,
+            budget.plan_gib,
+            max_seq_length,
+            global_batch_size,
+            quantize,
+            chosen.trains_everything,
+            compiled=True,
+            devices=devices,
+            strategy=strategy,
         )  # finetune compiles on GPUs
-        print(f"{track:>10} ({budget.describe()}): {plans[track].describe()}")
+        where = f" x {devices} ({strategy}, per GPU)" if devices > 1 else ""
+        print(f"{track:>10}{where} ({budget.describe()}): {plans[track].describe()}")
     if not any(p.fits for p in plans.values()):
         print(
             f"no track fits {config.name} with {method}{' + ' + quantize if quantize else ''} at {max_seq_length} tokens: try --quantize bnb.nf4 or a shorter max_seq_length"

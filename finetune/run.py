@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import random
+import types
 from pathlib import Path
 
 import lightning as L
@@ -30,11 +31,12 @@ from core.integrity import atomic_dir, clean_stale_temps, save_torch, sha256_fil
 from core.methods import METHODS, Method
 from core.precision import FABRIC_PRECISION, TRAIN_QUANTIZE, build_fabric, default_dtype
 from core.prompts import get_style, save_style
-from finetune import neftune, scoring
+from finetune import distributed, neftune, scoring
 from finetune.batching import EpochBatches, batch_to_device
 from finetune.budget import BudgetPlanner, Schedule, parse_duration
 from finetune.config import DataArgs, RunConfig, method_config, quantize_of, record, refuse_unread
 from finetune.data import IGNORE_INDEX, Collate, encode_row, load_rows
+from finetune.forward import training_loss
 from finetune.loop import Progress, fit
 from finetune.new_parameters import load_and_initialize
 from finetune.packing import PackCollate, PackedBatches
@@ -51,8 +53,11 @@ def default_precision() -> str:
     return FABRIC_PRECISION[default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))]
 
 
-def make_fabric(precision: str, quantize: str | None, method: Method, storage_in_compute_dtype: bool = False) -> L.Fabric:
-    """``storage_in_compute_dtype``: 4-bit weights quantized from the compute dtype, not float16 (``finetune.quantized_storage``)."""
+def make_fabric(
+    precision: str, quantize: str | None, method: Method, storage_in_compute_dtype: bool = False, devices: int = 1, strategy: str = "auto"
+) -> L.Fabric:
+    """``storage_in_compute_dtype``: 4-bit weights quantized from the compute dtype, not float16 (``finetune.quantized_storage``).
+    ``devices``/``strategy``: one process per device (``finetune.distributed``); launched by ``run``."""
     if quantize is not None:
         if quantize not in TRAIN_QUANTIZE:
             raise ValueError(f"quantize: choose one of {list(TRAIN_QUANTIZE)}, got {quantize!r}")
@@ -62,7 +67,13 @@ def make_fabric(precision: str, quantize: str | None, method: Method, storage_in
             raise ValueError(f"quantize: {quantize} (QLoRA) uses bitsandbytes CUDA kernels and needs an NVIDIA GPU")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError(f"quantize: {quantize} needs bitsandbytes: .venv/bin/python -m pip install -c constraints.txt bitsandbytes")
-    return build_fabric(precision, quantize, ComputeDtypeStorage if storage_in_compute_dtype else None, devices=1)
+    return build_fabric(
+        precision,
+        quantize,
+        ComputeDtypeStorage if storage_in_compute_dtype else None,
+        devices=devices,
+        strategy=distributed.fabric_strategy(strategy, devices, method.trains_everything),
+    )
 
 
 def load_training_rows(data: DataArgs, tokenizer: Tokenizer, seed: int) -> tuple[list[dict], list[dict], dict, str]:
@@ -180,6 +191,9 @@ def build_model(fabric: L.Fabric, method: Method, method_config: dict, checkpoin
     method.freeze_all_but_trainable(model)
     fabric.print(f"{method.name}: {num_parameters(model, requires_grad=True):,} trainable of {num_parameters(model):,} parameters")
     model = fabric.setup_module(model)
+    if model.module is not getattr(model, "_forward_module", model.module):  # DDP/FSDP: the loss must go through their forward
+        model.module.training_loss = types.MethodType(training_loss, model.module)
+        model.mark_forward_method("training_loss")
     load = lambda: load_checkpoint(fabric, model, checkpoint_dir / WEIGHTS, strict=method.trains_everything)  # noqa: E731
     if quantize is None:
         load()  # built with normal init: the method's parameters are already initialized
@@ -202,7 +216,11 @@ def build_optimizer(fabric: L.Fabric, model, lr: float, weight_decay: float):
 
 
 def run(config: RunConfig) -> Path:
-    """Finetune with ``config.method``; returns the ``final`` directory."""
+    """Finetune with ``config.method``; returns the ``final`` directory.
+
+    With ``devices`` > 1 this must be the command line's process (``python -m finetune.lora ...``): Fabric
+    re-runs that command line once per extra device, and every rank runs this function.
+    """
     refuse_unread(config)
     method = METHODS[config.method]
     data, train, eval, speed, quantize = config.data, config.train, config.eval, config.speed, quantize_of(config)
@@ -212,11 +230,16 @@ def run(config: RunConfig) -> Path:
     max_seconds = parse_duration(config.max_time)
     neftune.check_alpha(config.neftune_alpha)
     scoring.check(eval, train.save_interval)
-    fabric = make_fabric(precision, quantize, method, storage_in_compute_dtype=speed.quantize_from_compute_dtype)
+    distributed.check(config.devices, config.strategy, quantize, train.global_batch_size, train.micro_batch_size, eval.score_interval)
+    fabric = make_fabric(precision, quantize, method, speed.quantize_from_compute_dtype, config.devices, config.strategy)
+    if config.devices > 1 or config.strategy != "auto":
+        fabric.launch()  # re-runs this command line once per extra device; every rank continues from here
     fabric.seed_everything(config.seed, verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in clean_stale_temps(out_dir):
-        fabric.print(f"removed {stale}, left by an interrupted save")
+    if fabric.is_global_zero:
+        for stale in clean_stale_temps(out_dir):
+            fabric.print(f"removed {stale}, left by an interrupted save")
+    fabric.barrier()
 
     tokenizer = Tokenizer(checkpoint_dir)
     rows, val_rows, card, template = load_training_rows(data, tokenizer, config.seed)
@@ -234,7 +257,9 @@ def run(config: RunConfig) -> Path:
     model = build_model(fabric, method, method_config(config), checkpoint_dir, quantize, data.max_seq_length)
     neftune.attach(model, config.neftune_alpha)
     optimizer = build_optimizer(fabric, model, config.lr, config.weight_decay)
-    resume_dir = find_resume_dir(config.resume, out_dir, method.weights_file, fabric.print)
+    distributed.seed_rank(config.seed, fabric.global_rank)
+    resume_dir = find_resume_dir(config.resume, out_dir, method.weights_file, fabric.print) if fabric.is_global_zero else None
+    resume_dir = fabric.broadcast(resume_dir, 0)  # every rank resumes the step rank 0 chose
     resumed_micro_batch = saved_micro_batch_size(resume_dir) if resume_dir else None
     setup = prepare(fabric, model, method.name, speed, train, data.max_seq_length, quantize, resumed_micro_batch)
     train, mb = setup.train, setup.train.micro_batch_size
@@ -263,11 +288,13 @@ def run(config: RunConfig) -> Path:
         fabric.print(
             f"packing {len(train_set):,} rows into {batches.batches_per_epoch * mb:,} rows of {data.max_seq_length} tokens ({batches.fill:.0%} full)"
         )
-        next_batch = lambda: to_device(pack([[train_set[i] for i in packed] for packed in batches.next()]))  # noqa: E731
+        make_batch = lambda drawn: pack([[train_set[i] for i in packed] for packed in drawn])  # noqa: E731
     else:
         batches = EpochBatches(len(train_set), mb, config.seed)
-        next_batch = lambda: to_device(collate([train_set[i] for i in batches.next()]))  # noqa: E731
-    accumulate = train.gradient_accumulation_iters(devices=1)
+        make_batch = lambda drawn: collate([train_set[i] for i in drawn])  # noqa: E731
+    batches = distributed.RankBatches(batches, fabric.global_rank, fabric.world_size, [len(e["input_ids"]) for e in train_set])
+    next_batch = lambda: {**to_device(make_batch(batches.next())), "tokens": batches.tokens}  # noqa: E731
+    accumulate = train.gradient_accumulation_iters(devices=1)  # micro-batches per step, all ranks together
     planned = train.max_steps or max(1, math.ceil(train.epochs * batches.batches_per_epoch / accumulate))
     warmup = train.lr_warmup_steps if train.lr_warmup_steps is not None else round(train.lr_warmup_fraction * planned)
     if warmup >= planned and planned > 1:
@@ -275,12 +302,13 @@ def run(config: RunConfig) -> Path:
             f"train.lr_warmup_steps: {warmup} warmup steps of {planned} planned leave no decay; lower it or use --train.lr_warmup_fraction"
         )
     progress = Progress(total_steps=planned)
-    metrics = MetricsLog(out_dir)
+    metrics = MetricsLog(out_dir) if fabric.is_global_zero else None  # rank 0 writes
     if resume_dir is not None:
-        saved = load_state(resume_dir, model, optimizer)
+        saved = load_state(resume_dir, model, optimizer, fabric.global_rank, fabric.world_size)
         batches.load_state_dict(saved.pop("batches"))
         progress = Progress(**saved)
-        metrics.truncate_after(progress.step)
+        if metrics is not None:
+            metrics.truncate_after(progress.step)
         fabric.print(f"resumed from {resume_dir} at step {progress.step} ({progress.elapsed_s:.0f}s of budget used)")
     min_lr = train.min_lr if train.min_lr is not None else config.lr / 10
     schedule = Schedule(progress.total_steps, min(warmup, planned - 1) or 1, min_lr / config.lr if config.lr else 0.0)
@@ -291,15 +319,19 @@ def run(config: RunConfig) -> Path:
         board = scoring.Scoreboard(out_dir, eval.score_tasks or [scoring.write_heldout(val_rows, out_dir)], eval)
 
     def save(p: Progress) -> None:
-        with atomic_dir(out_dir / f"step-{p.step:06d}") as step_dir:  # all of it or nothing, whenever a kill comes
-            save_servable(model, method, step_dir, checkpoint_dir, template, hparams, card, chat)
-            save_state(step_dir, model, optimizer, {**p.state_dict(), "batches": batches.state_dict()}, method.keep)
+        rng_ranks = distributed.rank_rng_states(fabric)  # every rank takes part; rank 0 writes
+        if fabric.is_global_zero:
+            with atomic_dir(out_dir / f"step-{p.step:06d}") as step_dir:  # all of it or nothing, whenever a kill comes
+                save_servable(model, method, step_dir, checkpoint_dir, template, hparams, card, chat)
+                save_state(step_dir, model, optimizer, {**p.state_dict(), "batches": batches.state_dict()}, method.keep, rng_ranks)
+        fabric.barrier()
         if board is not None and p.step % eval.score_interval == 0:
             score = board.score(out_dir / f"step-{p.step:06d}", p.step)
             fabric.print(f"step {p.step}: score {score:.1%} (eval.score_interval); best so far {board.best()['checkpoint']}")
 
+    log = metrics if metrics is not None else lambda row: None
     progress = fit(
-        fabric, model, optimizer, next_batch, schedule, config.lr, planner, progress, train, eval, val_batches, save, metrics, setup.checkpoint_blocks
+        fabric, model, optimizer, next_batch, schedule, config.lr, planner, progress, train, eval, val_batches, save, log, setup.checkpoint_blocks
     )
     final_dir = out_dir / "final"
     trained = {
@@ -310,11 +342,13 @@ def run(config: RunConfig) -> Path:
         "template": template,
         "dequantize_4bit": setup.dequantize_4bit,
     }
-    with atomic_dir(final_dir) as tmp:
-        save_servable(model, method, tmp, checkpoint_dir, template, hparams, card, chat)
-        (tmp / TRAINED).write_text(json.dumps(trained, indent=2) + "\n")
-        (tmp / "submission.json").write_text(json.dumps(build_manifest(method.name, hparams, trained, card), indent=2))
-    plot_metrics(metrics.path, out_dir / "loss.png")
+    if fabric.is_global_zero:
+        with atomic_dir(final_dir) as tmp:
+            save_servable(model, method, tmp, checkpoint_dir, template, hparams, card, chat)
+            (tmp / TRAINED).write_text(json.dumps(trained, indent=2) + "\n")
+            (tmp / "submission.json").write_text(json.dumps(build_manifest(method.name, hparams, trained, card), indent=2))
+        plot_metrics(metrics.path, out_dir / "loss.png")
+    fabric.barrier()
     if board is not None:
         if not any(entry["step"] == progress.step for entry in board.scores):  # final/ equals a step just scored otherwise
             board.score(final_dir, progress.step)

@@ -109,15 +109,19 @@ def prepare(
     elif speed.micro_batch == "auto" and fabric.device.type == "cuda":
         shape = ModelShape.of(gpt)
         full = METHODS[method_name].trains_everything
+        sharding = dict(devices=fabric.world_size, strategy="fsdp" if type(fabric.strategy).__name__ == "FSDPStrategy" else "ddp")
         plans = [
-            Plan(m, c, round(estimate_gib(shape, m * max_seq_length, c, quantize, full, compiled)["total"], 2), budget.plan_gib)
-            for m, c in candidates(train.global_batch_size, max_seq_length)
+            Plan(m, c, round(estimate_gib(shape, m * max_seq_length, c, quantize, full, compiled, **sharding)["total"], 2), budget.plan_gib)
+            for m, c in candidates(train.global_batch_size // fabric.world_size, max_seq_length)
             if speed.checkpoint_blocks is None or c == speed.checkpoint_blocks
         ]
         first = next((i for i, p in enumerate(plans) if p.fits), len(plans) - 1)
         fabric.print(f"memory plan ({budget.describe()}): {plans[first].describe()}")
-        step = lambda p: probe_step(fabric, model, p, max_seq_length, packing)  # noqa: E731
-        plan = probe_plan(step, plans[first:], log=fabric.print, limit_gib=budget.plan_gib)
+        if fabric.world_size > 1:  # a probe step is one rank's, and DDP/FSDP steps are collective: every rank takes rank 0's estimate
+            plan = fabric.broadcast(plans[first], 0)
+        else:
+            step = lambda p: probe_step(fabric, model, p, max_seq_length, packing)  # noqa: E731
+            plan = probe_plan(step, plans[first:], log=fabric.print, limit_gib=budget.plan_gib)
         train = dataclasses.replace(train, micro_batch_size=plan.micro_batch_size)
         checkpoint_blocks = plan.checkpoint_blocks
     return Setup(train, packing, checkpoint_blocks, compiled, dequant)

@@ -72,10 +72,16 @@ def unsound(step_dir: Path, weights_file: str) -> str | None:
     return None
 
 
-def save_state(path: Path, model, optimizer, progress: dict, keep) -> None:
-    """Only the weights ``keep`` accepts are saved (the adapter for PEFT methods, everything for full)."""
+def save_state(path: Path, model, optimizer, progress: dict, keep, rng_ranks: list[dict] | None = None) -> None:
+    """Only the weights ``keep`` accepts are saved (the adapter for PEFT methods, everything for full).
+
+    ``rng_ranks``: every rank's RNG state, from a run on several devices (``finetune.distributed``).
+    """
     weights = {k: v for k, v in model.state_dict().items() if keep(k, v)}
-    save_torch({"model": weights, "optimizer": optimizer.state_dict(), "progress": progress, "rng": rng_state()}, path / STATE_FILE)
+    state = {"model": weights, "optimizer": optimizer.state_dict(), "progress": progress, "rng": rng_state()}
+    if rng_ranks is not None:
+        state["rng_ranks"] = rng_ranks
+    save_torch(state, path / STATE_FILE)
 
 
 def saved_micro_batch_size(path: Path) -> int:
@@ -84,8 +90,11 @@ def saved_micro_batch_size(path: Path) -> int:
     return int(state["progress"]["batches"]["batch_size"])
 
 
-def load_state(path: Path, model, optimizer) -> dict:
-    """Restore weights, optimizer and RNG in place; returns the saved progress dict."""
+def load_state(path: Path, model, optimizer, rank: int = 0, world_size: int = 1) -> dict:
+    """Restore weights, optimizer and RNG in place; returns the saved progress dict.
+
+    A rank takes its own saved RNG state when the run was saved by as many ranks, else rank 0's.
+    """
     state = load_torch(path / STATE_FILE)
     result = model.load_state_dict(state["model"], strict=False)
     if result.unexpected_keys:
@@ -94,7 +103,8 @@ def load_state(path: Path, model, optimizer) -> dict:
         raise IntegrityError(f"resume: {path / STATE_FILE} lacks trainable weights, e.g. {absent[:3]}")
     optimizer.load_state_dict(state["optimizer"])
     check_adamw_state(optimizer, path / STATE_FILE)
-    set_rng_state(state["rng"])
+    ranks = state.get("rng_ranks")
+    set_rng_state(ranks[rank] if ranks and len(ranks) == world_size else state["rng"])
     return state["progress"]
 
 

@@ -119,3 +119,33 @@ def test_probe_plan_steps_down_past_a_peak_over_the_limit(monkeypatch) -> None:
     logs = []
     assert probe_plan(lambda p: None, plans, log=logs.append, limit_gib=37.0) == plans[1]
     assert "peaked at 38.0 GiB" in logs[0] and "over the 37.0 GiB" in logs[0] and "peaked at 25.0 GiB" in logs[1]
+
+
+def test_several_devices_plan_one_devices_memory_replicated_or_sharded(tmp_path: Path, capsys) -> None:
+    one = estimate_gib(MISTRAL, 2048, False, None, False)
+    ddp = estimate_gib(MISTRAL, 2048, False, None, False, devices=2, strategy="ddp")
+    fsdp = estimate_gib(MISTRAL, 2048, False, None, False, devices=4, strategy="fsdp")
+    for part in ("weights", "trainable+optimizer", "activations", "logits"):
+        assert ddp[part] == one[part]  # DDP replicates the model on every GPU
+        assert fsdp[part] == pytest.approx(one[part] / 4 if part in ("weights", "trainable+optimizer") else one[part])
+    assert ddp["ddp buckets"] == pytest.approx(MISTRAL.trainable_params * 2 / GIB)  # the all-reduce's gradient copy
+    block = (one["weights"] + MISTRAL.trainable_params * 2 / GIB) / MISTRAL.n_layer
+    assert fsdp["fsdp gathered"] == pytest.approx(2 * block)  # two blocks unsharded at a time
+    assert fsdp["total"] < one["total"] - 9 < ddp["total"] - 9
+    # A full finetune of Mistral-7B does not fit one 40 GB card, nor 8 with DDP; sharded over 8 it does.
+    full_shape = dataclass_replace(MISTRAL, trainable_params=7_241_732_096, linear_params=0, other_params=0)
+    assert not choose(full_shape, 37, 2048, 8, None, True).fits
+    assert not choose(full_shape, 37, 2048, 8, None, True, devices=8, strategy="ddp").fits
+    sharded = choose(full_shape, 37, 2048, 8, None, True, devices=8, strategy="fsdp")
+    assert sharded.fits and sharded.micro_batch_size == 1  # 8 rows a step over 8 GPUs: one row each
+    assert choose(MISTRAL, 80, 2048, 8, None, False, devices=4).micro_batch_size <= 2  # a divisor of 8 / 4
+    with pytest.raises(ValueError, match="global_batch_size: 6 rows do not split over 4 devices"):
+        choose(MISTRAL, 80, 2048, 6, None, False, devices=4)
+
+    save_config(config_from_name("Mistral-7B-v0.1"), tmp_path)
+    plans = main(tmp_path, method="full", devices=8, strategy="fsdp", global_batch_size=8)
+    assert plans["a100-40gb"].fits and "x 8 (fsdp, per GPU)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"^quantize: bnb.nf4 \(QLoRA\) trains on one device"):
+        main(tmp_path, quantize="bnb.nf4", devices=2)
+    with pytest.raises(ValueError, match="global_batch_size: 16 rows do not split over --devices 3"):
+        main(tmp_path, devices=3)
