@@ -9,12 +9,13 @@ A run on N devices must be the run on one with the same global batch, only faste
 - The step's loss is averaged over micro-batches and ranks, and its token count is the world's.
 - Decisions a rank makes from its own clock (the time budget, the budget plan) are made once for
   all: the stop is reduced (any rank out of time stops every rank), the plan is rank 0's.
-- Rank 0 writes (checkpoints, metrics, final/); the others wait at a barrier.
+- Rank 0 writes (checkpoints, metrics, final/); the others wait at a barrier. Under FSDP every rank first takes
+  part in gathering the whole state dicts (``full_state``), so a checkpoint is the same file as on one device.
 
 Launching follows litgpt 0.5.13 (``litgpt/finetune/lora.py``): ``fabric.launch()`` re-runs the
 command line once per extra device (Lightning's subprocess launcher) and the script continues on
 every rank. On the CPU the processes talk over gloo; Lightning's FSDP is GPU-only, so
-``--strategy fsdp`` is refused without CUDA.
+``--strategy fsdp`` is refused without CUDA (and, untested on the CPU, is the part still to verify on GPUs).
 """
 
 from __future__ import annotations
@@ -116,6 +117,47 @@ class RankBatches:
 def _flat(batch: list) -> list[int]:
     """Row indices of a batch: a list of rows, or (packed) a list of packed rows of row indices."""
     return [i for item in batch for i in (item if isinstance(item, list) else [item])]
+
+
+def is_fsdp(fabric) -> bool:
+    from lightning.fabric.strategies import FSDPStrategy
+
+    return isinstance(fabric.strategy, FSDPStrategy)
+
+
+def full_state(fabric, model, optimizer=None) -> tuple[dict, dict | None]:
+    """The model's (and optimizer's) whole state dicts, keyed as on one device. Every rank must call it: under FSDP
+    the shards are gathered (torch.distributed.checkpoint's full state dicts, on the CPU); otherwise these are
+    the module's and optimizer's own ``state_dict()``."""
+    if not is_fsdp(fabric):
+        return model.state_dict(), None if optimizer is None else optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(model._forward_module, options=options), None
+    return get_state_dict(model._forward_module, getattr(optimizer, "optimizer", optimizer), options=options)
+
+
+def state_loader(fabric, model, optimizer):
+    """For ``finetune.state.load_state``: under FSDP, load whole state dicts into the shards (every rank reads the
+    file); None elsewhere (the plain ``load_state_dict``)."""
+    if not is_fsdp(fabric):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    def load(model_state: dict, optimizer_state: dict) -> tuple[list[str], list[str]]:
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        result = set_state_dict(
+            model._forward_module,
+            getattr(optimizer, "optimizer", optimizer),
+            model_state_dict=model_state,
+            optim_state_dict=optimizer_state,
+            options=options,
+        )
+        return list(result.missing_keys), list(result.unexpected_keys)
+
+    return load
 
 
 def rank_rng_states(fabric) -> list[dict] | None:

@@ -148,11 +148,11 @@ class MetricsLog:
 
 
 def save_servable(
-    model, method: Method, save_dir: Path, base_dir: Path, template: str, hparams: dict, card: dict, chat: ChatTemplate | None = None
+    state: dict, method: Method, save_dir: Path, base_dir: Path, template: str, hparams: dict, card: dict, chat: ChatTemplate | None = None
 ) -> None:
-    """The method's weights plus everything merge and serving need, in litgpt's layout."""
+    """The method's weights (from the model's whole ``state`` dict) plus everything merge and serving need, in litgpt's layout."""
     save_dir.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu() for k, v in model.state_dict().items() if method.keep(k, v)}
+    weights = {k: v.detach().cpu() for k, v in state.items() if method.keep(k, v)}
     save_torch(weights if method.trains_everything else {"model": weights}, save_dir / method.weights_file)
     copy_side_files(base_dir, save_dir)
     (save_dir / "model_config.yaml").write_text((base_dir / "model_config.yaml").read_text())
@@ -304,7 +304,7 @@ def run(config: RunConfig) -> Path:
     progress = Progress(total_steps=planned)
     metrics = MetricsLog(out_dir) if fabric.is_global_zero else None  # rank 0 writes
     if resume_dir is not None:
-        saved = load_state(resume_dir, model, optimizer, fabric.global_rank, fabric.world_size)
+        saved = load_state(resume_dir, model, optimizer, fabric.global_rank, fabric.world_size, distributed.state_loader(fabric, model, optimizer))
         batches.load_state_dict(saved.pop("batches"))
         progress = Progress(**saved)
         if metrics is not None:
@@ -319,11 +319,13 @@ def run(config: RunConfig) -> Path:
         board = scoring.Scoreboard(out_dir, eval.score_tasks or [scoring.write_heldout(val_rows, out_dir)], eval)
 
     def save(p: Progress) -> None:
-        rng_ranks = distributed.rank_rng_states(fabric)  # every rank takes part; rank 0 writes
+        weights, optimizer_state = distributed.full_state(fabric, model, optimizer)  # every rank takes part (FSDP gathers); rank 0 writes
+        rng_ranks = distributed.rank_rng_states(fabric)
         if fabric.is_global_zero:
             with atomic_dir(out_dir / f"step-{p.step:06d}") as step_dir:  # all of it or nothing, whenever a kill comes
-                save_servable(model, method, step_dir, checkpoint_dir, template, hparams, card, chat)
-                save_state(step_dir, model, optimizer, {**p.state_dict(), "batches": batches.state_dict()}, method.keep, rng_ranks)
+                save_servable(weights, method, step_dir, checkpoint_dir, template, hparams, card, chat)
+                progress = {**p.state_dict(), "batches": batches.state_dict()}
+                save_state(step_dir, weights, optimizer_state, progress, method.keep, rng_ranks)
         fabric.barrier()
         if board is not None and p.step % eval.score_interval == 0:
             score = board.score(out_dir / f"step-{p.step:06d}", p.step)
@@ -342,9 +344,10 @@ def run(config: RunConfig) -> Path:
         "template": template,
         "dequantize_4bit": setup.dequantize_4bit,
     }
+    weights, _ = distributed.full_state(fabric, model)
     if fabric.is_global_zero:
         with atomic_dir(final_dir) as tmp:
-            save_servable(model, method, tmp, checkpoint_dir, template, hparams, card, chat)
+            save_servable(weights, method, tmp, checkpoint_dir, template, hparams, card, chat)
             (tmp / TRAINED).write_text(json.dumps(trained, indent=2) + "\n")
             (tmp / "submission.json").write_text(json.dumps(build_manifest(method.name, hparams, trained, card), indent=2))
         plot_metrics(metrics.path, out_dir / "loss.png")

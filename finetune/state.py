@@ -72,13 +72,14 @@ def unsound(step_dir: Path, weights_file: str) -> str | None:
     return None
 
 
-def save_state(path: Path, model, optimizer, progress: dict, keep, rng_ranks: list[dict] | None = None) -> None:
+def save_state(path: Path, model_state: dict, optimizer_state: dict, progress: dict, keep, rng_ranks: list[dict] | None = None) -> None:
     """Only the weights ``keep`` accepts are saved (the adapter for PEFT methods, everything for full).
 
-    ``rng_ranks``: every rank's RNG state, from a run on several devices (``finetune.distributed``).
+    The state dicts are whole (``finetune.distributed.full_state``: FSDP's shards gathered). ``rng_ranks``:
+    every rank's RNG state, from a run on several devices.
     """
-    weights = {k: v for k, v in model.state_dict().items() if keep(k, v)}
-    state = {"model": weights, "optimizer": optimizer.state_dict(), "progress": progress, "rng": rng_state()}
+    weights = {k: v for k, v in model_state.items() if keep(k, v)}
+    state = {"model": weights, "optimizer": optimizer_state, "progress": progress, "rng": rng_state()}
     if rng_ranks is not None:
         state["rng_ranks"] = rng_ranks
     save_torch(state, path / STATE_FILE)
@@ -90,18 +91,25 @@ def saved_micro_batch_size(path: Path) -> int:
     return int(state["progress"]["batches"]["batch_size"])
 
 
-def load_state(path: Path, model, optimizer, rank: int = 0, world_size: int = 1) -> dict:
+def load_state(path: Path, model, optimizer, rank: int = 0, world_size: int = 1, loader=None) -> dict:
     """Restore weights, optimizer and RNG in place; returns the saved progress dict.
 
     A rank takes its own saved RNG state when the run was saved by as many ranks, else rank 0's.
+    ``loader(model_state, optimizer_state)``: loads both and returns (missing, unexpected) keys, for
+    FSDP's sharded model (``finetune.distributed.state_loader``); None: the plain ``load_state_dict``.
     """
     state = load_torch(path / STATE_FILE)
-    result = model.load_state_dict(state["model"], strict=False)
-    if result.unexpected_keys:
-        raise IntegrityError(f"resume: {path / STATE_FILE} holds weights this model lacks, e.g. {result.unexpected_keys[:3]}")
-    if absent := sorted(_trainable(model) & set(result.missing_keys)):
+    if loader is not None:
+        missing, unexpected = loader(state["model"], state["optimizer"])
+    else:
+        result = model.load_state_dict(state["model"], strict=False)
+        missing, unexpected = result.missing_keys, result.unexpected_keys
+    if unexpected:
+        raise IntegrityError(f"resume: {path / STATE_FILE} holds weights this model lacks, e.g. {list(unexpected)[:3]}")
+    if absent := sorted(_trainable(model) & set(missing)):
         raise IntegrityError(f"resume: {path / STATE_FILE} lacks trainable weights, e.g. {absent[:3]}")
-    optimizer.load_state_dict(state["optimizer"])
+    if loader is None:
+        optimizer.load_state_dict(state["optimizer"])
     check_adamw_state(optimizer, path / STATE_FILE)
     ranks = state.get("rng_ranks")
     set_rng_state(ranks[rank] if ranks and len(ranks) == world_size else state["rng"])
