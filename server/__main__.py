@@ -17,6 +17,7 @@ from server.app import create_app
 from server.engine import Engine, EngineKind, make_engine
 from server.gpu_memory import cap
 from server.loading import load_generator, resolve_device
+from server.scheduler import KVReservation
 
 
 class _DrainingServer(uvicorn.Server):
@@ -55,6 +56,7 @@ def serve(
     gpu_memory_gib: float | None = None,
     kv_block_size: int = 16,
     kv_tokens: int | None = None,
+    kv_reservation: KVReservation = "up_front",
     max_batch: int = 32,
     max_queue: int = 1024,
     prefill_tokens: int = 4096,
@@ -85,6 +87,12 @@ def serve(
         kv_tokens: KV-cache size in tokens (all sequences together); default: on a GPU what is left
             after the weights, a measured worst-case step with every decode graph, and a small margin
             (refused if a given size does not fit there); on the CPU 2 full windows.
+        kv_reservation: what admitting a request reserves in the KV cache. "up_front": every block
+            it can ever write (prompt plus max_new_tokens for each sequence), so nothing is ever
+            preempted, but a small pool runs few requests at once. "lazy" (as vLLM): the prompt's
+            blocks; sequences grow a block at a time, and when the pool runs out the latest-arrived
+            running request is preempted and later recomputed (same greedy output). Not yet the
+            default: lazy is measured on the model-free simulation (bench.kv_reservation_sim), not on a GPU.
         max_batch: sequences in flight at most (HELM sends 30 requests at once); at least 16, the
             most sequences one request may ask for.
         max_queue: requests waiting at most; past it /process answers 503 with Retry-After.
@@ -99,7 +107,8 @@ def serve(
         cap(resolve_device(device), gpu_memory_gib)
         generator = load_generator(checkpoint_dir, device, dtype, quantize, use_template, base_checkpoint_dir, max_seq_length)
         options = dict(max_batch=max_batch, prefill_tokens=prefill_tokens, kv_block_size=kv_block_size, kv_tokens=kv_tokens,
-                       max_queue=max_queue, cuda_graphs=cuda_graphs, gpu_memory_gib=gpu_memory_gib)  # fmt: skip
+                       max_queue=max_queue, cuda_graphs=cuda_graphs, gpu_memory_gib=gpu_memory_gib,
+                       kv_reservation=kv_reservation)  # fmt: skip
         served = make_engine(generator, engine, **options)
         if memory := getattr(served, "memory", None):
             print(memory, flush=True)

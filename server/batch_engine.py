@@ -13,6 +13,12 @@ This module is the loop that joins them, on one engine thread that owns the GPU:
    clients went away (cancelled: their blocks are freed now);
 2. run the scheduler's prefill segments, then one decode step;
 3. answer what is done.
+With ``kv_reservation="lazy"`` the scheduler may preempt a running request when the pool is out of
+blocks (``server.scheduler``): its sampling state stays here untouched (tokens, text streams, stop
+state, logprobs, its random generator), and when it is readmitted its prompt and each sequence's
+generated tokens (``_Live.history``) are computed again without sampling, so it decodes on exactly
+where it stopped; a request preempted before its first token starts over (its echo scores are
+dropped and computed again).
 A failure fails only the requests it touched (a sampling error its own request; a failed forward
 the requests in that forward); the loop goes on.
 """
@@ -36,7 +42,7 @@ from server.engine import Busy, FieldError, RequestFailed, Unavailable, until_do
 from server.generate import Generator, Prompt, Sequence, advance, completions, echo_scores, echo_tokens, new_generator, pick
 from server.kv_pool import KVPool
 from server.paged_model import PagedModel, Segment, kv_bytes_per_token
-from server.scheduler import ECHO_TOKENS, Job, Scheduler
+from server.scheduler import ECHO_TOKENS, KV_RESERVATIONS, Job, KVReservation, Scheduler
 from server.schemas import MAX_SEQUENCES, Completion, ProcessRequest
 from server.step_memory import CudaProbe, measure, measured_blocks, worst_steps
 
@@ -59,6 +65,7 @@ class _Live:
     seqs: list[Sequence] = field(default_factory=list)
     generator: torch.Generator | None = None
     next_ids: list[int] = field(default_factory=list)
+    history: list[list[int]] = field(default_factory=list)  # per sequence, every id sampled (what a resume recomputes)
     step: int = 0
 
     def __post_init__(self) -> None:
@@ -81,8 +88,11 @@ class BatchEngine:
         max_queue: int = 1024,
         cuda_graphs: bool = True,
         gpu_memory_gib: float | None = None,
+        kv_reservation: KVReservation = "up_front",
     ) -> None:
         """See ``python -m server --help`` for the arguments."""
+        if kv_reservation not in KV_RESERVATIONS:
+            raise ValueError(f"kv_reservation: choose one of {', '.join(KV_RESERVATIONS)}, got {kv_reservation!r}")
         for name, value, low in (
             ("max_batch", max_batch, MAX_SEQUENCES),
             ("prefill_tokens", prefill_tokens, 1),
@@ -112,7 +122,7 @@ class BatchEngine:
             self.memory = f"memory: KV pool {(blocks - 1) * kv_block_size:,} tokens, {blocks * block_bytes / 2**30:.2f} GiB (CPU)"
         self.pool = KVPool(blocks, kv_block_size)
         self.model = runner(blocks)
-        self.scheduler = Scheduler(self.pool, max_batch, prefill_tokens, ECHO_TOKENS)
+        self.scheduler = Scheduler(self.pool, max_batch, prefill_tokens, ECHO_TOKENS, reservation=kv_reservation)
         self.max_batch, self.max_queue = max_batch, max_queue
         self._inbox: deque[_Live] = deque()
         self._cancelled: deque[_Live] = deque()
@@ -123,7 +133,8 @@ class BatchEngine:
         self._step_started: float | None = None  # monotonic start of the step in progress
         self.counters = {"requests": 0, "prompt_tokens": 0, "computed_prompt_tokens": 0, "prefill_rounds": 0, "decode_steps": 0,
                       "decoded_tokens": 0, "cancelled": 0, "failed": 0, "max_sequences": 0, "kv_blocks": blocks - 1,
-                      "kv_block_size": kv_block_size}  # fmt: skip
+                      "kv_block_size": kv_block_size, "kv_reservation": kv_reservation, "preempted": 0,
+                      "recomputed_tokens": 0}  # fmt: skip
         self._tokenizer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
@@ -242,22 +253,31 @@ class BatchEngine:
                 self._submitted -= admitted
         for job, reason in step.refused:
             self._fail([job.payload], RequestFailed(f"num_return_sequences: {job.n} sequences of this request {reason}"), "refused")
+        for job in step.preempted:  # its blocks are gone; what it sampled stays in its _Live
+            self.counters["preempted"] += 1
+            if not job.resumed:  # preempted while its prompt was computed: it starts over
+                job.payload.echo_chosen, job.payload.echo_tops = [], []
         self.counters["max_sequences"] = max(self.counters["max_sequences"], self.scheduler.sequences)
-        if step.prefill:
-            self._prefill(step.prefill)
+        if step.prefill or step.recompute:
+            self._prefill(step.prefill, step.recompute)
         decoding = [job for job in self.scheduler.running if job.state == "decode"]
         if decoding:
             self._decode([job.payload for job in decoding])
 
-    def _prefill(self, chunks: list[tuple[Job, int, int]]) -> None:
+    def _prefill(self, chunks: list[tuple[Job, int, int]], recompute: list[tuple[Job, int, int]] = ()) -> None:
+        """Prompt chunks and, for resumed requests, their sequences' generated tokens: one forward."""
         segments = [Segment(job.blocks, start, job.ids[start : start + take], all_logits=job.echo) for job, start, take in chunks]
+        for job, start, take in recompute:  # K/V only: these tokens were sampled before the preemption
+            at = start - len(job.ids)
+            segments += [Segment(table, start, ids[at : at + take]) for table, ids in zip(job.tables, job.payload.history)]
         try:
             outputs = self.model.prefill(segments)
         except Exception as e:  # a failed forward fails the requests in it, not the server
-            self._fail([job.payload for job, _, _ in chunks], e, "prefill")
+            self._fail([job.payload for job, _, _ in [*chunks, *recompute]], e, "prefill")
             return
         self.counters["prefill_rounds"] += 1
         self.counters["computed_prompt_tokens"] += sum(take for _, _, take in chunks)
+        self.counters["recomputed_tokens"] += sum(take * job.n for job, _, take in recompute)
         done = []
         for (job, start, take), logits in zip(chunks, outputs):
             live = job.payload
@@ -267,9 +287,15 @@ class BatchEngine:
                     live.echo_chosen += chosen
                     live.echo_tops += tops
                 if self.scheduler.computed(job, take):
-                    done.append((live, logits[-1:]))
+                    if job.resumed:  # its first tokens were sampled before: recompute the generated ones next
+                        for src, dst in self.scheduler.fork(job):
+                            self.model.copy_block(src, dst)
+                    else:
+                        done.append((live, logits[-1:]))
             except Exception as e:
                 self._fail([live], e, "prefill")
+        for job, _, take in recompute:
+            self.scheduler.recomputed(job, take)
         if done:
             self._first_tokens(done)
 
@@ -330,6 +356,10 @@ class BatchEngine:
         for seq, r in zip(live.seqs, rows):
             advance(seq, picked.ids[r], picked.logprobs[r], picked.top[r], live.req, live.step, self.codec.eos_id)
         live.next_ids = [picked.ids[r] for r in rows]
+        if not live.history:
+            live.history = [[] for _ in rows]
+        for history, tid in zip(live.history, live.next_ids):
+            history.append(tid)
 
     def _decode(self, lives: list[_Live]) -> None:
         tokens, positions, tables = [], [], []

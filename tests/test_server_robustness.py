@@ -48,7 +48,7 @@ def generator(make_tiny_checkpoint):
 def engine(generator, request):
     engines = []
 
-    def make(**options):
+    def make(generator=generator, **options):
         options = {"max_batch": 16, "prefill_tokens": 256, "kv_block_size": 8, "kv_tokens": 4096, **options}
         engines.append(BatchEngine(generator, **options))
         return engines[-1]
@@ -149,7 +149,8 @@ def test_a_request_no_pool_could_hold_is_a_422_naming_the_field(generator, engin
 
 
 @pytest.mark.slow(reason="the acceptance count: 1,000 requests through the app")
-def test_a_thousand_mixed_requests_leave_no_block_held(generator, engine, monkeypatch) -> None:
+@pytest.mark.parametrize("reservation", ["up_front", "lazy"])
+def test_a_thousand_mixed_requests_leave_no_block_held(generator, engine, monkeypatch, make_tiny_checkpoint, reservation: str) -> None:
     import server.batch_engine as batch_engine
 
     real_pick = batch_engine.pick
@@ -160,7 +161,11 @@ def test_a_thousand_mixed_requests_leave_no_block_held(generator, engine, monkey
         return real_pick(logits, groups)
 
     monkeypatch.setattr(batch_engine, "pick", pick)
-    e = engine(kv_tokens=generator.max_seq_length + 512)
+    if reservation == "up_front":
+        e = engine(kv_tokens=generator.max_seq_length + 512)
+    else:  # a 256-token window (prompts are left-truncated) and a pool of two, which the sequences outgrow
+        generator = load_generator(make_tiny_checkpoint(), device="cpu", max_seq_length=256)
+        e = engine(generator=generator, kv_tokens=512, kv_reservation="lazy")
     rng = random.Random(0)
     kinds = ["greedy", "sampled", "echo", "stop", "fail", "leave"]
 
@@ -174,7 +179,8 @@ def test_a_thousand_mixed_requests_leave_no_block_held(generator, engine, monkey
             return {"prompt": prompt, "max_new_tokens": 4, "temperature": 0, "stop_sequences": ["\n", "e"]}
         if kind == "fail":
             return {"prompt": prompt, "max_new_tokens": 3, "temperature": 0.5, "seed": 666, "num_return_sequences": 2}
-        return {"prompt": prompt, "max_new_tokens": 2 if kind == "greedy" else 40, "temperature": 0}
+        greedy = 2 if reservation == "up_front" else 24  # lazy: long enough to outgrow the pool
+        return {"prompt": prompt, "max_new_tokens": greedy if kind == "greedy" else 40, "temperature": 0}
 
     async def main() -> list:
         sem = asyncio.Semaphore(48)
@@ -198,6 +204,7 @@ def test_a_thousand_mixed_requests_leave_no_block_held(generator, engine, monkey
     assert all(statuses[k] == {200} for k in ("greedy", "sampled", "echo", "stop")), statuses
     _wait_idle(e)
     assert e.stats["cancelled"] > 0 and e.stats["failed"] > 0
+    assert (e.stats["preempted"] > 0) == (reservation == "lazy"), e.stats
 
 
 def test_a_full_queue_answers_503_with_retry_after_then_recovers(generator, engine) -> None:
