@@ -81,8 +81,11 @@ def fabric_strategy(strategy: str, devices: int, trains_everything: bool):
 
         del trains_everything  # the same wrapping shards weights, gradients and optimizer state for every method
         return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", limit_all_gathers=True, use_orig_params=True, cpu_offload=False)
-    if strategy == "auto" and devices > 1:
-        return "ddp"
+    if strategy == "ddp" or (strategy == "auto" and devices > 1):
+        from lightning.fabric.strategies import DDPStrategy
+
+        # The model's buffers (RoPE cos/sin, masks) are computed alike on every rank: no broadcast before each forward.
+        return DDPStrategy(broadcast_buffers=False)
     return strategy
 
 

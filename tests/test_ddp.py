@@ -137,6 +137,17 @@ def test_an_interrupted_two_process_run_resumes_exactly(tiny, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@two_cores
+def test_the_time_budget_stops_every_rank_at_the_same_step(tiny, tmp_path):
+    """Each rank checks its own clock; the stop is reduced (any rank), else one rank would wait forever in the next
+    step's all-reduce. The run ends in time with its final save and exits cleanly."""
+    out_dir = tmp_path / "budget"
+    out = cli([*args(tiny, out_dir, "--devices", "2"), "--train.max_steps", "100000", "--train.save_interval", "null", "--max_time", "6s"]).stdout
+    trained = json.loads((out_dir / "final" / "trained.json").read_text())
+    assert trained["stopped_by_time"] and 0 < trained["steps"] < 100000 and "the time budget" in out
+    assert [int(r["step"]) for r in rows(out_dir)] == list(range(1, trained["steps"] + 1))
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
