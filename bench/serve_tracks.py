@@ -2,6 +2,7 @@
 
     python -m bench.serve_tracks --out_dir $OUT --cases '[llama2-7b@24]'      (one case a device command, < 10 min)
     python -m bench.serve_tracks --out_dir $OUT --cases '[mistral-7b-uncapped]'  (the no-regression run, < 10 min)
+    python -m bench.serve_tracks --out_dir $OUT --cases '[llama2-7b@24]' --kv_reservation lazy   (the server's --kv_reservation)
 
 Each case is a litgpt config with random bf16 weights (speed and memory don't depend on values)
 served by ``python -m server --gpu_memory_gib N`` in its own process: the server caps its CUDA
@@ -37,6 +38,7 @@ import httpx
 from bench.serve import Server, _device_name, _free_port, batch1_decode, build_traces, prepare_checkpoint, replay, server_command
 from core.gpu_memory import CUDA_CONTEXT_GIB
 from core.workload import HELM_CONCURRENCY, HELM_RUN_THREADS
+from server.scheduler import KVReservation
 
 # case name -> (litgpt config, GiB): the track's card
 CASES = {
@@ -88,17 +90,18 @@ class GpuMemoryPeak:
             self._stop.wait(self.every_s)
 
 
-def run_case(case: str, out_dir: Path, work_dir: Path, requests: int, cap_new_tokens: int, decode_tokens: int, seed: int, device: str) -> dict:
+def run_case(case: str, out_dir: Path, work_dir: Path, requests: int, cap_new_tokens: int, decode_tokens: int, seed: int, device: str,
+             kv_reservation: KVReservation = "up_front") -> dict:  # fmt: skip
     config_name, gib = CASES[case]
     case_dir = work_dir / case
-    entry: dict = {"case": case, "model": f"{config_name} (random bf16 weights)", "gpu_memory_gib": gib}
+    entry: dict = {"case": case, "model": f"{config_name} (random bf16 weights)", "gpu_memory_gib": gib, "kv_reservation": kv_reservation}
     t0 = time.perf_counter()
     try:
         ckpt = prepare_checkpoint(config_name, None, case_dir)
         entry["prepare_s"] = round(time.perf_counter() - t0, 1)
         traces = build_traces(ckpt, requests, cap_new_tokens, seed)
         port = _free_port()
-        command = server_command("ours", ckpt, port, device, case_dir, ours_args=["--gpu_memory_gib", str(gib)])
+        command = server_command("ours", ckpt, port, device, case_dir, ours_args=["--gpu_memory_gib", str(gib), "--kv_reservation", kv_reservation])
         log = out_dir / f"server_{file_stem(case)}.log"
         with Server(command, port, log) as server, GpuMemoryPeak(server.process.pid) as smi:
             entry["startup_s"] = round(server.startup_s, 1)
@@ -116,6 +119,7 @@ def run_case(case: str, out_dir: Path, work_dir: Path, requests: int, cap_new_to
             "errors": sum(entry[f"c{c}"]["errors"] for c in (HELM_RUN_THREADS, HELM_CONCURRENCY)),
             "batch1_decode_tokens_per_s": entry["batch1_decode"]["tokens_per_s"],
             "max_sequences_in_flight": engine.get("max_sequences"),
+            "preempted": engine.get("preempted"),
             "kv_pool_tokens": engine.get("kv_blocks", 0) * block,
             "peak_allocated_gib": engine.get("gpu_peak_allocated_gib"),
             "peak_reserved_gib": engine.get("gpu_peak_reserved_gib"),
@@ -165,6 +169,7 @@ def main(
     decode_tokens: int = 128,
     seed: int = 0,
     device: str = "cuda",
+    kv_reservation: KVReservation = "up_front",
 ) -> dict:
     """Run the cases one after another; print and write the JSON.
 
@@ -177,17 +182,19 @@ def main(
         decode_tokens: new tokens for the batch-1 decode measurement.
         seed: trace seeds, as in ``bench.serve``.
         device: passed to the server.
+        kv_reservation: the server's --kv_reservation for the capped cases (up_front or lazy).
     """
     unknown = [c for c in cases if c not in CASES and c != UNCAPPED]
     if unknown:
         raise ValueError(f"cases: unknown {unknown}; choose from {[*CASES, UNCAPPED]}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"device": _device_name(device), "date": time.strftime("%Y-%m-%d"), "requests": requests, "cap_new_tokens": cap_new_tokens, "cases": {}}
+    report = {"device": _device_name(device), "date": time.strftime("%Y-%m-%d"), "requests": requests, "cap_new_tokens": cap_new_tokens,
+              "kv_reservation": kv_reservation, "cases": {}}  # fmt: skip
     for case in cases:
         if case == UNCAPPED:
             entry = no_regression(out_dir / file_stem(case), work_dir / case, decode_tokens, seed, device)
         else:
-            entry = run_case(case, out_dir, work_dir, requests, cap_new_tokens, decode_tokens, seed, device)
+            entry = run_case(case, out_dir, work_dir, requests, cap_new_tokens, decode_tokens, seed, device, kv_reservation)
         report["cases"][case] = entry
         (out_dir / f"{file_stem(case)}.json").write_text(json.dumps(entry, indent=2))
         print(f"{case}: {json.dumps(entry.get('summary') or entry.get('error'))}", flush=True)
