@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -54,6 +55,7 @@ class BudgetPlanner:
     measure_steps: int = 10
     skip_steps: int = 2
     sec_per_step: float | None = None
+    log: Callable[[str], None] = field(default=print, repr=False)  # the plan's lines (rank 0's only: ``fabric.print``)
     _t_first: float | None = field(default=None, repr=False)
     _t_last: float = field(default=0.0, repr=False)
     _last_step_s: float = field(default=0.0, repr=False)
@@ -76,14 +78,14 @@ class BudgetPlanner:
         if not math.isfinite(self.max_seconds):
             return self.planned_steps
         fits = step + int((self.max_seconds - elapsed - self.reserve_s) / self.sec_per_step)
-        print(
+        self.log(
             f"budget plan: {self.sec_per_step:.3f} s/step ({tokens_per_step / self.sec_per_step:,.0f} tokens/s) -> "
             f"{fits:,} steps ({fits * tokens_per_step:,.0f} tokens) fit in {self.max_seconds / 3600:.2f} h; "
             f"planned {self.planned_steps:,} steps"
         )
         if fits >= self.planned_steps:
             return self.planned_steps
-        print(
+        self.log(
             f"WARNING: the plan does not fit the budget: {self.planned_steps:,} planned steps need about "
             f"{self.planned_steps * self.sec_per_step / 3600:.2f} h."
             f" The LR schedule now ends at step {fits:,}."

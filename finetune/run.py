@@ -312,7 +312,7 @@ def run(config: RunConfig) -> Path:
         fabric.print(f"resumed from {resume_dir} at step {progress.step} ({progress.elapsed_s:.0f}s of budget used)")
     min_lr = train.min_lr if train.min_lr is not None else config.lr / 10
     schedule = Schedule(progress.total_steps, min(warmup, planned - 1) or 1, min_lr / config.lr if config.lr else 0.0)
-    planner = BudgetPlanner(max_seconds, progress.total_steps)
+    planner = BudgetPlanner(max_seconds, progress.total_steps, log=fabric.print)
 
     board = None
     if eval.score_interval:
