@@ -107,9 +107,9 @@ def prepare(
     if resumed_micro_batch is not None:
         train = dataclasses.replace(train, micro_batch_size=resumed_micro_batch)
     elif speed.micro_batch == "auto" and fabric.device.type == "cuda":
-        shape = ModelShape.of(gpt)
         full = METHODS[method_name].trains_everything
         sharding = dict(devices=fabric.world_size, strategy="fsdp" if type(fabric.strategy).__name__ == "FSDPStrategy" else "ddp")
+        shape = ModelShape.of(gpt) if sharding["strategy"] == "ddp" else unsharded_shape(gpt.config, method_name)  # FSDP's are shards
         plans = [
             Plan(m, c, round(estimate_gib(shape, m * max_seq_length, c, quantize, full, compiled, **sharding)["total"], 2), budget.plan_gib)
             for m, c in candidates(train.global_batch_size // fabric.world_size, max_seq_length)
@@ -125,6 +125,15 @@ def prepare(
         train = dataclasses.replace(train, micro_batch_size=plan.micro_batch_size)
         checkpoint_blocks = plan.checkpoint_blocks
     return Setup(train, packing, checkpoint_blocks, compiled, dequant)
+
+
+def unsharded_shape(config, method_name: str) -> ModelShape:
+    """The whole model's ``ModelShape`` from its config (built on the meta device): an FSDP rank holds only shards."""
+    method = METHODS[method_name]
+    with torch.device("meta"):
+        model = method.litgpt.GPT(config)
+    method.freeze_all_but_trainable(model)
+    return ModelShape.of(model)
 
 
 def choose_dequantize_4bit(gpt: torch.nn.Module, mode: str, compiled: bool, log=print, timer: Callable[[], float] | None = None) -> str | None:

@@ -8,6 +8,7 @@ own process group under a timeout, on a free port, so a stuck rank fails the tes
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -203,3 +204,25 @@ def test_fsdp_is_refused_on_the_cpu_before_anything_runs(tiny, tmp_path, capsys)
     assert (
         capsys.readouterr().err.strip() == "error: strategy: fsdp shards over CUDA GPUs (Lightning's FSDP is GPU-only); on the CPU use --strategy ddp"
     )
+
+
+def test_fsdp_wraps_each_block_and_the_planner_counts_the_whole_model(tiny):
+    """What --strategy fsdp hands Fabric on GPUs (litgpt's policy), and the unsharded shape its memory plan uses."""
+    from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
+    from litgpt.model import Block
+
+    from core.checkpoints import load_config
+    from core.methods import METHODS
+    from finetune.memory_plan import ModelShape
+    from finetune.speed import unsharded_shape
+
+    fsdp = distributed.fabric_strategy("fsdp", 2, trains_everything=False)
+    assert isinstance(fsdp, FSDPStrategy) and fsdp._fsdp_kwargs["use_orig_params"]  # frozen and trainable weights share a block
+    assert Block in fsdp._fsdp_kwargs["auto_wrap_policy"]._module_classes
+    assert isinstance(distributed.fabric_strategy("auto", 2, False), DDPStrategy) and distributed.fabric_strategy("auto", 1, False) == "auto"
+    base, _ = tiny
+    method = METHODS["lora"]
+    config = method.litgpt.Config(**{**dataclasses.asdict(load_config(base)), "lora_r": 4, "lora_query": True, "lora_value": True})
+    model = method.litgpt.GPT(config)
+    method.freeze_all_but_trainable(model)
+    assert unsharded_shape(config, "lora") == ModelShape.of(model)
