@@ -67,7 +67,7 @@ demo: setup tiny ## the whole pipeline on the tiny model: finetune, merge, serve
 test: setup ## run the test suite (CPU; the gpu-marked tests are deselected)
 	$(PYTHON) -m pytest -q $(ARGS)
 
-test-gpu: setup ## the GPU lane on a CUDA machine: QLoRA vs bitsandbytes, batched server vs serial with CUDA graphs, the bench's tiny case
+test-gpu: setup ## the GPU lane on a CUDA machine: QLoRA vs bitsandbytes, batched server vs serial with CUDA graphs, real SmolLM2 in bf16, the bench's tiny case
 	$(PYTHON) -m pytest -q -m gpu $(ARGS)
 
 lint: setup ## ruff: lint and format check (fix with: .venv/bin/ruff format . && .venv/bin/ruff check --fix .)
