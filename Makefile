@@ -39,10 +39,10 @@ ARGS     ?=
 TASKS    ?= data/generated/tiny/test.jsonl
 EVAL_OUT ?= out/eval/$(notdir $(CKPT)).json
 
-.PHONY: help setup tiny demo test test-gpu lint smollm2 download convert plan finetune merge export serve submission models clean eval-time helm eval
+.PHONY: help setup tiny demo demo-smollm2 test test-gpu lint smollm2 download convert plan finetune merge export serve submission models clean eval-time helm eval
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: MODEL=$(MODEL) CHECKPOINT=$(CHECKPOINT) METHOD=$(METHOD) DATA=$(DATA) RECIPE=$(RECIPE) QUANTIZE=$(QUANTIZE)"
 	@echo "             DEVICES=$(DEVICES) STRATEGY=$(STRATEGY) RUN=$(RUN) MERGED=$(MERGED) CKPT=$(CKPT) HOST=$(HOST) PORT=$(PORT) ARGS='...'"
 
@@ -63,6 +63,9 @@ checkpoints/tiny/lit_model.pth: core/tiny.py core/configs.py core/tokenizer_trai
 
 demo: setup tiny ## the whole pipeline on the tiny model: finetune, merge, serve, query (CPU, a few minutes)
 	$(PYTHON) -m scripts.demo $(ARGS)
+
+demo-smollm2: setup ## the real SmolLM2-135M: held-out multiple choice before, LoRA (fixed steps), merge, after; scored by evals through /process (CPU, ~10 min)
+	$(PYTHON) -m scripts.demo_smollm2 $(ARGS)
 
 test: setup ## run the test suite (CPU; the gpu-marked tests are deselected)
 	$(PYTHON) -m pytest -q $(ARGS)
