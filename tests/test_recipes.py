@@ -446,6 +446,15 @@ def test_every_shipped_hub_source_pins_a_commit_or_says_why_not():
                 assert s.revision_unpinned is None or len(s.revision_unpinned) > 40, (path.name, s.name)
 
 
+def test_every_pinned_shipped_source_is_recorded_in_the_cards_note():
+    """A pinned commit names the card it was read from: data/recipes/CARDS.md holds each pinned dataset and sha."""
+    cards = (RECIPES_DIR / "CARDS.md").read_text(encoding="utf-8")
+    pinned = {(s.dataset, s.revision) for path in RECIPES_DIR.glob("*.yaml") for s in load_recipe(path).sources if s.revision}
+    assert ("Muennighoff/natural-instructions", "a29a9757125f4bb1c26445ad0d2ef7d9b2cc9c4c") in pinned
+    for dataset, revision in pinned:
+        assert f"`{dataset}`" in cards and revision in cards, (dataset, revision)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
