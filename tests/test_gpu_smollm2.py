@@ -13,7 +13,6 @@ Deselected by default (``-m 'not gpu'``); skips without CUDA.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import pytest
@@ -127,29 +126,13 @@ def _greedy_agreement(client, hf32, hf_tok, prompt: str) -> int:
 
 def test_bf16_lora_on_cuda_lowers_the_loss_and_merges(smollm2_checkpoint: Path, hf_models, hf_tok, tmp_path: Path) -> None:
     from core.checkpoints import load_model
-    from finetune import lora
-    from finetune.config import DataArgs, EvalArgs, TrainArgs
     from finetune.merge import merge
-    from tests.test_smollm2_finetune import FACTS
+    from tests.test_smollm2_finetune import STEPS, short_lora_run
     from tests.test_smollm2_finetune import TEXTS as MERGE_TEXTS
 
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in FACTS))
-    steps = 8
-    final = lora.setup(
-        checkpoint_dir=smollm2_checkpoint,
-        out_dir=tmp_path / "run",
-        precision="bf16-true",
-        lr=2e-3,
-        lora=lora.LoRAArgs(r=8, alpha=16, dropout=0.0),
-        data=DataArgs(train_file=data, max_seq_length=64),
-        train=TrainArgs(
-            save_interval=None, log_interval=1, global_batch_size=4, micro_batch_size=4, lr_warmup_steps=1, max_steps=steps, max_norm=1.0
-        ),
-        eval=EvalArgs(interval=0),
-    )
+    final = short_lora_run(smollm2_checkpoint, tmp_path, precision="bf16-true")
     losses = [float(r["loss"]) for r in csv.DictReader((tmp_path / "run" / "metrics.csv").open())]
-    assert len(losses) == steps
+    assert len(losses) == STEPS
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.3, losses
 
     merged = load_model(merge(final, out_dir=tmp_path / "merged"))  # float32 on the CPU: the merged truth

@@ -38,14 +38,12 @@ FACTS = [
 TEXTS = ["Question: Which planet is known as the red planet?\nAnswer:", "naïve café — 東京 🙂\n\tend"]
 
 
-@pytest.fixture(scope="module")
-def run(smollm2_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(the run directory, its final checkpoint) of one short LoRA run on FACTS."""
-    root = tmp_path_factory.mktemp("smollm2_lora")
+def short_lora_run(checkpoint_dir: Path, root: Path, **options) -> Path:
+    """STEPS LoRA steps on FACTS into ``root / "run"`` (``options`` override LoRARun fields); the final adapter."""
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in FACTS))
-    final = lora.setup(
-        checkpoint_dir=smollm2_checkpoint,
+    return lora.setup(
+        checkpoint_dir=checkpoint_dir,
         out_dir=root / "run",
         lr=2e-3,
         lora=lora.LoRAArgs(r=8, alpha=16, dropout=0.0),
@@ -54,8 +52,15 @@ def run(smollm2_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> t
             save_interval=None, log_interval=1, global_batch_size=4, micro_batch_size=4, lr_warmup_steps=1, max_steps=STEPS, max_norm=1.0
         ),
         eval=EvalArgs(interval=0),
+        **options,
     )
-    return root / "run", final
+
+
+@pytest.fixture(scope="module")
+def run(smollm2_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the run directory, its final checkpoint) of one short LoRA run on FACTS."""
+    root = tmp_path_factory.mktemp("smollm2_lora")
+    return root / "run", short_lora_run(smollm2_checkpoint, root)
 
 
 def test_a_few_lora_steps_lower_the_loss_on_real_text(run) -> None:
