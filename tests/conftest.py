@@ -160,3 +160,16 @@ def serve():
     yield make
     for client in clients:
         client.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def tiny_40_rows(make_tiny_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
+    """(the tiny base, a file of 40 of its rows): an epoch is a few packed steps of 64 tokens."""
+    import json
+
+    from finetune.data import load_rows
+
+    base = make_tiny_checkpoint()
+    path = tmp_path_factory.mktemp("rows") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in load_rows(base.parent / "data" / "train.jsonl")[:40]))
+    return base, path

@@ -24,7 +24,6 @@ import torch
 from core.checkpoints import WEIGHTS
 from finetune import distributed
 from finetune.config import main
-from finetune.data import load_rows
 from finetune.lora import LoRARun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,12 +31,9 @@ TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
-def tiny(make_tiny_checkpoint, tmp_path_factory):
+def tiny(tiny_40_rows):
     """The tiny base and 40 of its rows (packed into 64-token rows)."""
-    base = make_tiny_checkpoint()
-    path = tmp_path_factory.mktemp("rows") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in load_rows(base.parent / "data" / "train.jsonl")[:40]))
-    return base, path
+    return tiny_40_rows
 
 
 def args(tiny, out_dir: Path, *extra: str) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -24,7 +23,6 @@ from finetune.adapter import AdapterRun
 from finetune.adapter_args import AdapterArgs
 from finetune.adapter_v2 import AdapterV2Run
 from finetune.config import REFUSED, DataArgs, EvalArgs, TrainArgs, main, parse
-from finetune.data import load_rows
 from finetune.full import FullRun
 from finetune.lora import LoRAArgs, LoRARun
 from finetune.run import run
@@ -51,12 +49,9 @@ def options(config_cls) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny(make_tiny_checkpoint, tmp_path_factory):
+def tiny(tiny_40_rows):
     """The tiny base and 40 of its rows: an epoch is a few packed steps of 64 tokens."""
-    base = make_tiny_checkpoint()
-    path = tmp_path_factory.mktemp("rows") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in load_rows(base.parent / "data" / "train.jsonl")[:40]))
-    return base, path
+    return tiny_40_rows
 
 
 def tiny_args(tiny, out_dir, method: str) -> list[str]:
