@@ -2,7 +2,7 @@
 
     python -m bench.serve_tracks --out_dir $OUT --cases '[llama2-7b@24]'      (one case a device command, < 10 min)
     python -m bench.serve_tracks --out_dir $OUT --cases '[mistral-7b-uncapped]'  (the no-regression run, < 10 min)
-    python -m bench.serve_tracks --out_dir $OUT --cases '[llama2-7b@24]' --kv_reservation lazy   (the server's --kv_reservation)
+    python -m bench.serve_tracks --out_dir $OUT --cases '[llama2-7b@24]' --kv_reservation '[up_front, lazy]'   (both, side by side)
 
 Each case is a litgpt config with random bf16 weights (speed and memory don't depend on values)
 served by ``python -m server --gpu_memory_gib N`` in its own process: the server caps its CUDA
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.serve import Server, _device_name, _free_port, batch1_decode, build_traces, prepare_checkpoint, replay, server_command
+from bench.serve import CONCURRENCIES, Server, _device_name, _free_port, batch1_decode, build_traces, prepare_checkpoint, replay, server_command
 from core.gpu_memory import CUDA_CONTEXT_GIB
 from core.workload import HELM_CONCURRENCY, HELM_RUN_THREADS
 from server.scheduler import KVReservation
@@ -91,23 +91,66 @@ class GpuMemoryPeak:
 
 
 def run_case(case: str, out_dir: Path, work_dir: Path, requests: int, cap_new_tokens: int, decode_tokens: int, seed: int, device: str,
-             kv_reservation: KVReservation = "up_front") -> dict:  # fmt: skip
+             kv_reservations: list[KVReservation] = ["up_front"], concurrency: tuple[int, ...] = (HELM_RUN_THREADS, HELM_CONCURRENCY)) -> dict:  # fmt: skip
+    """One case: its random checkpoint and traces built once, then one server per KV reservation policy.
+
+    With one policy the entry is that server's; with several, ``by_reservation`` holds each, served the same
+    checkpoint and traces one after another in this process, and ``ratios`` compares each to the first."""
     config_name, gib = CASES[case]
     case_dir = work_dir / case
-    entry: dict = {"case": case, "model": f"{config_name} (random bf16 weights)", "gpu_memory_gib": gib, "kv_reservation": kv_reservation}
+    entry: dict = {"case": case, "model": f"{config_name} (random bf16 weights)", "gpu_memory_gib": gib}
     t0 = time.perf_counter()
     try:
         ckpt = prepare_checkpoint(config_name, None, case_dir)
         entry["prepare_s"] = round(time.perf_counter() - t0, 1)
         traces = build_traces(ckpt, requests, cap_new_tokens, seed)
+        served = {policy: serve_case(case, ckpt, traces, out_dir, case_dir, decode_tokens, device, policy, concurrency) for policy in kv_reservations}
+    except Exception as e:  # one case failing still reports the others
+        entry["error"] = f"{type(e).__name__}: {e}"
+        served = {}
+    finally:
+        shutil.rmtree(case_dir, ignore_errors=True)
+    if len(kv_reservations) == 1 and served:
+        entry.update(served[kv_reservations[0]])
+    elif served:
+        entry["by_reservation"] = served
+        entry["ratios"] = reservation_ratios(served, kv_reservations[0])
+    entry["total_s"] = round(time.perf_counter() - t0, 1)
+    return entry
+
+
+def reservation_ratios(served: dict[str, dict], base: str) -> dict:
+    """requests/s and batch-1 decode of each policy over ``base``'s (served the same checkpoint and traces)."""
+
+    def ratio(a, b):
+        return round(a / b, 3) if a and b else None
+
+    ratios = {}
+    for policy, entry in served.items():
+        if policy == base or "summary" not in entry or "summary" not in served[base]:
+            continue
+        mine, theirs = entry["summary"], served[base]["summary"]
+        ratios[f"{policy}_vs_{base}"] = {
+            **{c: ratio(mine["requests_per_s"][c], theirs["requests_per_s"][c]) for c in mine["requests_per_s"]},
+            "batch1_decode": ratio(mine["batch1_decode_tokens_per_s"], theirs["batch1_decode_tokens_per_s"]),
+        }
+    return ratios
+
+
+def serve_case(case: str, ckpt: Path, traces: dict, out_dir: Path, case_dir: Path, decode_tokens: int, device: str,
+               kv_reservation: KVReservation, concurrency: tuple[int, ...] = (HELM_RUN_THREADS, HELM_CONCURRENCY)) -> dict:  # fmt: skip
+    """Start the capped server with one KV reservation policy, replay the traces, read its memory; its entry."""
+    gib = CASES[case][1]
+    entry: dict = {"kv_reservation": kv_reservation}
+    try:
         port = _free_port()
         command = server_command("ours", ckpt, port, device, case_dir, ours_args=["--gpu_memory_gib", str(gib), "--kv_reservation", kv_reservation])
-        log = out_dir / f"server_{file_stem(case)}.log"
+        log = out_dir / f"server_{file_stem(case)}_{kv_reservation}.log"
         with Server(command, port, log) as server, GpuMemoryPeak(server.process.pid) as smi:
             entry["startup_s"] = round(server.startup_s, 1)
             asyncio.run(replay(server.url, traces[1][:2], 1))  # warm-up
             entry["batch1_decode"] = batch1_decode(server.url, decode_tokens)
-            for c in (HELM_RUN_THREADS, HELM_CONCURRENCY):
+            for c in concurrency:
                 result = asyncio.run(replay(server.url, traces[c], c))
                 result.pop("_texts", None)
                 entry[f"c{c}"] = result
@@ -115,8 +158,8 @@ def run_case(case: str, out_dir: Path, work_dir: Path, requests: int, cap_new_to
         block = engine.get("kv_block_size", 0)
         entry["engine"] = engine
         entry["summary"] = {
-            "requests_per_s": {f"c{c}": entry[f"c{c}"]["requests_per_s"] for c in (HELM_RUN_THREADS, HELM_CONCURRENCY)},
-            "errors": sum(entry[f"c{c}"]["errors"] for c in (HELM_RUN_THREADS, HELM_CONCURRENCY)),
+            "requests_per_s": {f"c{c}": entry[f"c{c}"]["requests_per_s"] for c in concurrency},
+            "errors": sum(entry[f"c{c}"]["errors"] for c in concurrency),
             "batch1_decode_tokens_per_s": entry["batch1_decode"]["tokens_per_s"],
             "max_sequences_in_flight": engine.get("max_sequences"),
             "preempted": engine.get("preempted"),
@@ -130,11 +173,8 @@ def run_case(case: str, out_dir: Path, work_dir: Path, requests: int, cap_new_to
         if smi.error:
             entry["summary"]["nvidia_smi_error"] = smi.error
         entry["summary"]["memory"] = next((line for line in log.read_text().splitlines() if line.startswith("memory: ")), None)
-    except Exception as e:  # one case failing still reports the others
+    except Exception as e:  # one policy failing still reports the other
         entry["error"] = f"{type(e).__name__}: {e}"
-    finally:
-        shutil.rmtree(case_dir, ignore_errors=True)
-    entry["total_s"] = round(time.perf_counter() - t0, 1)
     return entry
 
 
@@ -169,7 +209,8 @@ def main(
     decode_tokens: int = 128,
     seed: int = 0,
     device: str = "cuda",
-    kv_reservation: KVReservation = "up_front",
+    kv_reservation: list[KVReservation] = ["up_front"],
+    concurrency: list[int] = [HELM_RUN_THREADS, HELM_CONCURRENCY],
 ) -> dict:
     """Run the cases one after another; print and write the JSON.
 
@@ -182,11 +223,18 @@ def main(
         decode_tokens: new tokens for the batch-1 decode measurement.
         seed: trace seeds, as in ``bench.serve``.
         device: passed to the server.
-        kv_reservation: the server's --kv_reservation for the capped cases (up_front or lazy).
+        kv_reservation: the server's --kv_reservation for the capped cases: one policy, or several served one after
+            another on the same checkpoint and traces, with ratios to the first (``'[up_front, lazy]'``).
+        concurrency: the closed-loop client counts each capped server replays, from ``bench.serve``'s traces
+            (HELM's default 4 and the challenge's 30; ``'[30]'`` where only the full pool matters).
     """
     unknown = [c for c in cases if c not in CASES and c != UNCAPPED]
     if unknown:
         raise ValueError(f"cases: unknown {unknown}; choose from {[*CASES, UNCAPPED]}")
+    if not concurrency or not set(concurrency) <= set(CONCURRENCIES):
+        raise ValueError(f"concurrency: choose from {list(CONCURRENCIES)} (the traces bench.serve builds), got {concurrency}")
+    if not kv_reservation or len(set(kv_reservation)) != len(kv_reservation):
+        raise ValueError(f"kv_reservation: give one or more distinct policies, got {kv_reservation}")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"device": _device_name(device), "date": time.strftime("%Y-%m-%d"), "requests": requests, "cap_new_tokens": cap_new_tokens,
               "kv_reservation": kv_reservation, "cases": {}}  # fmt: skip
@@ -194,10 +242,13 @@ def main(
         if case == UNCAPPED:
             entry = no_regression(out_dir / file_stem(case), work_dir / case, decode_tokens, seed, device)
         else:
-            entry = run_case(case, out_dir, work_dir, requests, cap_new_tokens, decode_tokens, seed, device, kv_reservation)
+            entry = run_case(case, out_dir, work_dir, requests, cap_new_tokens, decode_tokens, seed, device, kv_reservation, tuple(concurrency))
         report["cases"][case] = entry
         (out_dir / f"{file_stem(case)}.json").write_text(json.dumps(entry, indent=2))
-        print(f"{case}: {json.dumps(entry.get('summary') or entry.get('error'))}", flush=True)
+        shown = (
+            entry.get("summary") or entry.get("error") or {p: e.get("summary") or e.get("error") for p, e in entry.get("by_reservation", {}).items()}
+        )
+        print(f"{case}: {json.dumps(shown)}" + (f" ratios {json.dumps(entry['ratios'])}" if "ratios" in entry else ""), flush=True)
     (out_dir / "serve_tracks.json").write_text(json.dumps(report, indent=2))
     return report
 

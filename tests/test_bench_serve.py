@@ -55,3 +55,34 @@ def test_paged_check_logic_holds_on_the_cpu() -> None:
     from bench.paged_check import check
 
     assert check("sliding_window", torch.device("cpu"))["ok"]  # every architecture: tests/test_batch_engine.py
+
+
+def test_serve_tracks_compares_reservations_side_by_side_and_refuses_bad_lists(tmp_path, monkeypatch) -> None:
+    """Several --kv_reservation policies serve one checkpoint and one set of traces; ratios are to the first."""
+    import pytest
+
+    import bench.serve_tracks as tracks
+
+    calls = []
+
+    def fake_serve(case, ckpt, traces, out_dir, case_dir, decode_tokens, device, policy, concurrency):
+        calls.append((ckpt, id(traces), policy, concurrency))
+        rate = {"up_front": 2.0, "lazy": 3.0}[policy]
+        return {
+            "kv_reservation": policy,
+            "summary": {"requests_per_s": {f"c{c}": rate * c for c in concurrency}, "batch1_decode_tokens_per_s": 100.0},
+        }
+
+    monkeypatch.setattr(tracks, "prepare_checkpoint", lambda name, _, case_dir: case_dir / "ckpt")
+    monkeypatch.setattr(tracks, "build_traces", lambda *a: {1: [], 4: [], 30: []})
+    monkeypatch.setattr(tracks, "serve_case", fake_serve)
+    report = tracks.main(out_dir=tmp_path, work_dir=tmp_path / "w", cases=["llama2-7b@24"], kv_reservation=["up_front", "lazy"], concurrency=[30])
+    entry = report["cases"]["llama2-7b@24"]
+    assert [c[2] for c in calls] == ["up_front", "lazy"] and len({(c[0], c[1]) for c in calls}) == 1  # same checkpoint, same traces
+    assert calls[0][3] == (30,) and set(entry["by_reservation"]) == {"up_front", "lazy"}
+    assert entry["ratios"] == {"lazy_vs_up_front": {"c30": 1.5, "batch1_decode": 1.0}}
+    for bad in ([], ["lazy", "lazy"]):
+        with pytest.raises(ValueError, match="kv_reservation"):
+            tracks.main(out_dir=tmp_path, cases=["llama2-7b@24"], kv_reservation=bad)
+    with pytest.raises(ValueError, match="concurrency"):
+        tracks.main(out_dir=tmp_path, cases=["llama2-7b@24"], concurrency=[8])
