@@ -59,14 +59,20 @@ class BudgetPlanner:
     _t_first: float | None = field(default=None, repr=False)
     _t_last: float = field(default=0.0, repr=False)
     _last_step_s: float = field(default=0.0, repr=False)
+    timed: int = field(default=0, repr=False)  # steps observed in this process (deterministic: the same on every rank)
 
     @property
     def reserve_s(self) -> float:
         return min(60.0, 0.02 * self.max_seconds) if math.isfinite(self.max_seconds) else 0.0
 
+    def start(self, elapsed: float) -> None:
+        """Call when a run (or a resume) starts with ``elapsed`` seconds of budget spent: its first step is timed from here."""
+        self._t_last = elapsed
+
     def observe(self, step: int, elapsed: float, tokens_per_step: float) -> int | None:
         """Call after each optimizer step; once measured, returns the number of steps the run will do."""
         self._last_step_s = elapsed - self._t_last
+        self.timed += 1
         if step == self.skip_steps:
             self._t_first = elapsed
         if self.sec_per_step is not None:
@@ -92,7 +98,52 @@ class BudgetPlanner:
         )
         return max(step, fits)
 
+    def steps_that_fit(self, elapsed: float, horizon: int) -> int:
+        """How many more steps (at most ``horizon``) end before the reserve for the final save, at the step time so far."""
+        step_s = max(self.sec_per_step or 0.0, self._last_step_s)  # before the plan, the last step's time
+        room = self.max_seconds - self.reserve_s - elapsed
+        if room <= 0:
+            return 0
+        if step_s <= 0 or not math.isfinite(room):
+            return horizon
+        return max(0, min(horizon, math.ceil(room / step_s) - 1))  # n fit when elapsed + n * step_s + reserve < max
+
     def out_of_time(self, elapsed: float) -> bool:
         """True when one more step would run into the reserve for the final save."""
-        step_s = max(self.sec_per_step or 0.0, self._last_step_s)  # before the plan, the last step's time
-        return elapsed + step_s + self.reserve_s >= self.max_seconds
+        return self.steps_that_fit(elapsed, 1) == 0
+
+
+STOP_VOTE_EVERY = 8  # steps between the ranks' budget votes: a vote is a collective and a host sync
+
+
+@dataclass
+class BudgetStop:
+    """Says before each step whether the budget stops the run, the same on every rank.
+
+    One process asks the planner every step (free). Ranks' clocks differ, yet all must stop at the same
+    step (one left running would wait forever in the next all-reduce), so they vote: ``reduce_min`` is a
+    collective, and reading its result syncs the host, which the loop never does per step. So a vote asks
+    each rank how many of the next ``every`` steps fit its budget (``BudgetPlanner.steps_that_fit``), the
+    least answer wins, and the next vote is that many steps on; at 0 every rank stops. The steps between
+    votes were foreseen to fit on every rank, so the run still ends before the budget, at the step one
+    process would have stopped at (for a steady step time), with about ``steps / every`` votes. Until a
+    step of this process has been timed nothing is foreseen: a vote before each step. A vote's schedule
+    counts from the process's first step, which every rank shares (also on resume).
+    """
+
+    planner: BudgetPlanner
+    world_size: int
+    reduce_min: Callable[[int], int]  # every rank's int -> the least; called on every rank at once
+    every: int = STOP_VOTE_EVERY
+    votes: int = 0
+    _next_vote: int | None = field(default=None, repr=False)
+
+    def __call__(self, step: int, elapsed: float) -> bool:
+        if self.world_size == 1:
+            return self.planner.out_of_time(elapsed)
+        if self._next_vote is not None and step < self._next_vote:
+            return False
+        fit = self.reduce_min(self.planner.steps_that_fit(elapsed, self.every if self.planner.timed else 1))
+        self.votes += 1
+        self._next_vote = step + fit
+        return fit == 0

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from tqdm import tqdm
 
-from finetune.budget import BudgetPlanner, Schedule
+from finetune.budget import BudgetPlanner, BudgetStop, Schedule
 from finetune.config import EvalArgs, TrainArgs
 from finetune.forward import training_loss
 
@@ -164,6 +164,9 @@ def fit(
     say = bar.write if not bar.disable else fabric.print  # log lines above the bar, not through it
     readout = LossReadout(fabric.device)
     session = (progress.step, progress.elapsed_s)  # where this process started: its own pace sets the ETA
+    planner.start(progress.elapsed_s)  # after a resume, the first step is timed from the resume, not from 0
+    least = lambda n: int(fabric.all_reduce(torch.tensor(n, device=fabric.device), reduce_op="min").item())  # noqa: E731
+    out_of_time = BudgetStop(planner, fabric.world_size, least)  # ranks vote every few steps, not every step
 
     def finish(queued: _Queued, validating: bool = False) -> None:
         progress.last_loss, done_at = readout.value(queued.loss)
@@ -202,7 +205,7 @@ def fit(
         say(f"step      0/{schedule.total_steps} | val loss {progress.val_losses[-1][1]:.4f} (eval.initial_validation)")
     model.train()
     while progress.step < schedule.total_steps:
-        if fabric.strategy.reduce_boolean_decision(planner.out_of_time(elapsed()), all=False):  # any rank out of time stops all
+        if out_of_time(progress.step, elapsed()):  # on every rank at once
             progress.stopped_by_time = True
             say(f"Stopping at step {progress.step}: the time budget of {planner.max_seconds:.0f}s is (nearly) spent.")
             break
