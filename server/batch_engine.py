@@ -16,9 +16,9 @@ This module is the loop that joins them, on one engine thread that owns the GPU:
 With ``kv_reservation="lazy"`` the scheduler may preempt a running request when the pool is out of
 blocks (``server.scheduler``): its sampling state stays here untouched (tokens, text streams, stop
 state, logprobs, its random generator), and when it is readmitted its prompt and each sequence's
-generated tokens (``_Live.history``) are computed again without sampling, so it decodes on exactly
-where it stopped; a request preempted before its first token starts over (its echo scores are
-dropped and computed again).
+generated tokens (``_Live.history``, kept only under lazy: nothing else preempts) are computed again
+without sampling, so it decodes on exactly where it stopped; a request preempted before its first
+token starts over (its echo scores are dropped and computed again).
 A failure fails only the requests it touched (a sampling error its own request; a failed forward
 the requests in that forward); the loop goes on.
 """
@@ -65,7 +65,7 @@ class _Live:
     seqs: list[Sequence] = field(default_factory=list)
     generator: torch.Generator | None = None
     next_ids: list[int] = field(default_factory=list)
-    history: list[list[int]] = field(default_factory=list)  # per sequence, every id sampled (what a resume recomputes)
+    history: list[list[int]] | None = None  # per sequence, every id sampled (what a resume recomputes); lazy only
     step: int = 0
 
     def __post_init__(self) -> None:
@@ -123,6 +123,7 @@ class BatchEngine:
         self.pool = KVPool(blocks, kv_block_size)
         self.model = runner(blocks)
         self.scheduler = Scheduler(self.pool, max_batch, prefill_tokens, ECHO_TOKENS, reservation=kv_reservation)
+        self.keeps_history = kv_reservation == "lazy"  # only a preempted request is resumed, and only lazy preempts
         self.max_batch, self.max_queue = max_batch, max_queue
         self._inbox: deque[_Live] = deque()
         self._cancelled: deque[_Live] = deque()
@@ -257,6 +258,10 @@ class BatchEngine:
             self.counters["preempted"] += 1
             if not job.resumed:  # preempted while its prompt was computed: it starts over
                 job.payload.echo_chosen, job.payload.echo_tops = [], []
+            elif job.payload.history is None:  # a bug, not a request's fault: resuming would decode on wrong K/V
+                raise RuntimeError(
+                    f"a request was preempted after its first tokens, but its sampled ids were not kept (keeps_history={self.keeps_history})"
+                )
         self.counters["max_sequences"] = max(self.counters["max_sequences"], self.scheduler.sequences)
         if step.prefill or step.recompute:
             self._prefill(step.prefill, step.recompute)
@@ -356,7 +361,9 @@ class BatchEngine:
         for seq, r in zip(live.seqs, rows):
             advance(seq, picked.ids[r], picked.logprobs[r], picked.top[r], live.req, live.step, self.codec.eos_id)
         live.next_ids = [picked.ids[r] for r in rows]
-        if not live.history:
+        if not self.keeps_history:
+            return
+        if live.history is None:
             live.history = [[] for _ in rows]
         for history, tid in zip(live.history, live.next_ids):
             history.append(tid)

@@ -121,3 +121,35 @@ def test_a_bad_kv_reservation_is_refused_naming_it(generator, capsys) -> None:
         run_cli(serve, args=["--kv_reservation", "eager"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --kv_reservation: 'eager' is not one of up_front, lazy"
+
+
+def test_up_front_keeps_no_history_and_answers_as_lazy_does(generator, monkeypatch) -> None:
+    """Only a resume reads ``_Live.history``, and only lazy preempts: under up_front no sampled id is kept per decode
+    step, and every answer equals lazy's (which keeps them all, and resumes from them); a resume without them stops
+    the engine saying why, not decoding on wrong K/V."""
+    kept, finish = {}, BatchEngine._finish
+
+    def spy(self, live):
+        kept.setdefault(self.counters["kv_reservation"], []).append((live.history, live.step, live.req.n))
+        return finish(self, live)
+
+    monkeypatch.setattr(BatchEngine, "_finish", spy)
+    bodies = _bodies()
+    up_front, _ = _serve(generator, bodies, kv_tokens=16 * WINDOW)
+    lazy, stats = _serve(generator, bodies, kv_tokens=WINDOW, kv_reservation="lazy")
+    assert stats["preempted"] > 0 and stats["recomputed_tokens"] > 0, stats
+    assert [history for history, _, _ in kept["up_front"]] == [None] * len(bodies)
+    assert len(kept["lazy"]) == len(bodies)
+    for history, step, n in kept["lazy"]:  # every id sampled, per sequence (done sequences are decoded on with the rest)
+        assert len(history) == n and all(len(ids) == step + 1 for ids in history)
+    for i, (a, b) in enumerate(zip(up_front, lazy)):
+        _identical(a, b, f"request {i}")
+
+    engine = BatchEngine(generator, max_batch=16, prefill_tokens=64, kv_block_size=8, kv_tokens=WINDOW)
+    engine.scheduler.lazy = True  # a scheduler that preempts behind an engine that keeps no history
+    try:
+        responses = asyncio.run(_send_all(create_app(engine, generator.codec), bodies, concurrency=len(bodies)))
+    finally:
+        engine.close()
+    assert isinstance(engine._error, RuntimeError) and "its sampled ids were not kept" in str(engine._error)
+    assert any(r.status_code != 200 for r in responses)
