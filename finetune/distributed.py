@@ -8,7 +8,10 @@ A run on N devices must be the run on one with the same global batch, only faste
   number that every rank holds alike, which is what resume restores.
 - The step's loss is averaged over micro-batches and ranks, and its token count is the world's.
 - Decisions a rank makes from its own clock (the time budget, the budget plan) are made once for
-  all: the stop is reduced (any rank out of time stops every rank), the plan is rank 0's.
+  all: the stop is voted every few steps (``finetune.budget.BudgetStop``: the least steps that fit
+  any rank's budget), the plan is rank 0's.
+- Nothing in a step waits for the device (the loss is read a step later, ``finetune.loop``): the
+  step's loss is averaged over ranks without Fabric's barrier (``mean_over_ranks``).
 - Rank 0 writes (checkpoints, metrics, final/); the others wait at a barrier. Under FSDP every rank first takes
   part in gathering the whole state dicts (``full_state``), so a checkpoint is the same file as on one device.
 
@@ -172,6 +175,16 @@ def rank_rng_states(fabric) -> list[dict] | None:
     states: list = [None] * fabric.world_size
     torch.distributed.all_gather_object(states, rng_state())
     return states
+
+
+def mean_over_ranks(value: torch.Tensor, world_size: int) -> torch.Tensor:
+    """``value`` (this rank's, summed in place) averaged over every rank, queued on the device behind the step.
+
+    Not ``fabric.all_reduce``: Lightning calls a barrier before each reduce, and NCCL's barrier blocks the host
+    until the GPU has run everything queued (torch's note on ``barrier``), once a step. A plain NCCL all-reduce
+    only orders the device's streams. Gloo sums and divides as Lightning does there (no AVG on gloo)."""
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
+    return value / world_size
 
 
 def seed_rank(seed: int, rank: int) -> None:

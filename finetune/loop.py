@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from tqdm import tqdm
 
+from finetune import distributed
 from finetune.budget import BudgetPlanner, BudgetStop, Schedule
 from finetune.config import EvalArgs, TrainArgs
 from finetune.forward import training_loss
@@ -221,7 +222,7 @@ def fit(
             step_loss = step_loss + loss.detach() / accumulate
             step_tokens += batch["tokens"] if "tokens" in batch else int(batch["mask"].sum())  # host numbers: no device sync
         if fabric.world_size > 1:
-            step_loss = fabric.all_reduce(step_loss, reduce_op="mean")  # the step's loss over every rank's micro-batches
+            step_loss = distributed.mean_over_ranks(step_loss, fabric.world_size)  # over every rank's micro-batches
         if train.max_norm is not None:
             fabric.clip_gradients(model, optimizer, max_norm=train.max_norm, error_if_nonfinite=False)
         optimizer.step()

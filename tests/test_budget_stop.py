@@ -12,6 +12,7 @@ from litgpt import Tokenizer
 
 from core.methods import METHODS
 from core.prompts import get_style
+from finetune import distributed
 from finetune.budget import STOP_VOTE_EVERY, BudgetPlanner, BudgetStop, Schedule
 from finetune.config import EvalArgs, TrainArgs
 from finetune.data import Collate, encode_row, load_rows
@@ -116,6 +117,7 @@ def run_fit(tiny_run, monkeypatch, world: str, progress: Progress) -> tuple[Prog
     optimizer = build_optimizer(fabric, model, 1e-3, 0.0)
     if world == "two":
         fabric = TwoRanks(fabric)
+        monkeypatch.setattr(distributed, "mean_over_ranks", lambda value, world_size: fabric.all_reduce(value, reduce_op="mean"))  # counted
     now, step = [progress.elapsed_s], [progress.step]
 
     def next_batch():  # one micro-batch a step on either world (global batch = micro-batch x world)
