@@ -66,6 +66,25 @@ def is_built(out_dir: Path = CHECKPOINT_DIR) -> bool:
         return False
 
 
+def save_dequantized(model, out_dir: Path) -> None:
+    """The float weights and config as a plain Hugging Face checkpoint, written by us, not ``save_pretrained``.
+
+    Newer transformers (5.x, the GPU machine's) mark a model loaded from GGUF as quantized and refuse to
+    ``save_pretrained`` it, though its weights are already dequantized floats. So the config is saved without
+    its ``quantization_config``, and the state dict without the head when it is tied to the embedding (as
+    ``save_pretrained`` does; litgpt's conversion ties it back)."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    config.architectures = [type(model).__name__]  # as save_pretrained records it
+    config.save_pretrained(out_dir)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+
+
 def write_hf_checkpoint(gguf: Path, out_dir: Path) -> Path:
     """GGUF -> float32 Hugging Face checkpoint (weights, config, tokenizer) in ``out_dir``, via transformers."""
     import torch
@@ -73,7 +92,7 @@ def write_hf_checkpoint(gguf: Path, out_dir: Path) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    save_dequantized(model, out_dir)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers 4.56 reads the GGUF's EOS as <|im_start|>, the BOS; the model's config (and SmolLM2's own
     # tokenizer) end with <|im_end|>. With EOS == BOS litgpt would strip the BOS of an empty prompt.

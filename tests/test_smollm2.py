@@ -214,3 +214,27 @@ def test_a_prompt_longer_than_the_window_is_left_truncated_keeping_bos(small_win
     assert "".join(t["text"] for t in echoed) == hf_tok.decode(kept, skip_special_tokens=True)
     _assert_scored(echoed, kept, _hf_logprobs(hf_model, kept), "truncated prompt")
     assert len(r["tokens"]) == len(kept) - 1 + max_new_tokens
+
+
+def test_our_hf_writer_equals_save_pretrained_where_that_still_works(tmp_path: Path) -> None:
+    """core.smollm2 writes the dequantized checkpoint itself (transformers 5 refuses save_pretrained on a GGUF
+    model); where save_pretrained still works, both give the same tensors and the same config."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from core.smollm2 import gguf_path, save_dequantized
+
+    gguf = gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    save_dequantized(model, ours)
+    try:
+        model.save_pretrained(theirs, safe_serialization=True)
+    except ValueError as e:
+        pytest.skip(f"this transformers refuses save_pretrained on a GGUF model: {e}")
+    a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config_a, config_b = (json.loads((d / "config.json").read_text()) for d in (ours, theirs))
+    config_b.pop("quantization_config", None)
+    assert config_a == config_b
