@@ -91,7 +91,7 @@ class GpuMemoryPeak:
 
 
 def run_case(case: str, out_dir: Path, work_dir: Path, requests: int, cap_new_tokens: int, decode_tokens: int, seed: int, device: str,
-             kv_reservations: list[KVReservation] = ["up_front"], concurrency: tuple[int, ...] = (HELM_RUN_THREADS, HELM_CONCURRENCY)) -> dict:  # fmt: skip
+             kv_reservations: list[KVReservation] = ["lazy"], concurrency: tuple[int, ...] = (HELM_RUN_THREADS, HELM_CONCURRENCY)) -> dict:  # fmt: skip
     """One case: its random checkpoint and traces built once, then one server per KV reservation policy.
 
     With one policy the entry is that server's; with several, ``by_reservation`` holds each, served the same
@@ -209,7 +209,7 @@ def main(
     decode_tokens: int = 128,
     seed: int = 0,
     device: str = "cuda",
-    kv_reservation: list[KVReservation] = ["up_front"],
+    kv_reservation: list[KVReservation] = ["lazy"],
     concurrency: list[int] = [HELM_RUN_THREADS, HELM_CONCURRENCY],
 ) -> dict:
     """Run the cases one after another; print and write the JSON.

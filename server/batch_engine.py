@@ -88,7 +88,7 @@ class BatchEngine:
         max_queue: int = 1024,
         cuda_graphs: bool = True,
         gpu_memory_gib: float | None = None,
-        kv_reservation: KVReservation = "up_front",
+        kv_reservation: KVReservation = "lazy",
     ) -> None:
         """See ``python -m server --help`` for the arguments."""
         if kv_reservation not in KV_RESERVATIONS:

@@ -6,10 +6,10 @@ tokens at most. Each step:
 1. admission, first come first served: the oldest queued request starts when its blocks fit the
    pool and its sequences fit the batch; otherwise it waits (backpressure) and so does everything
    behind it. What it reserves depends on ``reservation``:
-   - ``up_front`` (the default): every block it can ever write (prompt plus ``max_new_tokens`` for
+   - ``up_front`` (this class's default; the server's is lazy): every block it can ever write (prompt plus ``max_new_tokens`` for
      each sequence), so a running request never runs out of cache. On a small pool this admits few
      requests: most of what they reserve is for tokens not generated yet (or never: stops and EOS).
-   - ``lazy`` (as vLLM does): the prompt's blocks (and the copies its fork makes, and the block of
+   - ``lazy`` (as vLLM does; the server's default, measured faster on a capped GPU): the prompt's blocks (and the copies its fork makes, and the block of
      the first decoded token), with ``WATERMARK`` of the pool left over; a decoding sequence gets a
      block each time it crosses a block boundary. When the pool cannot give a running request its
      next block, the youngest running request (the latest arrived) is preempted: its blocks are

@@ -68,8 +68,8 @@ def _identical(a: dict, b: dict, where: str) -> None:
 
 def test_a_small_pool_serves_everything_lazily_with_preemption_and_the_same_answers(generator) -> None:
     bodies = _bodies()
-    reference, _ = _serve(generator, bodies, kv_tokens=16 * WINDOW)  # every request fits up front at once
-    up_front, up_front_stats = _serve(generator, bodies, kv_tokens=WINDOW)  # 20 blocks: about 2 requests at a time
+    reference, _ = _serve(generator, bodies, kv_tokens=16 * WINDOW, kv_reservation="up_front")  # every request fits up front at once
+    up_front, up_front_stats = _serve(generator, bodies, kv_tokens=WINDOW, kv_reservation="up_front")  # 20 blocks: about 2 requests at a time
     lazy, stats = _serve(generator, bodies, kv_tokens=WINDOW, kv_reservation="lazy")
     assert stats["preempted"] > 0 and stats["recomputed_tokens"] > 0, stats
     assert stats["max_sequences"] > up_front_stats["max_sequences"], (stats, up_front_stats)
@@ -89,7 +89,7 @@ def test_preempted_while_computing_its_prompt_or_its_generated_tokens(generator,
     monkeypatch.setattr(scheduler.Scheduler, "preempt", lambda self, job, step: preempted.append((job.echo, job.state)) or real(self, job, step))
     early = [{"prompt": SHOTS + f"Is {n} even or odd?\nAnswer:", "temperature": 0, "max_new_tokens": 100, "top_k_per_token": 1} for n in range(2)]
     echo = {"prompt": SHOTS + SHOTS[:80], "echo_prompt": True, "max_new_tokens": 3, "temperature": 0, "top_k_per_token": 2}
-    reference, _ = _serve(generator, [*early, echo], kv_tokens=16 * WINDOW)
+    reference, _ = _serve(generator, [*early, echo], kv_tokens=16 * WINDOW, kv_reservation="up_front")
     preempted.clear()
     engine = BatchEngine(generator, max_batch=16, prefill_tokens=4, kv_block_size=8, kv_tokens=200, kv_reservation="lazy")
 
@@ -135,7 +135,7 @@ def test_up_front_keeps_no_history_and_answers_as_lazy_does(generator, monkeypat
 
     monkeypatch.setattr(BatchEngine, "_finish", spy)
     bodies = _bodies()
-    up_front, _ = _serve(generator, bodies, kv_tokens=16 * WINDOW)
+    up_front, _ = _serve(generator, bodies, kv_tokens=16 * WINDOW, kv_reservation="up_front")
     lazy, stats = _serve(generator, bodies, kv_tokens=WINDOW, kv_reservation="lazy")
     assert stats["preempted"] > 0 and stats["recomputed_tokens"] > 0, stats
     assert [history for history, _, _ in kept["up_front"]] == [None] * len(bodies)
@@ -145,7 +145,7 @@ def test_up_front_keeps_no_history_and_answers_as_lazy_does(generator, monkeypat
     for i, (a, b) in enumerate(zip(up_front, lazy)):
         _identical(a, b, f"request {i}")
 
-    engine = BatchEngine(generator, max_batch=16, prefill_tokens=64, kv_block_size=8, kv_tokens=WINDOW)
+    engine = BatchEngine(generator, max_batch=16, prefill_tokens=64, kv_block_size=8, kv_tokens=WINDOW, kv_reservation="up_front")
     engine.scheduler.lazy = True  # a scheduler that preempts behind an engine that keeps no history
     try:
         responses = asyncio.run(_send_all(create_app(engine, generator.codec), bodies, concurrency=len(bodies)))
