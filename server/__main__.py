@@ -61,6 +61,7 @@ def serve(
     max_queue: int = 1024,
     prefill_tokens: int = 4096,
     cuda_graphs: bool = True,
+    compile_decode: bool = False,
     warmup: bool = True,
     drain_s: float = 30.0,
 ) -> None:
@@ -99,6 +100,10 @@ def serve(
         max_queue: requests waiting at most; past it /process answers 503 with Retry-After.
         prefill_tokens: prompt tokens computed per forward pass; longer prompts are split.
         cuda_graphs: replay each decode step as a CUDA graph (CUDA only).
+        compile_decode: run each decode layer's work around its attention through torch.compile (inductor), so
+            its small kernels fuse, then capture it in the same CUDA graphs (``server.compiled_decode``).
+            Batched engine only; not with --quantize. Off until a GPU bench shows it faster; compiling adds
+            start-up time (warmup compiles it).
         warmup: capture every decode graph before accepting requests (~a few seconds per 10 graphs).
         drain_s: on SIGTERM, seconds to finish the requests in flight before the process exits.
     """
@@ -109,7 +114,7 @@ def serve(
         generator = load_generator(checkpoint_dir, device, dtype, quantize, use_template, base_checkpoint_dir, max_seq_length)
         options = dict(max_batch=max_batch, prefill_tokens=prefill_tokens, kv_block_size=kv_block_size, kv_tokens=kv_tokens,
                        max_queue=max_queue, cuda_graphs=cuda_graphs, gpu_memory_gib=gpu_memory_gib,
-                       kv_reservation=kv_reservation)  # fmt: skip
+                       kv_reservation=kv_reservation, compile_decode=compile_decode)  # fmt: skip
         served = make_engine(generator, engine, **options)
         if memory := getattr(served, "memory", None):
             print(memory, flush=True)

@@ -89,6 +89,7 @@ class BatchEngine:
         cuda_graphs: bool = True,
         gpu_memory_gib: float | None = None,
         kv_reservation: KVReservation = "lazy",
+        compile_decode: bool = False,
     ) -> None:
         """See ``python -m server --help`` for the arguments."""
         if kv_reservation not in KV_RESERVATIONS:
@@ -109,7 +110,7 @@ class BatchEngine:
         block_bytes = kv_block_size * kv_bytes_per_token(generator.model)
 
         def runner(blocks: int) -> PagedModel:
-            return PagedModel(generator.model, blocks, kv_block_size, max_batch, window, cuda_graphs=cuda_graphs)
+            return PagedModel(generator.model, blocks, kv_block_size, max_batch, window, cuda_graphs=cuda_graphs, compile_decode=compile_decode)
 
         if generator.device.type == "cuda":  # what the worst steps leave under the limit (server.step_memory)
             one_window = math.ceil(window / kv_block_size) + 1  # the provisional pool (+ the padding block)

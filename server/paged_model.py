@@ -79,11 +79,20 @@ class Segment:
 
 
 class PagedModel:
-    def __init__(self, model: GPT, num_blocks: int, block_size: int, max_batch: int, max_len: int | None = None, cuda_graphs: bool = True) -> None:
+    def __init__(
+        self, model: GPT, num_blocks: int, block_size: int, max_batch: int, max_len: int | None = None, cuda_graphs: bool = True,
+        compile_decode: bool = False,
+    ) -> None:  # fmt: skip
         """K/V storage for ``num_blocks`` blocks of ``block_size``; decode steps run up to ``max_batch``
-        sequences of at most ``max_len`` positions."""
+        sequences of at most ``max_len`` positions; ``compile_decode``: see ``server.compiled_decode``."""
         if (reason := unsupported_reason(model)) is not None:
             raise ValueError(f"the batched engine does not support {reason}")
+        self._layer_parts = (self._decode_before, self._decode_after)  # a decode layer around its attention
+        if compile_decode:
+            from server.compiled_decode import compiled_parts
+
+            self._layer_parts = compiled_parts(self, model)
+        self.compile_decode = compile_decode
         self.model = model
         self.config = c = model.config
         self.device = model.transformer.wte.weight.device
@@ -182,7 +191,9 @@ class PagedModel:
         The weight's fp32 copy is made once, not at every call (that was two kernels per layer in
         every decode step)."""
         if type(norm) is RMSNorm and not norm.add_unit_offset and norm.dim == -1:
-            weight = self._fp32_weights.get(norm)
+            # compiled (server.compiled_decode), the cast fuses into the norm's kernel; a dict keyed by
+            # the module would make dynamo guard on each layer's identity (a recompile per layer)
+            weight = norm.weight.float() if torch.compiler.is_compiling() else self._fp32_weights.get(norm)
             if weight is None:
                 weight = self._fp32_weights[norm] = norm.weight.detach().float()
             return F.rms_norm(x.float(), (x.size(-1),), weight, norm.eps).to(x.dtype)
@@ -190,9 +201,13 @@ class PagedModel:
 
     def _block(self, block, x: torch.Tensor, attend) -> torch.Tensor:
         """litgpt's Block.forward with ``attend(attn, x_normed)`` as the attention."""
-        c = self.config
         x_normed = self._norm(block.norm_1, x)
-        h = block.post_attention_norm(attend(block.attn, x_normed))
+        return self._block_rest(block, x, x_normed, attend(block.attn, x_normed))
+
+    def _block_rest(self, block, x: torch.Tensor, x_normed: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """What litgpt's Block.forward does after the attention (residuals, norms, MLP)."""
+        c = self.config
+        h = block.post_attention_norm(attended)
         if c.parallel_residual:
             if not c.shared_attention_norm:
                 x_normed = self._norm(block.norm_2, x)
@@ -309,21 +324,26 @@ class PagedModel:
                 allowed &= key_pos[None] > positions[:, None] - window
             masks[window] = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))[:, None, None]
         x = self._embed(self._tokens[:B, None])
+        before, after = self._layer_parts
         for layer, block in enumerate(self.model.transformer.h):
-            mask = masks[self.windows[layer]]
-
-            def attend(attn, x_normed, layer=layer, mask=mask):
-                q, k, v = self._qkv(attn, x_normed, cos, sin)
-                self._k_slots[layer][slots] = k[:, :, 0]
-                self._v_slots[layer][slots] = v[:, :, 0]
-                keys, values = self._gather(layer, tables)
-                # (B, n_kv, queries per kv head, hs) against (B, n_kv, length, hs)
-                q = q.view(B, c.n_query_groups, c.n_head // c.n_query_groups, c.head_size)
-                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-                return attn.proj(y.reshape(B, 1, c.n_head * c.head_size))
-
-            x = self._block(block, x, attend)
+            x_normed, q, k, v = before(block, x, cos, sin)
+            self._k_slots[layer][slots] = k[:, :, 0]
+            self._v_slots[layer][slots] = v[:, :, 0]
+            keys, values = self._gather(layer, tables)
+            # (B, n_kv, queries per kv head, hs) against (B, n_kv, length, hs)
+            q = q.view(B, c.n_query_groups, c.n_head // c.n_query_groups, c.head_size)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[self.windows[layer]], scale=self.scale)
+            x = after(block, x, x_normed, y)
         return self._head(x[:, 0])
+
+    def _decode_before(self, block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """A decode layer up to its attention: the normed input and roped q, k, v."""
+        x_normed = self._norm(block.norm_1, x)
+        return (x_normed, *self._qkv(block.attn, x_normed, cos, sin))
+
+    def _decode_after(self, block, x: torch.Tensor, x_normed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A decode layer from its attention's output ``y`` (B, n_kv, queries per kv head, hs) on."""
+        return self._block_rest(block, x, x_normed, block.attn.proj(y.reshape(y.size(0), 1, -1)))
 
     def _capture(self, B: int, blocks: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Record the decode step for (B, blocks) once; later steps replay it with new inputs."""

@@ -1,0 +1,119 @@
+"""``--compile_decode`` (server.compiled_decode) against the eager decode, litgpt and the serial engine, in fp32 on the CPU.
+
+Inductor's CPU kernels (C++) fuse the same way its GPU ones do, so the numbers are checked here;
+the speed only on a GPU (bench.serve's "ours-compiled"). The graph counts check that the compile
+stays bounded: one graph per part for batch 1 and one for every larger batch, shared by all layers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from server.app import create_app
+from server.batch_engine import BatchEngine
+from server.compiled_decode import _BACKENDS, unavailable_reason
+from server.engine import SerialEngine, make_engine
+from server.kv_pool import KVPool
+from server.loading import load_generator
+from server.paged_model import PagedModel, Segment
+from tests.test_batch_engine import ARCHITECTURES, _model, _requests, _same, _send_all, _tables
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Dynamo's cache is per code object, shared by every PagedModel of the process: start each test empty
+    (a server holds one model; this file builds several), so the recompile limit counts this test's graphs."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _graphs() -> dict[str, int]:
+    return {name: backend.graphs for name, backend in _BACKENDS.items()}
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_compiled_decode_equals_eager_and_litgpt(arch: str) -> None:
+    """Batches of 1, 3 and 2 (batch 1 static, the others one dynamic graph), grouped queries, a
+    sliding window shorter than the sequences, partial RoPE with parallel residual, q/k norms."""
+    model = _model(arch)
+    pool = KVPool(num_blocks=40, block_size=4)
+    eager = PagedModel(model, pool.num_blocks, pool.block_size, max_batch=16)
+    compiled = PagedModel(model, pool.num_blocks, pool.block_size, max_batch=16, compile_decode=True)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (23, 9, 30)]
+    with torch.inference_mode():
+        refs = [model(torch.tensor([s]))[0] for s in seqs]
+    tables = _tables(pool, [len(s) for s in seqs])
+    steps = 4
+    for runner in (eager, compiled):  # each writes its own pool: same prompts, all but the last `steps` tokens
+        runner.prefill([Segment(t, 0, s[:-steps]) for t, s in zip(tables, seqs)])
+    before = _graphs()
+    for step in range(steps):
+        for rows in ([0], [0, 1, 2], [1, 2]):  # a position decoded twice writes the same K/V again
+            positions = [len(seqs[i]) - steps + step for i in rows]
+            args = ([seqs[i][p] for i, p in zip(rows, positions)], positions, [tables[i] for i in rows])
+            got, want = compiled.decode(*args), eager.decode(*args)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            for b, (i, p) in enumerate(zip(rows, positions)):
+                torch.testing.assert_close(got[b], refs[i][p], atol=1e-5, rtol=1e-5)
+    made = {name: n - before.get(name, 0) for name, n in _graphs().items()}
+    assert made == {"decode_before": 2, "decode_after": 2}, made  # batch 1 and dynamic batch, both layers in one
+
+
+def test_engine_with_compile_decode_equals_the_serial_engine(make_tiny_checkpoint) -> None:
+    """The option through BatchEngine on the tiny checkpoint: prefix sharing, forks, samples, echo."""
+    generator = load_generator(make_tiny_checkpoint(), device="cpu")
+    bodies = _requests()[::2]
+    serial = asyncio.run(_send_all(create_app(SerialEngine(generator), generator.codec), bodies, concurrency=1))
+    before = _graphs()
+    engine = BatchEngine(generator, max_batch=16, prefill_tokens=96, kv_block_size=8, kv_tokens=2048, compile_decode=True)
+    try:
+        assert engine.model.compile_decode
+        batched = asyncio.run(_send_all(create_app(engine, generator.codec), bodies, concurrency=30))
+    finally:
+        engine.close()
+    for i, (a, b) in enumerate(zip(batched, serial)):
+        assert a.status_code == b.status_code, (i, a.text)
+        if b.status_code == 200:
+            _same(a.json(), b.json(), f"request {i}")
+    made = {name: n - before.get(name, 0) for name, n in _graphs().items()}
+    assert 1 <= made["decode_before"] <= 2 and 1 <= made["decode_after"] <= 2, made  # the compiled parts ran
+
+
+def test_compile_decode_is_refused_where_it_cannot_run(make_tiny_checkpoint, monkeypatch) -> None:
+    from litgpt.adapter import GPT as AdapterGPT
+    from litgpt.adapter import Config as AdapterConfig
+
+    generator = load_generator(make_tiny_checkpoint(), device="cpu")
+    assert unavailable_reason(generator.model) is None
+    with pytest.raises(ValueError, match="compile_decode: only the batched engine.*--engine serial"):
+        make_engine(generator, "serial", compile_decode=True)
+    adapter = load_generator(make_tiny_checkpoint(), device="cpu")
+    config = AdapterConfig.from_file(make_tiny_checkpoint() / "model_config.yaml", adapter_prompt_length=4, adapter_start_layer=1)
+    adapter.model = AdapterGPT(config)
+    with pytest.raises(ValueError, match="compile_decode: only the batched engine.*adapter"):
+        make_engine(adapter, "auto", compile_decode=True)
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no C++ compiler for inductor's CPU kernels
+    with pytest.raises(ValueError, match="compile_decode: inductor needs a C\\+\\+ compiler"):
+        PagedModel(generator.model, 8, 4, max_batch=2, compile_decode=True)
+
+
+def test_the_cli_option_reaches_the_engine(make_tiny_checkpoint, monkeypatch) -> None:
+    from core.cli import run_cli
+    from server import __main__ as main
+
+    seen = {}
+
+    def fake_make_engine(generator, kind, **options):
+        seen.update(options)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(main, "make_engine", fake_make_engine)
+    for args, want in (([], False), (["--compile_decode", "true"], True)):
+        with pytest.raises(SystemExit, match="stop here"):
+            run_cli(main.serve, args=["--checkpoint_dir", str(make_tiny_checkpoint()), "--device", "cpu", *args])
+        assert seen["compile_decode"] is want
