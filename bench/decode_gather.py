@@ -7,7 +7,8 @@ layout, (layer, K/V, head, block, position, head_size), gathered a batch's block
 element-wise ``index`` of 2-byte values; the layout now, (layer, block, position, K/V, head,
 head_size), copies whole blocks with ``index_select`` in 8-byte words. Per (batch, length) case this
 prints: both gathers alone (one layer's pool of ``num_blocks`` blocks, times the layer count), and the
-whole decode step of ``server.paged_model`` as the engine replays it (CUDA graph), in milliseconds.
+whole decode step of ``server.paged_model`` as the engine replays it (CUDA graph), in milliseconds;
+with ``--compile_decode true`` also the step with ``server.compiled_decode`` (and the compile's seconds).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -36,8 +38,9 @@ def _ms(fn, repeat: int) -> float:
 
 
 def main(out_dir: Path = Path("out/bench"), model: str = "Mistral-7B-v0.1", num_blocks: int = 40_000, block_size: int = 16,
-         cases: list[tuple[int, int]] = [(1, 256), (16, 1792), (32, 2048)], repeat: int = 20) -> dict:  # fmt: skip
-    """``cases``: (padded batch, positions read); ``num_blocks``: the pool's blocks (61,333 on an uncapped H200)."""
+         cases: list[tuple[int, int]] = [(1, 256), (16, 1792), (32, 2048)], repeat: int = 20, compile_decode: bool = False) -> dict:  # fmt: skip
+    """``cases``: (padded batch, positions read); ``num_blocks``: the pool's blocks (61,333 on an uncapped H200);
+    ``compile_decode``: time the compiled step too, one runner after the other (two pools would not fit)."""
     if not torch.cuda.is_available():
         raise SystemExit("error: bench.decode_gather needs a CUDA GPU")
     config = Config.from_name(model, block_size=2048)
@@ -58,12 +61,23 @@ def main(out_dir: Path = Path("out/bench"), model: str = "Mistral-7B-v0.1", num_
     with dev:
         gpt = GPT(config).eval()
     torch.set_default_dtype(torch.float32)
-    paged = PagedModel(gpt, num_blocks, block_size, max_batch=max(b for b, _ in cases), max_len=2048)
-    for case in report["cases"]:
-        B, M = case["batch"], -(-case["length"] // block_size)
-        tables = [rng.sample(range(1, num_blocks), M) for _ in range(B)]
-        positions = [case["length"] - 1] * B
-        case["decode_step_ms"] = round(_ms(functools.partial(paged.decode, [1] * B, positions, tables), repeat), 2)
+    for compiled in (False, True) if compile_decode else (False,):
+        paged = PagedModel(gpt, num_blocks, block_size, max_batch=max(b for b, _ in cases), max_len=2048, compile_decode=compiled)
+        suffix = "_compiled" if compiled else ""
+        for case in report["cases"]:
+            B, M = case["batch"], -(-case["length"] // block_size)
+            tables = [rng.sample(range(1, num_blocks), M) for _ in range(B)]
+            positions = [case["length"] - 1] * B
+            step = functools.partial(paged.decode, [1] * B, positions, tables)
+            start = time.perf_counter()
+            step()  # compiles (with compile_decode) and captures this bucket's graph
+            torch.cuda.synchronize()
+            case[f"first_step{suffix}_s"] = round(time.perf_counter() - start, 1)
+            case[f"decode_step{suffix}_ms"] = round(_ms(step, repeat), 2)
+            if compiled:
+                case["compiled_speedup"] = round(case["decode_step_ms"] / case["decode_step_compiled_ms"], 3)
+        paged = None
+        torch.cuda.empty_cache()
     print(json.dumps(report, indent=1), flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "decode_gather.json").write_text(json.dumps(report, indent=1) + "\n")

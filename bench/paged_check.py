@@ -33,7 +33,7 @@ ARCHITECTURES = {
 TOLERANCE = 1e-4
 
 
-def check(arch: str, device: torch.device) -> dict:
+def check(arch: str, device: torch.device, compile_decode: bool = False) -> dict:
     defaults = dict(
         n_layer=2, n_embd=64, block_size=1024, vocab_size=97, padded_vocab_size=97,
         norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=96, bias=False,
@@ -41,7 +41,9 @@ def check(arch: str, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = GPT(Config(**{**defaults, **ARCHITECTURES[arch]})).to(device).eval()
     pool = KVPool(num_blocks=200, block_size=16)
-    paged = PagedModel(model, pool.num_blocks, pool.block_size, max_batch=16, max_len=1024, cuda_graphs=True)
+    if compile_decode:  # dynamo's cache is per code object: each architecture's graphs count alone
+        torch._dynamo.reset()
+    paged = PagedModel(model, pool.num_blocks, pool.block_size, max_batch=16, max_len=1024, cuda_graphs=True, compile_decode=compile_decode)
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (300, 90)]
     with torch.inference_mode():
@@ -75,14 +77,16 @@ def check(arch: str, device: torch.device) -> dict:
     return {"max_abs_diff": worst, "ok": worst < TOLERANCE, "graphs": len(paged._graphs)}
 
 
-def main(out_dir: Path = Path("out/bench")) -> dict:
+def main(out_dir: Path = Path("out/bench"), compile_decode: bool = False) -> dict:
+    """``compile_decode``: the runner with ``server.compiled_decode`` (compiled layers inside the captured graphs)."""
     if not torch.cuda.is_available():
         raise SystemExit("error: bench.paged_check needs a CUDA GPU (the CPU path is tests/test_batch_engine.py)")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device("cuda")
     start = time.perf_counter()
-    report = {"device": torch.cuda.get_device_name(), "tolerance": TOLERANCE, "architectures": {a: check(a, device) for a in ARCHITECTURES}}
+    report = {"device": torch.cuda.get_device_name(), "tolerance": TOLERANCE, "compile_decode": compile_decode,
+              "architectures": {a: check(a, device, compile_decode) for a in ARCHITECTURES}}  # fmt: skip
     report["ok"] = all(r["ok"] for r in report["architectures"].values())
     report["seconds"] = round(time.perf_counter() - start, 1)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,12 @@
     python -m bench.serve --out_dir $OUT                      (GPU: Mistral-7B architecture, random bf16)
     python -m bench.serve --checkpoint_dir checkpoints/tiny --requests 6 --device cpu   (smoke run)
 
-Three servers over the same checkpoint, each started as its own process and replayed with the same
+Servers over the same checkpoint, each started as its own process and replayed with the same
 requests over HTTP, like HELM:
   ours    ``python -m server`` (continuous batching, prefix reuse, CUDA graphs);
+  ours-compiled  the same with ``--compile_decode`` (inductor-fused decode layers in the same CUDA
+          graphs), not run by default: ``--servers '[ours, ours-compiled]'`` puts the two side by side
+          (ratios ``*_compiled_vs_ours``; its startup_s includes the compile);
   litgpt  upstream ``litgpt.generate.base.generate``, one request at a time (the 2023 starter kit);
   hf      transformers ``generate`` with sdpa, one request at a time (the winning teams).
 
@@ -40,7 +43,9 @@ import httpx
 from core.workload import HELM_CONCURRENCY, HELM_RUN_THREADS, HELM_WINDOW, TYPES, TraceRequest, build_trace, calibrate_tokens_per_word
 from submission.eval_time import _percentile, evaluate
 
-SERVERS = ("ours", "litgpt", "hf")
+SERVERS = ("ours", "ours-compiled", "litgpt", "hf")
+DEFAULT_SERVERS = ("ours", "litgpt", "hf")
+OURS_VARIANTS = {"ours": [], "ours-compiled": ["--compile_decode", "true"]}  # python -m server options of each
 CONCURRENCIES = (1, HELM_RUN_THREADS, HELM_CONCURRENCY)
 SEED_OFFSETS = {1: 1, HELM_CONCURRENCY: 2, HELM_RUN_THREADS: 3}  # c1 and c30 keep the seeds of earlier reports
 TARGETS = {"c30_speedup_vs_litgpt": 10.0, "batch1_decode_tokens_per_s": 150.0, "projected_final_eval_s": 15 * 60.0}
@@ -65,10 +70,10 @@ def _free_port() -> int:
 def server_command(
     kind: str, checkpoint_dir: Path, port: int, device: str, work_dir: Path, quantize: str | None = None, ours_args: list[str] = ()
 ) -> list[str]:
-    if kind == "ours":
+    if kind in OURS_VARIANTS:
         quantized = ["--quantize", quantize] if quantize else []
         return [sys.executable, "-m", "server", "--checkpoint_dir", str(checkpoint_dir), "--port", str(port), "--device", device,
-                *quantized, *ours_args]  # fmt: skip
+                *quantized, *ours_args, *OURS_VARIANTS[kind]]  # fmt: skip
     hf_dir = work_dir / f"{checkpoint_dir.name}-hf"
     return [sys.executable, "-m", "bench.baseline_servers", "--kind", kind, "--checkpoint_dir", str(checkpoint_dir),
             "--hf_dir", str(hf_dir), "--port", str(port), "--device", device]  # fmt: skip
@@ -201,7 +206,7 @@ def main(
     model: str = "Mistral-7B-v0.1",
     checkpoint_dir: Path | None = None,
     work_dir: Path = Path("/tmp/bench_serve"),
-    servers: list[str] = list(SERVERS),
+    servers: list[str] = list(DEFAULT_SERVERS),
     requests: int = 48,
     cap_new_tokens: int = 64,
     decode_tokens: int = 128,
@@ -218,7 +223,7 @@ def main(
         model: litgpt config name for the random-weight checkpoint (ignored with checkpoint_dir).
         checkpoint_dir: benchmark this checkpoint instead (e.g. the tiny one on CPU).
         work_dir: scratch space for the random checkpoint and the HF export.
-        servers: which of ours, litgpt, hf to run.
+        servers: which of ours, ours-compiled, litgpt, hf to run (ours-compiled: ours with --compile_decode).
         requests: trace length (each of the two traces).
         cap_new_tokens: cap on generated tokens in the traces.
         decode_tokens: new tokens for the batch-1 decode measurement.
@@ -259,9 +264,9 @@ def main(
                 entry["batch1_decode"] = batch1_decode(server.url, decode_tokens)
                 for c, trace in traces.items():
                     entry[f"c{c}"] = asyncio.run(replay(server.url, trace, c))
-                if kind == "ours":
+                if kind in OURS_VARIANTS:
                     entry["engine"] = httpx.get(server.url + "/health").json().get("engine")
-                    if projection_requests_per_type > 0:
+                    if kind == "ours" and projection_requests_per_type > 0:
                         entry["projection"] = _projection(server.url, projection_requests_per_type, seed)
         except Exception as e:  # one server failing still reports the others
             entry["error"] = f"{type(e).__name__}: {e}"
@@ -305,7 +310,7 @@ def _agreement(servers: dict) -> dict:
     tests/test_batch_engine.py in fp32)."""
     ours = servers.get("ours", {}).get("c1", {}).get("_texts")
     out = {}
-    for base in ("litgpt", "hf"):
+    for base in ("ours-compiled", "litgpt", "hf"):
         theirs = servers.get(base, {}).get("c1", {}).get("_texts")
         if ours and theirs:
             pairs = [(a, b) for a, b in zip(ours, theirs) if a is not None and b is not None]
@@ -325,6 +330,14 @@ def _ratios(servers: dict) -> dict:
         a, b = ours.get("batch1_decode"), other.get("batch1_decode")
         if a and b:
             ratios[f"batch1_decode_vs_{base}"] = round(a["tokens_per_s"] / b["tokens_per_s"], 2)
+    compiled = servers.get("ours-compiled", {})  # the other way round: > 1 when compiling helps
+    for c in CONCURRENCIES:
+        a, b = compiled.get(f"c{c}"), ours.get(f"c{c}")
+        if a and b and b["requests_per_s"] > 0:
+            ratios[f"c{c}_requests_per_s_compiled_vs_ours"] = round(a["requests_per_s"] / b["requests_per_s"], 3)
+    a, b = compiled.get("batch1_decode"), ours.get("batch1_decode")
+    if a and b:
+        ratios["batch1_decode_compiled_vs_ours"] = round(a["tokens_per_s"] / b["tokens_per_s"], 3)
     return ratios
 
 

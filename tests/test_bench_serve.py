@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bench.serve import SERVERS, main
+import pytest
+
+from bench.serve import DEFAULT_SERVERS, main
 
 
 def test_bench_serve_runs_on_the_tiny_model(make_tiny_checkpoint, tmp_path) -> None:
@@ -11,7 +13,7 @@ def test_bench_serve_runs_on_the_tiny_model(make_tiny_checkpoint, tmp_path) -> N
         requests=6, cap_new_tokens=4, decode_tokens=4, projection_requests_per_type=1, device="cpu",
     )  # fmt: skip
     assert (tmp_path / "out" / "serve.json").is_file()
-    for kind in SERVERS:
+    for kind in DEFAULT_SERVERS:
         entry = report["servers"][kind]
         assert "error" not in entry, entry
         for phase in ("c1", "c4", "c30"):
@@ -33,9 +35,25 @@ def test_bench_serve_runs_on_the_tiny_model(make_tiny_checkpoint, tmp_path) -> N
     assert report["greedy_agreement"] == {"vs_litgpt": 1.0, "vs_hf": 1.0}
 
 
-def test_serve_tracks_cases_are_litgpt_configs_and_unknown_ones_are_refused(tmp_path) -> None:
-    import pytest
+def test_bench_serve_runs_ours_with_and_without_compile_decode(make_tiny_checkpoint, tmp_path) -> None:
+    """The "ours-compiled" variant: the same server with --compile_decode, side by side with ours in one run."""
+    report = main(
+        out_dir=tmp_path / "out", checkpoint_dir=make_tiny_checkpoint(), work_dir=tmp_path / "work", servers=["ours", "ours-compiled"],
+        requests=3, cap_new_tokens=3, decode_tokens=4, projection_requests_per_type=0, device="cpu",
+    )  # fmt: skip
+    for kind in ("ours", "ours-compiled"):
+        entry = report["servers"][kind]
+        assert "error" not in entry, entry
+        assert entry["batch1_decode"]["new_tokens"] == 4 and entry["c30"]["errors"] == 0
+    assert "compile_decode: compiling decode_before" in (tmp_path / "out" / "server_ours-compiled.log").read_text()
+    assert "compile_decode" not in (tmp_path / "out" / "server_ours.log").read_text()
+    ratio = report["ratios"]["batch1_decode_compiled_vs_ours"]
+    ours, compiled = (report["servers"][k]["batch1_decode"]["tokens_per_s"] for k in ("ours", "ours-compiled"))
+    assert ratio == round(compiled / ours, 3)
+    assert report["greedy_agreement"] == {"vs_ours-compiled": 1.0}  # fp32: the compiled decode answers as the eager one
 
+
+def test_serve_tracks_cases_are_litgpt_configs_and_unknown_ones_are_refused(tmp_path) -> None:
     from bench.serve_tracks import CASES, UNCAPPED, file_stem
     from bench.serve_tracks import main as tracks
     from core.configs import config_from_name
@@ -48,19 +66,18 @@ def test_serve_tracks_cases_are_litgpt_configs_and_unknown_ones_are_refused(tmp_
         tracks(out_dir=tmp_path, cases=["gpt-5@80"])
 
 
-def test_paged_check_logic_holds_on_the_cpu() -> None:
+@pytest.mark.parametrize("compile_decode", [False, True], ids=["eager", "compiled"])
+def test_paged_check_logic_holds_on_the_cpu(compile_decode: bool) -> None:
     """bench.paged_check is meant for a GPU (graphs on); its comparison runs the same on the CPU."""
     import torch
 
     from bench.paged_check import check
 
-    assert check("sliding_window", torch.device("cpu"))["ok"]  # every architecture: tests/test_batch_engine.py
+    assert check("sliding_window", torch.device("cpu"), compile_decode)["ok"]  # every architecture: tests/test_batch_engine.py
 
 
 def test_serve_tracks_compares_reservations_side_by_side_and_refuses_bad_lists(tmp_path, monkeypatch) -> None:
     """Several --kv_reservation policies serve one checkpoint and one set of traces; ratios are to the first."""
-    import pytest
-
     import bench.serve_tracks as tracks
 
     calls = []
