@@ -20,7 +20,8 @@ the attention and the K/V storage:
   length, head_size) buffer sized by the length bucket (multiples of 256) and grouped queries attend
   as a (kv_head, queries-per-kv-head) block, so no repeat_interleave copy is made. On CUDA each
   (batch bucket, length bucket) step is captured once as a CUDA graph over static token, position,
-  slot and block-table buffers, and replayed: a 7B decode step is ~1,000 small kernels.
+  slot and block-table buffers, and replayed: a 7B decode step is ~1,000 small kernels
+  (``--compile_decode`` fuses each layer's around its attention: ``server.compiled_decode``).
 
 Mistral's sliding window is applied only where a sequence is longer than the window.
 """
