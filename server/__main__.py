@@ -17,6 +17,7 @@ from server.app import create_app
 from server.engine import Engine, EngineKind, make_engine
 from server.gpu_memory import cap
 from server.loading import load_generator, resolve_device
+from server.paged_model import ATTENTION_TOKENS
 from server.scheduler import KVReservation
 
 
@@ -60,6 +61,7 @@ def serve(
     max_batch: int = 32,
     max_queue: int = 1024,
     prefill_tokens: int = 4096,
+    attention_tokens: int | None = ATTENTION_TOKENS,
     cuda_graphs: bool = True,
     compile_decode: bool = False,
     warmup: bool = True,
@@ -99,6 +101,11 @@ def serve(
             most sequences one request may ask for.
         max_queue: requests waiting at most; past it /process answers 503 with Retry-After.
         prefill_tokens: prompt tokens computed per forward pass; longer prompts are split.
+        attention_tokens: K/V positions one attention call gathers at most (sequences x positions read):
+            short prefill segments and decode batches past it are attended in groups, so the worst step's
+            memory, which the KV pool is sized after, stays small. 16,384 (default) is 256 MiB of K+V
+            for Llama-2-7B (8 full 2,048 windows) instead of 1 GiB for 32; steps under it are one call as
+            before. A call reads one whole sequence at least. 0 or null: no bound (one call per step).
         cuda_graphs: replay each decode step as a CUDA graph (CUDA only).
         compile_decode: run each decode layer's work around its attention through torch.compile (inductor), so
             its small kernels fuse, then capture it in the same CUDA graphs (``server.compiled_decode``).
@@ -114,7 +121,7 @@ def serve(
         generator = load_generator(checkpoint_dir, device, dtype, quantize, use_template, base_checkpoint_dir, max_seq_length)
         options = dict(max_batch=max_batch, prefill_tokens=prefill_tokens, kv_block_size=kv_block_size, kv_tokens=kv_tokens,
                        max_queue=max_queue, cuda_graphs=cuda_graphs, gpu_memory_gib=gpu_memory_gib,
-                       kv_reservation=kv_reservation, compile_decode=compile_decode)  # fmt: skip
+                       kv_reservation=kv_reservation, compile_decode=compile_decode, attention_tokens=attention_tokens)  # fmt: skip
         served = make_engine(generator, engine, **options)
         if memory := getattr(served, "memory", None):
             print(memory, flush=True)

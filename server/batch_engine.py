@@ -41,7 +41,7 @@ import torch
 from server.engine import Busy, FieldError, RequestFailed, Unavailable, until_done_or_gone
 from server.generate import Generator, Prompt, Sequence, advance, completions, echo_scores, echo_tokens, new_generator, pick
 from server.kv_pool import KVPool
-from server.paged_model import PagedModel, Segment, kv_bytes_per_token
+from server.paged_model import ATTENTION_TOKENS, PagedModel, Segment, kv_bytes_per_token
 from server.scheduler import ECHO_TOKENS, KV_RESERVATIONS, Job, KVReservation, Scheduler
 from server.schemas import MAX_SEQUENCES, Completion, ProcessRequest
 from server.step_memory import CudaProbe, measure, measured_blocks, worst_steps
@@ -90,6 +90,7 @@ class BatchEngine:
         gpu_memory_gib: float | None = None,
         kv_reservation: KVReservation = "lazy",
         compile_decode: bool = False,
+        attention_tokens: int | None = ATTENTION_TOKENS,
     ) -> None:
         """See ``python -m server --help`` for the arguments."""
         if kv_reservation not in KV_RESERVATIONS:
@@ -99,6 +100,7 @@ class BatchEngine:
             ("prefill_tokens", prefill_tokens, 1),
             ("kv_block_size", kv_block_size, 1),
             ("max_queue", max_queue, 1),
+            ("attention_tokens", attention_tokens or 0, 0),
         ):
             if value < low:
                 raise ValueError(f"{name}: must be at least {low}, got {value}")
@@ -110,7 +112,10 @@ class BatchEngine:
         block_bytes = kv_block_size * kv_bytes_per_token(generator.model)
 
         def runner(blocks: int) -> PagedModel:
-            return PagedModel(generator.model, blocks, kv_block_size, max_batch, window, cuda_graphs=cuda_graphs, compile_decode=compile_decode)
+            return PagedModel(
+                generator.model, blocks, kv_block_size, max_batch, window, cuda_graphs=cuda_graphs, compile_decode=compile_decode,
+                attention_tokens=attention_tokens,
+            )  # fmt: skip
 
         if generator.device.type == "cuda":  # what the worst steps leave under the limit (server.step_memory)
             one_window = math.ceil(window / kv_block_size) + 1  # the provisional pool (+ the padding block)

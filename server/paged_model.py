@@ -24,6 +24,14 @@ the attention and the K/V storage:
   (``--compile_decode`` fuses each layer's around its attention: ``server.compiled_decode``).
 
 Mistral's sliding window is applied only where a sequence is longer than the window.
+
+Attention calls are bounded by ``attention_tokens`` gathered K/V positions (sequences x positions
+read): short prefill segments are attended in groups, decode batches in chunks of sequences, so the
+worst step's transient memory (measured by ``server.step_memory`` to size the pool) stays small.
+Unbounded, 32 sequences x 2,048 positions of Llama-2-7B gather 512 MiB of K and 512 MiB of V per
+call, and masked SDPA may hold fp32 scores as large again; ``ATTENTION_TOKENS`` (16,384) is 256 MiB
+of K+V for it, 8 full windows per call (64 MiB on 8-kv-head models). Below the budget nothing
+changes (one call, as before): batch 1 and small steps run as they did.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from litgpt.model import CausalSelfAttention, RMSNorm, apply_rope, apply_rope_in
 
 LENGTH_BUCKET = 256  # decode reads K/V up to a multiple of this
 SHORT_SEGMENT = 256  # prefill segments up to this long share one attention call (HELM's question after a cached prefix)
+ATTENTION_TOKENS = 16384  # gathered K/V positions per attention call (8 windows of 2,048): see the module docstring
 
 
 def unsupported_reason(model: GPT) -> str | None:
@@ -63,6 +72,15 @@ def batch_bucket(n: int) -> int:
     return n if n <= 2 else 4 if n <= 4 else 8 * math.ceil(n / 8)
 
 
+def balanced_chunks(n: int, size: int, budget: int | None) -> list[slice]:
+    """``n`` items of ``size`` positions in the fewest slices of at most ``budget`` positions each (one item
+    at least), their lengths within one of each other; one slice when ``budget`` is None or 0 (unbounded) or all fit."""
+    parts = 1 if not budget else -(-n // max(1, budget // size))
+    base, extra = divmod(n, parts)
+    ends = [(i + 1) * base + min(i + 1, extra) for i in range(parts)]
+    return [slice(a, b) for a, b in zip([0, *ends], ends)]
+
+
 def kv_bytes_per_token(model: GPT) -> int:
     c = model.config
     return 2 * c.n_layer * c.n_query_groups * c.head_size * model.transformer.wte.weight.element_size()
@@ -83,9 +101,11 @@ class PagedModel:
     def __init__(
         self, model: GPT, num_blocks: int, block_size: int, max_batch: int, max_len: int | None = None, cuda_graphs: bool = True,
         compile_decode: bool = False,
+        attention_tokens: int | None = ATTENTION_TOKENS,
     ) -> None:  # fmt: skip
         """K/V storage for ``num_blocks`` blocks of ``block_size``; decode steps run up to ``max_batch``
-        sequences of at most ``max_len`` positions; ``compile_decode``: see ``server.compiled_decode``."""
+        sequences of at most ``max_len`` positions; ``compile_decode``: see ``server.compiled_decode``; each
+        attention call gathers at most ``attention_tokens`` K/V positions (None or 0: unbounded)."""
         if (reason := unsupported_reason(model)) is not None:
             raise ValueError(f"the batched engine does not support {reason}")
         self._layer_parts = (self._decode_before, self._decode_after)  # a decode layer around its attention
@@ -101,6 +121,11 @@ class PagedModel:
         self.max_len = min(max_len or c.block_size, c.block_size, model.cos.size(0))
         self.block_size, self.max_batch = block_size, max_batch
         self.max_blocks = -(-self.max_len // block_size)  # block-table width of the longest sequence
+        if attention_tokens is not None and attention_tokens < 0:
+            raise ValueError(
+                f"attention_tokens: must be positive (gathered K/V positions per attention call) or 0 for no bound, got {attention_tokens}"
+            )
+        self.attention_tokens = attention_tokens or None  # a call reads one whole sequence at least, whatever the budget
         # K and V in one tensor, a block of one layer contiguous, so one gather of whole chunks per layer reads both.
         # zeros, not empty: decode reads whole length buckets, and masked-out garbage that happens to
         # be NaN would still poison the softmax (NaN * 0 = NaN)
@@ -236,8 +261,10 @@ class PagedModel:
             bounds.append((offset, offset + len(s.ids)))
             offset += len(s.ids)
         short = [i for i, s in enumerate(segments) if len(s.ids) <= SHORT_SEGMENT]
-        batch = _ShortBatch(self, [segments[i] for i in short], [bounds[i] for i in short]) if len(short) > 1 else None
-        alone = [i for i in range(len(segments)) if batch is None or i not in short]
+        groups = [g for g in self._short_groups(short, segments) if len(g) > 1]  # a group of one is attended alone
+        batches = [_ShortBatch(self, [segments[i] for i in g], [bounds[i] for i in g]) for g in groups]
+        batched = {i for g in groups for i in g}
+        alone = [i for i in range(len(segments)) if i not in batched]
         tables = {
             i: torch.tensor(segments[i].table[: -(-(segments[i].start + len(segments[i].ids)) // self.block_size)], device=self.device)[None]
             for i in alone
@@ -254,7 +281,7 @@ class PagedModel:
                 for i in alone:
                     a, b = bounds[i]
                     y[:, :, a:b] = self._segment_attention(layer, q[:, :, a:b], segments[i], tables[i])
-                if batch is not None:
+                for batch in batches:
                     batch.attend(layer, q, y)
                 return attn.proj(y.transpose(1, 2).reshape(1, x_normed.size(1), -1))
 
@@ -263,8 +290,25 @@ class PagedModel:
         logits = self._head(x[0, keep])
         return list(logits.split([len(s.ids) if s.all_logits else 1 for s in segments]))
 
+    def _short_groups(self, short: list[int], segments: list[Segment]) -> list[list[int]]:
+        """The short segments (indices ``short``) in groups attended by one call each: segments x the group's
+        gathered positions (its longest, in whole blocks) within ``attention_tokens``, by end position so that
+        segments of similar lengths share a call; all in one group when unbounded."""
+        if not self.attention_tokens:
+            return [short]
+        groups: list[list[int]] = [[]]
+        for i in sorted(short, key=lambda i: segments[i].start + len(segments[i].ids)):
+            gathered = -(-(segments[i].start + len(segments[i].ids)) // self.block_size) * self.block_size
+            if groups[-1] and (len(groups[-1]) + 1) * gathered > self.attention_tokens:
+                groups.append([])
+            groups[-1].append(i)
+        return groups
+
     def _segment_attention(self, layer: int, q: torch.Tensor, s: Segment, table: torch.Tensor) -> torch.Tensor:
-        """One sequence's new queries (1, nh, T, hs) against its blocks, flash attention when it starts empty."""
+        """One sequence's new queries (1, nh, T, hs) against its blocks, flash attention when it starts empty.
+
+        Masked, the queries go in chunks whose scores (queries x keys per head) are at most a short batch's
+        (``attention_tokens`` x ``SHORT_SEGMENT``): SDPA's math and memory-efficient paths may hold them in fp32."""
         c = self.config
         end = s.start + q.size(2)
         keys, values = self._gather(layer, table)
@@ -280,7 +324,9 @@ class PagedModel:
         mask = key_pos <= query_pos
         if window is not None:
             mask &= key_pos > query_pos - window
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+        rows = balanced_chunks(q.size(2), end, self.attention_tokens and self.attention_tokens * SHORT_SEGMENT)
+        out = [F.scaled_dot_product_attention(q[:, :, r], keys, values, attn_mask=mask[r], scale=self.scale) for r in rows]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
     # --- decode -------------------------------------------------------------------------------
 
@@ -330,10 +376,8 @@ class PagedModel:
             x_normed, q, k, v = before(block, x, cos, sin)
             self._k_slots[layer][slots] = k[:, :, 0]
             self._v_slots[layer][slots] = v[:, :, 0]
-            keys, values = self._gather(layer, tables)
-            # (B, n_kv, queries per kv head, hs) against (B, n_kv, length, hs)
             q = q.view(B, c.n_query_groups, c.n_head // c.n_query_groups, c.head_size)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[self.windows[layer]], scale=self.scale)
+            y = self._decode_attention(layer, q, tables, masks[self.windows[layer]])
             x = after(block, x, x_normed, y)
         return self._head(x[:, 0])
 
@@ -345,6 +389,15 @@ class PagedModel:
     def _decode_after(self, block, x: torch.Tensor, x_normed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """A decode layer from its attention's output ``y`` (B, n_kv, queries per kv head, hs) on."""
         return self._block_rest(block, x, x_normed, block.attn.proj(y.reshape(y.size(0), 1, -1)))
+
+    def _decode_attention(self, layer: int, q: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, n_kv, queries per kv head, hs) against the batch's blocks gathered as (B, n_kv, length, hs), in
+        chunks of sequences of at most ``attention_tokens`` positions (static per step: CUDA graphs capture them)."""
+        out = []
+        for rows in balanced_chunks(q.size(0), tables.size(1) * self.block_size, self.attention_tokens):
+            keys, values = self._gather(layer, tables[rows])
+            out.append(F.scaled_dot_product_attention(q[rows], keys, values, attn_mask=mask[rows], scale=self.scale))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def _capture(self, B: int, blocks: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Record the decode step for (B, blocks) once; later steps replay it with new inputs."""

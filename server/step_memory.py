@@ -118,8 +118,8 @@ def measure(
     except torch.OutOfMemoryError as e:
         raise ValueError(
             f"the worst step does not fit in {probe.limit() / GIB:.2f} GiB beside {weights / GIB:.2f} GiB of weights and a "
-            f"{provisional_blocks - 1}-block KV pool ({str(e).splitlines()[0]}); lower --max_batch, --prefill_tokens or "
-            "--max_seq_length, raise --gpu_memory_gib, or serve quantized (--quantize bnb.nf4)"
+            f"{provisional_blocks - 1}-block KV pool ({str(e).splitlines()[0]}); lower --max_batch, --prefill_tokens, "
+            "--attention_tokens or --max_seq_length, raise --gpu_memory_gib, or serve quantized (--quantize bnb.nf4)"
         ) from None
     del runner
     probe.settle()
