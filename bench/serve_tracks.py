@@ -3,6 +3,7 @@
     python -m bench.serve_tracks --out_dir $OUT --cases '[llama2-7b@24]'      (one case a device command, < 10 min)
     python -m bench.serve_tracks --out_dir $OUT --cases '[mistral-7b-uncapped]'  (the no-regression run, < 10 min)
     python -m bench.serve_tracks --out_dir $OUT --cases '[llama2-7b@24]' --kv_reservation '[up_front, lazy]'   (both, side by side)
+    python -m bench.serve_tracks --out_dir $OUT --cases '[llama2-7b@24]' --attention_tokens '[0, 16384]'   (unbounded vs bounded attention)
 
 Each case is a litgpt config with random bf16 weights (speed and memory don't depend on values)
 served by ``python -m server --gpu_memory_gib N`` in its own process: the server caps its CUDA
@@ -91,11 +92,18 @@ class GpuMemoryPeak:
 
 
 def run_case(case: str, out_dir: Path, work_dir: Path, requests: int, cap_new_tokens: int, decode_tokens: int, seed: int, device: str,
-             kv_reservations: list[KVReservation] = ["lazy"], concurrency: tuple[int, ...] = (HELM_RUN_THREADS, HELM_CONCURRENCY)) -> dict:  # fmt: skip
-    """One case: its random checkpoint and traces built once, then one server per KV reservation policy.
+             kv_reservations: list[KVReservation] = ["lazy"], concurrency: tuple[int, ...] = (HELM_RUN_THREADS, HELM_CONCURRENCY),
+             attention_tokens: list[int] | None = None) -> dict:  # fmt: skip
+    """One case: its random checkpoint and traces built once, then one server per variant: each KV reservation
+    policy, with each of ``attention_tokens`` if given (None: the server's default, no flag).
 
-    With one policy the entry is that server's; with several, ``by_reservation`` holds each, served the same
-    checkpoint and traces one after another in this process, and ``ratios`` compares each to the first."""
+    With one variant the entry is that server's; with several, ``by_reservation`` (policies only) or ``by_variant``
+    holds each (named by ``variant_name``), served the same checkpoint and traces one after another in this
+    process, and ``ratios`` compares each to the first."""
+    variants = {
+        variant_name(policy, tokens, kv_reservations, attention_tokens): (policy, tokens)
+        for policy in kv_reservations for tokens in (attention_tokens or [None])
+    }  # fmt: skip
     config_name, gib = CASES[case]
     case_dir = work_dir / case
     entry: dict = {"case": case, "model": f"{config_name} (random bf16 weights)", "gpu_memory_gib": gib}
@@ -104,23 +112,35 @@ def run_case(case: str, out_dir: Path, work_dir: Path, requests: int, cap_new_to
         ckpt = prepare_checkpoint(config_name, None, case_dir)
         entry["prepare_s"] = round(time.perf_counter() - t0, 1)
         traces = build_traces(ckpt, requests, cap_new_tokens, seed)
-        served = {policy: serve_case(case, ckpt, traces, out_dir, case_dir, decode_tokens, device, policy, concurrency) for policy in kv_reservations}
+        served = {
+            name: serve_case(case, ckpt, traces, out_dir, case_dir, decode_tokens, device, policy, concurrency,
+                             **({} if tokens is None else {"attention_tokens": tokens}))
+            for name, (policy, tokens) in variants.items()
+        }  # fmt: skip
     except Exception as e:  # one case failing still reports the others
         entry["error"] = f"{type(e).__name__}: {e}"
         served = {}
     finally:
         shutil.rmtree(case_dir, ignore_errors=True)
-    if len(kv_reservations) == 1 and served:
-        entry.update(served[kv_reservations[0]])
+    first = next(iter(variants))
+    if len(variants) == 1 and served:
+        entry.update(served[first])
     elif served:
-        entry["by_reservation"] = served
-        entry["ratios"] = reservation_ratios(served, kv_reservations[0])
+        entry["by_reservation" if attention_tokens is None else "by_variant"] = served
+        entry["ratios"] = variant_ratios(served, first)
     entry["total_s"] = round(time.perf_counter() - t0, 1)
     return entry
 
 
-def reservation_ratios(served: dict[str, dict], base: str) -> dict:
-    """requests/s and batch-1 decode of each policy over ``base``'s (served the same checkpoint and traces)."""
+def variant_name(policy: KVReservation, tokens: int | None, policies: list[KVReservation], attention_tokens: list[int] | None) -> str:
+    """A variant's name in the report and its server log's: the policy (unless only --attention_tokens varies),
+    then ``att<N>`` for its --attention_tokens (``att0``: unbounded)."""
+    parts = [policy] if attention_tokens is None or len(policies) > 1 else []
+    return "_".join(parts + ([] if tokens is None else [f"att{tokens}"]))
+
+
+def variant_ratios(served: dict[str, dict], base: str) -> dict:
+    """requests/s and batch-1 decode of each variant over ``base``'s (served the same checkpoint and traces)."""
 
     def ratio(a, b):
         return round(a / b, 3) if a and b else None
@@ -138,14 +158,20 @@ def reservation_ratios(served: dict[str, dict], base: str) -> dict:
 
 
 def serve_case(case: str, ckpt: Path, traces: dict, out_dir: Path, case_dir: Path, decode_tokens: int, device: str,
-               kv_reservation: KVReservation, concurrency: tuple[int, ...] = (HELM_RUN_THREADS, HELM_CONCURRENCY)) -> dict:  # fmt: skip
-    """Start the capped server with one KV reservation policy, replay the traces, read its memory; its entry."""
+               kv_reservation: KVReservation, concurrency: tuple[int, ...] = (HELM_RUN_THREADS, HELM_CONCURRENCY),
+               attention_tokens: int | None = None) -> dict:  # fmt: skip
+    """Start the capped server with one KV reservation policy (and ``--attention_tokens`` unless None: the
+    server's default), replay the traces, read its memory; its entry."""
     gib = CASES[case][1]
     entry: dict = {"kv_reservation": kv_reservation}
+    args = ["--gpu_memory_gib", str(gib), "--kv_reservation", kv_reservation]
+    if attention_tokens is not None:
+        entry["attention_tokens"] = attention_tokens
+        args += ["--attention_tokens", str(attention_tokens)]
     try:
         port = _free_port()
-        command = server_command("ours", ckpt, port, device, case_dir, ours_args=["--gpu_memory_gib", str(gib), "--kv_reservation", kv_reservation])
-        log = out_dir / f"server_{file_stem(case)}_{kv_reservation}.log"
+        command = server_command("ours", ckpt, port, device, case_dir, ours_args=args)
+        log = out_dir / f"server_{file_stem(case)}_{kv_reservation}{'' if attention_tokens is None else f'_att{attention_tokens}'}.log"
         with Server(command, port, log) as server, GpuMemoryPeak(server.process.pid) as smi:
             entry["startup_s"] = round(server.startup_s, 1)
             asyncio.run(replay(server.url, traces[1][:2], 1))  # warm-up
@@ -211,6 +237,7 @@ def main(
     device: str = "cuda",
     kv_reservation: list[KVReservation] = ["lazy"],
     concurrency: list[int] = [HELM_RUN_THREADS, HELM_CONCURRENCY],
+    attention_tokens: list[int] | None = None,
 ) -> dict:
     """Run the cases one after another; print and write the JSON.
 
@@ -227,6 +254,9 @@ def main(
             another on the same checkpoint and traces, with ratios to the first (``'[up_front, lazy]'``).
         concurrency: the closed-loop client counts each capped server replays, from ``bench.serve``'s traces
             (HELM's default 4 and the challenge's 30; ``'[30]'`` where only the full pool matters).
+        attention_tokens: the server's --attention_tokens for the capped cases: unset, its default (no flag); a list,
+            each served (with each --kv_reservation) one after another on the same checkpoint and traces, with
+            ratios to the first (``'[0, 16384]'``: unbounded, then bounded; named ``att0``, ``att16384``).
     """
     unknown = [c for c in cases if c not in CASES and c != UNCAPPED]
     if unknown:
@@ -235,19 +265,21 @@ def main(
         raise ValueError(f"concurrency: choose from {list(CONCURRENCIES)} (the traces bench.serve builds), got {concurrency}")
     if not kv_reservation or len(set(kv_reservation)) != len(kv_reservation):
         raise ValueError(f"kv_reservation: give one or more distinct policies, got {kv_reservation}")
+    if attention_tokens is not None and (not attention_tokens or len(set(attention_tokens)) != len(attention_tokens) or min(attention_tokens) < 0):
+        raise ValueError(f"attention_tokens: give one or more distinct budgets, each at least 0 (0: unbounded), got {attention_tokens}")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"device": _device_name(device), "date": time.strftime("%Y-%m-%d"), "requests": requests, "cap_new_tokens": cap_new_tokens,
-              "kv_reservation": kv_reservation, "cases": {}}  # fmt: skip
+              "kv_reservation": kv_reservation, "attention_tokens": attention_tokens, "cases": {}}  # fmt: skip
     for case in cases:
         if case == UNCAPPED:
             entry = no_regression(out_dir / file_stem(case), work_dir / case, decode_tokens, seed, device)
         else:
-            entry = run_case(case, out_dir, work_dir, requests, cap_new_tokens, decode_tokens, seed, device, kv_reservation, tuple(concurrency))
+            entry = run_case(case, out_dir, work_dir, requests, cap_new_tokens, decode_tokens, seed, device, kv_reservation, tuple(concurrency),
+                             attention_tokens)  # fmt: skip
         report["cases"][case] = entry
         (out_dir / f"{file_stem(case)}.json").write_text(json.dumps(entry, indent=2))
-        shown = (
-            entry.get("summary") or entry.get("error") or {p: e.get("summary") or e.get("error") for p, e in entry.get("by_reservation", {}).items()}
-        )
+        variants = entry.get("by_variant") or entry.get("by_reservation") or {}
+        shown = entry.get("summary") or entry.get("error") or {p: e.get("summary") or e.get("error") for p, e in variants.items()}
         print(f"{case}: {json.dumps(shown)}" + (f" ratios {json.dumps(entry['ratios'])}" if "ratios" in entry else ""), flush=True)
     (out_dir / "serve_tracks.json").write_text(json.dumps(report, indent=2))
     return report

@@ -103,3 +103,56 @@ def test_serve_tracks_compares_reservations_side_by_side_and_refuses_bad_lists(t
             tracks.main(out_dir=tmp_path, cases=["llama2-7b@24"], kv_reservation=bad)
     with pytest.raises(ValueError, match="concurrency"):
         tracks.main(out_dir=tmp_path, cases=["llama2-7b@24"], concurrency=[8])
+
+
+def test_serve_tracks_compares_attention_budgets_side_by_side_and_refuses_bad_lists(tmp_path, monkeypatch) -> None:
+    """--attention_tokens '[0, 16384]': unbounded then bounded servers on one checkpoint and one set of traces, each
+    started with its flag (with every --kv_reservation); ratios are to the first; bad lists are refused naming the option."""
+    import pytest
+
+    import bench.serve_tracks as tracks
+
+    calls, commands = [], []
+
+    def fake_serve(case, ckpt, traces, out_dir, case_dir, decode_tokens, device, policy, concurrency, attention_tokens=None):
+        calls.append((ckpt, id(traces), policy, attention_tokens))
+        rate = {0: 2.0, 16384: 3.0}[attention_tokens] + (policy == "up_front")
+        return {"summary": {"requests_per_s": {f"c{c}": rate for c in concurrency}, "batch1_decode_tokens_per_s": 100.0}}
+
+    monkeypatch.setattr(tracks, "prepare_checkpoint", lambda name, _, case_dir: case_dir / "ckpt")
+    monkeypatch.setattr(tracks, "build_traces", lambda *a: {1: [], 4: [], 30: []})
+    monkeypatch.setattr(tracks, "serve_case", fake_serve)
+    report = tracks.main(out_dir=tmp_path, work_dir=tmp_path / "w", cases=["llama2-7b@24"], attention_tokens=[0, 16384], concurrency=[30])
+    entry = report["cases"]["llama2-7b@24"]
+    assert [c[2:] for c in calls] == [("lazy", 0), ("lazy", 16384)] and len({c[:2] for c in calls}) == 1
+    assert set(entry["by_variant"]) == {"att0", "att16384"} and entry["ratios"] == {"att16384_vs_att0": {"c30": 1.5, "batch1_decode": 1.0}}
+    calls.clear()
+    both = tracks.main(out_dir=tmp_path, cases=["llama2-7b@24"], kv_reservation=["up_front", "lazy"], attention_tokens=[0, 16384], concurrency=[30])
+    assert [c[2:] for c in calls] == [("up_front", 0), ("up_front", 16384), ("lazy", 0), ("lazy", 16384)]
+    assert list(both["cases"]["llama2-7b@24"]["ratios"]) == [
+        "up_front_att16384_vs_up_front_att0",
+        "lazy_att0_vs_up_front_att0",
+        "lazy_att16384_vs_up_front_att0",
+    ]
+    for bad in ([], [0, 0], [-1]):
+        with pytest.raises(ValueError, match="attention_tokens"):
+            tracks.main(out_dir=tmp_path, cases=["llama2-7b@24"], attention_tokens=bad)
+
+    class Refused:  # the server command serve_case would start, not a server
+        def __init__(self, command, port, log) -> None:
+            commands.append((command, log.name))
+
+        def __enter__(self):
+            raise RuntimeError("not started")
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+    monkeypatch.undo()
+    monkeypatch.setattr(tracks, "Server", Refused)
+    entry = tracks.serve_case("llama2-7b@24", tmp_path / "ckpt", {}, tmp_path, tmp_path, 4, "cpu", "lazy", (30,), attention_tokens=0)
+    ((command, log),) = commands
+    assert entry["attention_tokens"] == 0 and "not started" in entry["error"] and log == "server_llama2-7b_24gib_lazy_att0.log"
+    assert command[-6:] == ["--gpu_memory_gib", "24", "--kv_reservation", "lazy", "--attention_tokens", "0"]
+    tracks.serve_case("llama2-7b@24", tmp_path / "ckpt", {}, tmp_path, tmp_path, 4, "cpu", "lazy", (30,))
+    assert "--attention_tokens" not in commands[-1][0] and commands[-1][1] == "server_llama2-7b_24gib_lazy.log"  # unset: the server's default
