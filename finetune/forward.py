@@ -11,6 +11,7 @@ three things it can't give, so this walks the same modules (embedding, blocks, f
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch
@@ -50,10 +51,30 @@ def hidden_states(
     for i, block in enumerate(gpt.transformer.h):
         c, s = (cos[..., rope_indices[i]], sin[..., rope_indices[i]]) if rope_indices is not None else (cos, sin)
         if checkpoint_blocks and torch.is_grad_enabled():
-            x = checkpoint(block, x, c, s, mask, use_reentrant=False)
+            x = checkpoint(block, x, c, s, mask, use_reentrant=False, context_fn=same_default_dtype)
         else:
             x = block(x, c, s, mask)
     return gpt.transformer.ln_f(x)
+
+
+def same_default_dtype() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """Checkpoint contexts: the recompute runs under the forward's default dtype.
+
+    Fabric's bf16-true sets the default dtype to bf16 only inside ``fabric.autocast()``; the backward,
+    where checkpointed blocks are recomputed, runs outside it. Autocast state is restored by torch's
+    checkpoint, the default dtype is not, so compiled blocks were traced again under float32 and saved
+    other tensors than the forward: CheckpointError on CUDA (tests/test_gpu.py)."""
+    return contextlib.nullcontext(), _default_dtype(torch.get_default_dtype())
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _head_loss_sum(gpt: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -77,7 +98,10 @@ def next_token_loss(gpt: GPT, hidden: torch.Tensor, labels: torch.Tensor, keep: 
         total = _head_loss_sum(gpt, rows, targets)
     else:
         head = partial(_head_loss_sum, gpt)
-        total = sum(checkpoint(head, h, t, use_reentrant=False) for h, t in zip(rows.split(HEAD_CHUNK_ROWS), targets.split(HEAD_CHUNK_ROWS)))
+        total = sum(
+            checkpoint(head, h, t, use_reentrant=False, context_fn=same_default_dtype)
+            for h, t in zip(rows.split(HEAD_CHUNK_ROWS), targets.split(HEAD_CHUNK_ROWS))
+        )
     return total / max(targets.numel(), 1)
 
 

@@ -59,7 +59,8 @@ def client(smollm2_checkpoint: Path):
     from server.loading import load_generator
 
     generator = load_generator(smollm2_checkpoint, device="cuda", dtype="bf16")
-    with TestClient(create_app(make_engine(generator, "auto"), generator.codec)) as c:
+    # a bounded KV pool: by default it takes the free GPU memory, and this module's LoRA run shares the process
+    with TestClient(create_app(make_engine(generator, "auto", kv_tokens=16_384), generator.codec)) as c:
         yield c
 
 
@@ -72,6 +73,14 @@ def _chosen(lp: torch.Tensor, ids: list[int]) -> torch.Tensor:
     return torch.stack([lp[p - 1, ids[p]] for p in range(1, len(ids))])
 
 
+def served_ids(hf_tok, text: str) -> list[int]:
+    """The ids the server scores for ``text``: SmolLM2's BOS, then the text's tokens, from transformers' tokenizer.
+
+    The BOS is added explicitly: transformers 4.56 adds it for this tokenizer, transformers 5 (the GPU
+    machine's) does not; the server adds it either way, as litgpt's tokenizer does."""
+    return [hf_tok.bos_token_id, *hf_tok(text, add_special_tokens=False)["input_ids"]]
+
+
 def _bound(hf_err: float) -> float:
     return max(BF16_SLACK * hf_err, BF16_FLOOR)
 
@@ -79,7 +88,7 @@ def _bound(hf_err: float) -> float:
 @pytest.mark.parametrize("text", TEXTS)
 def test_bf16_echo_logprobs_stay_as_close_to_float32_as_transformers_bf16(client, hf_models, hf_tok, text: str) -> None:
     hf32, hf16 = hf_models
-    ids = hf_tok(text)["input_ids"]
+    ids = served_ids(hf_tok, text)
     r = client.post("/process", json={"prompt": text, "echo_prompt": True, "max_new_tokens": 0, "top_k_per_token": 1})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -101,7 +110,7 @@ def test_bf16_greedy_text_equals_float32_greedy_where_the_lead_is_clear(client, 
 
 def _greedy_agreement(client, hf32, hf_tok, prompt: str) -> int:
     """Tokens where ours and float32 greedy agree, up to float32's first lead within bf16 noise (asserts the rest)."""
-    ids = hf_tok(prompt)["input_ids"]
+    ids = served_ids(hf_tok, prompt)
     r = client.post("/process", json={"prompt": prompt, "temperature": 0, "max_new_tokens": GREEDY_TOKENS, "top_k_per_token": 1})
     assert r.status_code == 200, r.text
     ours = [t["text"] for t in r.json()["tokens"]]
@@ -138,7 +147,7 @@ def test_bf16_lora_on_cuda_lowers_the_loss_and_merges(smollm2_checkpoint: Path, 
     merged = load_model(merge(final, out_dir=tmp_path / "merged"))  # float32 on the CPU: the merged truth
     hf32, hf16 = hf_models
     for text in MERGE_TEXTS:
-        ids = torch.tensor([hf_tok(text)["input_ids"]])
+        ids = torch.tensor([served_ids(hf_tok, text)])
         with torch.no_grad():
             truth = torch.log_softmax(merged(ids)[0].float(), -1)
             ours16 = torch.log_softmax(merged.to("cuda", torch.bfloat16)(ids.cuda())[0].float(), -1).cpu()
