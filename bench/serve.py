@@ -322,23 +322,23 @@ def _ratios(servers: dict) -> dict:
     ours = servers.get("ours", {})
     ratios = {}
     for base in ("litgpt", "hf"):
-        other = servers.get(base, {})
-        for c in CONCURRENCIES:
-            a, b = ours.get(f"c{c}"), other.get(f"c{c}")
-            if a and b and b["requests_per_s"] > 0:
-                ratios[f"c{c}_requests_per_s_vs_{base}"] = round(a["requests_per_s"] / b["requests_per_s"], 2)
-        a, b = ours.get("batch1_decode"), other.get("batch1_decode")
-        if a and b:
-            ratios[f"batch1_decode_vs_{base}"] = round(a["tokens_per_s"] / b["tokens_per_s"], 2)
-    compiled = servers.get("ours-compiled", {})  # the other way round: > 1 when compiling helps
-    for c in CONCURRENCIES:
-        a, b = compiled.get(f"c{c}"), ours.get(f"c{c}")
-        if a and b and b["requests_per_s"] > 0:
-            ratios[f"c{c}_requests_per_s_compiled_vs_ours"] = round(a["requests_per_s"] / b["requests_per_s"], 3)
-    a, b = compiled.get("batch1_decode"), ours.get("batch1_decode")
-    if a and b:
-        ratios["batch1_decode_compiled_vs_ours"] = round(a["tokens_per_s"] / b["tokens_per_s"], 3)
+        ratios |= _speedups(ours, servers.get(base, {}), f"vs_{base}", digits=2)
+    # the other way round: > 1 when compiling helps
+    ratios |= _speedups(servers.get("ours-compiled", {}), ours, "compiled_vs_ours", digits=3)
     return ratios
+
+
+def _speedups(server: dict, base: dict, name: str, digits: int) -> dict:
+    """requests/s per concurrency and batch-1 decode of ``server`` over ``base``'s, where both were measured."""
+    out = {}
+    for c in CONCURRENCIES:
+        a, b = server.get(f"c{c}"), base.get(f"c{c}")
+        if a and b and b["requests_per_s"] > 0:
+            out[f"c{c}_requests_per_s_{name}"] = round(a["requests_per_s"] / b["requests_per_s"], digits)
+    a, b = server.get("batch1_decode"), base.get("batch1_decode")
+    if a and b:
+        out[f"batch1_decode_{name}"] = round(a["tokens_per_s"] / b["tokens_per_s"], digits)
+    return out
 
 
 def _targets(report: dict) -> dict:
