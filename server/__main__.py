@@ -64,6 +64,7 @@ def serve(
     attention_tokens: int | None = ATTENTION_TOKENS,
     cuda_graphs: bool = True,
     compile_decode: bool = False,
+    overlap_decode: bool = False,
     warmup: bool = True,
     drain_s: float = 30.0,
 ) -> None:
@@ -111,6 +112,10 @@ def serve(
             its small kernels fuse, then capture it in the same CUDA graphs (``server.compiled_decode``).
             Batched engine only; not with --quantize. Off until a GPU bench shows it faster; compiling adds
             start-up time (warmup compiles it).
+        overlap_decode: enqueue each decode step before the previous one's samples are read back, so the host's
+            work per token (readback, texts and stops, scheduling, inputs) runs while the GPU decodes (vLLM v1's
+            async scheduling; ``server.batch_engine``). Same answers. Batched engine only. Off until a GPU bench
+            shows it faster.
         warmup: capture every decode graph before accepting requests (~a few seconds per 10 graphs).
         drain_s: on SIGTERM, seconds to finish the requests in flight before the process exits.
     """
@@ -121,7 +126,8 @@ def serve(
         generator = load_generator(checkpoint_dir, device, dtype, quantize, use_template, base_checkpoint_dir, max_seq_length)
         options = dict(max_batch=max_batch, prefill_tokens=prefill_tokens, kv_block_size=kv_block_size, kv_tokens=kv_tokens,
                        max_queue=max_queue, cuda_graphs=cuda_graphs, gpu_memory_gib=gpu_memory_gib,
-                       kv_reservation=kv_reservation, compile_decode=compile_decode, attention_tokens=attention_tokens)  # fmt: skip
+                       kv_reservation=kv_reservation, compile_decode=compile_decode, attention_tokens=attention_tokens,
+                       overlap_decode=overlap_decode)  # fmt: skip
         served = make_engine(generator, engine, **options)
         if memory := getattr(served, "memory", None):
             print(memory, flush=True)

@@ -21,6 +21,30 @@ without sampling, so it decodes on exactly where it stopped; a request preempted
 token starts over (its echo scores are dropped and computed again).
 A failure fails only the requests it touched (a sampling error its own request; a failed forward
 the requests in that forward); the loop goes on.
+
+With ``overlap_decode`` (off by default; vLLM v1's async scheduling) the host's work for decode step N
+(reading back the samples, advancing texts and stops, answering, the next schedule, building the next
+inputs) runs while the GPU runs step N+1, which is enqueued before step N's samples are read: its
+input ids are step N's samples copied on the device (``PagedModel.decode``'s ``on_device``), and only
+step N's own readback is waited for (its CUDA event, ``server.generate.Picked``). Step N+1 is a guess
+that every sequence of step N goes on; it is checked when its turn comes (``_take_ahead``):
+- a request that step N ended (EOS, stop sequence, max tokens, failure) or that was cancelled or
+  preempted meanwhile has its rows of step N+1 dropped, unread; the rest of the batch keeps them.
+  Requests that step N is certain to end (their last token) are left out of step N+1;
+- a request admitted meanwhile joins at the next step (its first decode one step later; nothing it
+  returns changes);
+- a sampled request draws step N+1 from its own generator after step N, as without overlap; if its
+  rows are dropped while it goes on (preempted), its generator's state is put back before them;
+- step N+1 is enqueued only if every sequence in it already holds the block its position is in (or
+  the pool has one free now, taken one step early as ``Scheduler.hold``): so the next schedule grows
+  and preempts nothing for it, and otherwise the step runs in order, as without overlap.
+Why a dropped row can write nothing anyone reads: it writes K/V only at its own next position, in its
+own last block, which holds generated positions and so is never a full prompt block in the prefix
+index (only prompts' full blocks are indexed). When its request ends, its blocks go back to the pool on
+the host at once, but everything that could write or read a reused block (another request's prefill,
+a fork's copy, a later decode) is enqueued after step N+1 on the same stream, so the device runs it
+after step N+1 is done with the block; and a freed request is never put in a step enqueued after the
+free. On the CPU everything runs in order (events are no-ops), so the same logic is tested there.
 """
 
 from __future__ import annotations
@@ -39,7 +63,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.engine import Busy, FieldError, RequestFailed, Unavailable, until_done_or_gone
-from server.generate import Generator, Prompt, Sequence, advance, completions, echo_scores, echo_tokens, new_generator, pick
+from server.generate import Generator, Picked, Prompt, Sequence, advance, completions, echo_scores, echo_tokens, new_generator, pick
 from server.kv_pool import KVPool
 from server.paged_model import ATTENTION_TOKENS, PagedModel, Segment, kv_bytes_per_token
 from server.scheduler import ECHO_TOKENS, KV_RESERVATIONS, Job, KVReservation, Scheduler
@@ -72,6 +96,19 @@ class _Live:
         self.job = Job(list(self.prompt.ids), self.req.n, self.req.max_new_tokens, echo=self.req.echo_prompt, payload=self)
 
 
+@dataclass(eq=False)
+class _Launched:
+    """A decode step enqueued on the device, its samples not necessarily read back yet."""
+
+    lives: list[_Live]
+    rows: dict[_Live, list[int]]  # each request's rows in the batch
+    pos: dict[_Live, int]  # the position its rows decode
+    tables: dict[_Live, list[list[int]]]  # its job's tables (the same list until it is freed or preempted)
+    results: list[tuple[_Live, list[int], Picked]]
+    picked: Picked | None  # the whole batch's, when it was sampled in one go (its device ids feed the next step)
+    states: dict[_Live, torch.Tensor] = field(default_factory=dict)  # speculative: generator states before its draws
+
+
 def cpu_pool_blocks(window: int, block_size: int, kv_tokens: int | None) -> int:
     """Blocks in a CPU pool (block 0, the padding block, included): ``kv_tokens``, or ``CPU_WINDOWS`` full windows."""
     return math.ceil((CPU_WINDOWS * window if kv_tokens is None else kv_tokens) / block_size) + 1
@@ -91,6 +128,7 @@ class BatchEngine:
         kv_reservation: KVReservation = "lazy",
         compile_decode: bool = False,
         attention_tokens: int | None = ATTENTION_TOKENS,
+        overlap_decode: bool = False,
     ) -> None:
         """See ``python -m server --help`` for the arguments."""
         if kv_reservation not in KV_RESERVATIONS:
@@ -129,6 +167,8 @@ class BatchEngine:
         self.pool = KVPool(blocks, kv_block_size)
         self.model = runner(blocks)
         self.scheduler = Scheduler(self.pool, max_batch, prefill_tokens, ECHO_TOKENS, reservation=kv_reservation)
+        self.overlap_decode = overlap_decode
+        self._ahead: _Launched | None = None  # the decode step enqueued ahead of its turn (overlap_decode)
         self.keeps_history = kv_reservation == "lazy"  # only a preempted request is resumed, and only lazy preempts
         self.max_batch, self.max_queue = max_batch, max_queue
         self._inbox: deque[_Live] = deque()
@@ -141,7 +181,8 @@ class BatchEngine:
         self.counters = {"requests": 0, "prompt_tokens": 0, "computed_prompt_tokens": 0, "prefill_rounds": 0, "decode_steps": 0,
                       "decoded_tokens": 0, "cancelled": 0, "failed": 0, "max_sequences": 0, "kv_blocks": blocks - 1,
                       "kv_block_size": kv_block_size, "kv_reservation": kv_reservation, "preempted": 0,
-                      "recomputed_tokens": 0}  # fmt: skip
+                      "recomputed_tokens": 0, "overlap_decode": overlap_decode, "overlapped_steps": 0,
+                      "overlap_discarded_steps": 0, "overlap_discarded_rows": 0}  # fmt: skip
         self._tokenizer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
@@ -274,6 +315,8 @@ class BatchEngine:
         decoding = [job for job in self.scheduler.running if job.state == "decode"]
         if decoding:
             self._decode([job.payload for job in decoding])
+        elif self._ahead is not None:  # nobody it decodes for is decoding now
+            self._take_ahead([])
 
     def _prefill(self, chunks: list[tuple[Job, int, int]], recompute: list[tuple[Job, int, int]] = ()) -> None:
         """Prompt chunks and, for resumed requests, their sequences' generated tokens: one forward."""
@@ -331,7 +374,7 @@ class BatchEngine:
             return
         logits = torch.cat([last.expand(live.req.n, -1) for live, last in sampling])
         lives = [live for live, _ in sampling]
-        for live, rows, picked in self._pick(logits, lives, [live.req.n for live in lives]):
+        for live, rows, picked in self._pick(logits, lives, [live.req.n for live in lives])[0]:
             try:
                 self._advance(live, picked, rows)
                 if all(s.done for s in live.seqs) or not live.job.forks:
@@ -342,26 +385,35 @@ class BatchEngine:
             except Exception as e:
                 self._fail([live], e, "output")
 
-    def _pick(self, logits: torch.Tensor, lives: list[_Live], counts: list[int]):
-        """Sample every request's rows; yields (live, its rows, Picked). A request whose sampling fails
-        fails alone: on an error the batch is sampled again one request at a time."""
+    def _pick(self, logits: torch.Tensor, lives: list[_Live], counts: list[int]) -> tuple[list[tuple[_Live, list[int], Picked]], Picked | None]:
+        """Sample every request's rows: (live, its rows, Picked) each, and the batch's Picked when it was sampled
+        in one go. A request whose sampling fails fails alone: on an error the batch is sampled again one
+        request at a time, each from its generator's state before the batch's draws (as if the batch had not drawn)."""
+        groups = self._groups(lives, counts)
+        states = {live: live.generator.get_state() for live in lives if live.generator is not None}
+        try:
+            picked = pick(logits, groups)
+        except Exception:
+            self._restore(states)
+            results = []
+            for live, group in zip(lives, groups):
+                try:
+                    alone = pick(logits[group[0]], [(slice(0, group[0].stop - group[0].start), live.req, live.generator)])
+                    alone.ids  # noqa: B018 (read back now: a failure here is this request's)
+                except Exception as e:
+                    self._fail([live], e, "sampling")
+                    continue
+                results.append((live, list(range(group[0].stop - group[0].start)), alone))
+            return results, None
+        return [(live, list(range(group[0].start, group[0].stop)), picked) for live, group in zip(lives, groups)], picked
+
+    @staticmethod
+    def _groups(lives: list[_Live], counts: list[int]) -> list[tuple[slice, ProcessRequest, torch.Generator | None]]:
         groups, start = [], 0
         for live, n in zip(lives, counts):
             groups.append((slice(start, start + n), live.req, live.generator))
             start += n
-        try:
-            picked = pick(logits, groups)
-        except Exception:
-            for live, group in zip(lives, groups):
-                try:
-                    alone = pick(logits[group[0]], [(slice(0, group[0].stop - group[0].start), live.req, live.generator)])
-                except Exception as e:
-                    self._fail([live], e, "sampling")
-                    continue
-                yield live, list(range(len(alone.ids))), alone
-            return
-        for live, group in zip(lives, groups):
-            yield live, list(range(group[0].start, group[0].stop)), picked
+        return groups
 
     def _advance(self, live: _Live, picked, rows: list[int]) -> None:
         for seq, r in zip(live.seqs, rows):
@@ -375,20 +427,94 @@ class BatchEngine:
             history.append(tid)
 
     def _decode(self, lives: list[_Live]) -> None:
-        tokens, positions, tables = [], [], []
+        """One decode step of ``lives``; with ``overlap_decode``, the next one is enqueued before this one's samples are read."""
+        current, waiting = self._take_ahead(lives), []
+        if current is None:
+            current = self._launch(lives, {live: live.job.pos for live in lives})
+            if current is None:
+                return
+        else:  # admitted since the step ahead was enqueued: they decode with the next one
+            waiting = [live for live in lives if live not in current.rows]
+        if self.overlap_decode:
+            self._ahead = self._speculate(current, waiting)
+        self._consume(current)
+        if self._ahead is not None and all(live.job.state == "done" for live in self._ahead.lives):
+            self._take_ahead([])  # every request in it ended: drop it now
+
+    def _launch(
+        self, lives: list[_Live], positions: dict[_Live, int], on_device: tuple[torch.Tensor, list[int]] | None = None, speculative: bool = False
+    ) -> _Launched | None:
+        """Enqueue the decode step of ``lives`` at ``positions`` and its sampling; None if it failed (a step in order
+        fails its requests; a speculative one is dropped, and runs again in order)."""
+        tokens, pos, tables, rows = [], [], [], {}
         for live in lives:
-            for table, tid in zip(live.job.tables, live.next_ids):
+            rows[live] = list(range(len(tokens), len(tokens) + live.req.n))
+            for table, tid in zip(live.job.tables, live.next_ids):  # placeholders where on_device has the ids
                 tokens.append(tid)
-                positions.append(live.job.pos)
+                pos.append(positions[live])
                 tables.append(table)
+        states = {live: live.generator.get_state() for live in lives if live.generator is not None} if speculative else {}
         try:
-            logits = self.model.decode(tokens, positions, tables)
-        except Exception as e:
-            self._fail(lives, e, "decode")
-            return
+            logits = self.model.decode(tokens, pos, tables, on_device)
+        except Exception as e:  # a failed forward fails the requests in it, not the server
+            if not speculative:
+                self._fail(lives, e, "decode")
+            return None
+        if speculative:
+            try:
+                picked = pick(logits, self._groups(lives, [live.req.n for live in lives]))
+            except Exception:  # sampled again in order, where a failure is answered
+                self._restore(states)
+                return None
+            results = [(live, rows[live], picked) for live in lives]
+        else:
+            results, picked = self._pick(logits, lives, [live.req.n for live in lives])
+        return _Launched(lives, rows, dict(positions), {live: live.job.tables for live in lives}, results, picked, states)
+
+    def _speculate(self, current: _Launched, waiting: list[_Live]) -> _Launched | None:
+        """Enqueue the step after ``current`` (see the module docstring), or None where it would not be exact."""
+        if current.picked is None:  # sampled one request at a time: the batch's ids are not in one tensor
+            return None
+        going = [live for live in current.lives if live.job.state == "decode" and live.step + 2 < live.req.max_new_tokens]
+        positions = {live: live.job.pos + 1 for live in going} | {live: live.job.pos for live in waiting}
+        if not positions:
+            return None
+        for live, p in positions.items():
+            if p >= self.model.max_len or not self.scheduler.hold(live.job, p):
+                return None
+        src = [r for live in going for r in current.rows[live]]
+        return self._launch([*going, *waiting], positions, (current.picked.device_ids, src), speculative=True)
+
+    def _take_ahead(self, lives: list[_Live]) -> _Launched | None:
+        """The step enqueued ahead, for those of ``lives`` it still holds exactly (same position, same blocks); the
+        rows of everyone else are dropped unread. None when nothing of it is used."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        ready = {live for live in lives if live in ahead.rows and live.job.state == "decode" and live.job.pos == ahead.pos[live]
+                 and live.job.tables is ahead.tables[live]}  # fmt: skip
+        dropped = [live for live in ahead.lives if live not in ready]
+        self.counters["overlap_discarded_rows"] += sum(live.req.n for live in dropped)
+        self._restore({live: ahead.states[live] for live in dropped if live in ahead.states and live.job.state != "done"})
+        if not ready:
+            self.counters["overlap_discarded_steps"] += 1
+            return None
+        self.counters["overlapped_steps"] += 1
+        ahead.lives = [live for live in ahead.lives if live in ready]
+        ahead.results = [result for result in ahead.results if result[0] in ready]
+        return ahead
+
+    @staticmethod
+    def _restore(states: dict[_Live, torch.Tensor]) -> None:
+        """Undo draws that were made ahead for requests that go on: they are drawn again in order."""
+        for live, state in states.items():
+            live.generator.set_state(state)
+
+    def _consume(self, step: _Launched) -> None:
+        """Read a decode step's samples back and advance its requests (answering those that are done)."""
         self.counters["decode_steps"] += 1
-        self.counters["decoded_tokens"] += len(tokens)
-        for live, rows, picked in self._pick(logits, lives, [live.req.n for live in lives]):
+        self.counters["decoded_tokens"] += sum(len(step.rows[live]) for live in step.lives)
+        for live, rows, picked in step.results:
             try:
                 live.step += 1
                 live.job.pos += 1

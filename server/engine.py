@@ -120,9 +120,11 @@ def make_engine(generator: Generator, kind: EngineKind = "auto", **batch_options
     if kind == "batched" and reason is not None:
         raise ValueError(f"engine: the batched engine does not support {reason}; use --engine serial")
     if kind == "serial" or reason is not None:
+        why = f"the batched engine does not support {reason}" if reason else "--engine serial"
         if batch_options.get("compile_decode"):  # compiles the batched engine's decode: not silently dropped
-            why = f"the batched engine does not support {reason}" if reason else "--engine serial"
             raise ValueError(f"compile_decode: only the batched engine compiles its decode ({why}); leave it off")
+        if batch_options.get("overlap_decode"):
+            raise ValueError(f"overlap_decode: only the batched engine overlaps its decode steps ({why}); leave it off")
         if reason is not None:
             print(f"engine: serving one request at a time: the batched engine does not support {reason}", file=sys.stderr)
         return SerialEngine(generator)

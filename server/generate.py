@@ -50,13 +50,46 @@ class Prompt:
     skip: int  # 1 when ids[0] is BOS (not returned by echo)
 
 
-@dataclass
 class Picked:
-    """What the sampler chose for a batch of rows, already on the CPU (one device sync per step)."""
+    """What the sampler chose for a batch of rows.
 
-    ids: list[int]
-    logprobs: list[float]
-    top: list[list[tuple[int, float]]]  # per row: (id, logprob) of the most likely, best first
+    ``device_ids`` (B,) stay where they were sampled: the next decode step can take them as its input
+    with no host round trip (``--overlap_decode``). The ids, logprobs and top logprobs are copied back in
+    one transfer, to pinned host memory without blocking, and waited for (their CUDA event only, not the
+    whole device) when first read: so a decode step enqueued after this pick keeps running meanwhile."""
+
+    def __init__(self, device_ids: torch.Tensor, table: torch.Tensor, k: int) -> None:
+        self.device_ids, self._k, self._event = device_ids, k, None
+        if table.device.type == "cuda":
+            self._host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+            self._host.copy_(table, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(table.device))
+        else:
+            self._host = table
+        self._rows: tuple | None = None
+
+    def _read(self) -> tuple:
+        if self._rows is None:
+            if self._event is not None:
+                self._event.synchronize()
+            k, table = self._k, self._host.tolist()  # ids < 2**24 are exact in float32
+            top = [list(zip((int(i) for i in row[2 : 2 + k]), row[2 + k :])) for row in table]
+            self._rows = ([int(row[0]) for row in table], [row[1] for row in table], top)
+        return self._rows
+
+    @property
+    def ids(self) -> list[int]:
+        return self._read()[0]
+
+    @property
+    def logprobs(self) -> list[float]:
+        return self._read()[1]
+
+    @property
+    def top(self) -> list[list[tuple[int, float]]]:
+        """Per row: (id, logprob) of the most likely, best first."""
+        return self._read()[2]
 
 
 def fit_prompt(ids: list[int], window: int, bos_id: int | None, max_new_tokens: int) -> tuple[list[int], int]:
@@ -107,7 +140,8 @@ def pick(logits: torch.Tensor, groups: list[tuple[slice, ProcessRequest, torch.G
     """Sample every row of ``logits`` (B, V); ``groups`` says which rows belong to which request.
 
     Greedy rows share one argmax; a sampled request draws its rows together from its own generator
-    (as when it runs alone). Logprobs are of the raw logits. Everything comes back in one transfer.
+    (as when it runs alone). Logprobs are of the raw logits. Everything comes back in one transfer
+    (when first read: see ``Picked``).
     """
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
@@ -121,9 +155,7 @@ def pick(logits: torch.Tensor, groups: list[tuple[slice, ProcessRequest, torch.G
     if k > 0:
         values, ids = torch.topk(logprobs, k, dim=-1)
         parts += [ids.to(logprobs.dtype), values]
-    table = torch.cat(parts, dim=1).tolist()  # ids < 2**24 are exact in float32
-    top = [list(zip((int(i) for i in row[2 : 2 + k]), row[2 + k :])) for row in table]
-    return Picked(ids=[int(row[0]) for row in table], logprobs=[row[1] for row in table], top=top)
+    return Picked(next_ids, torch.cat(parts, dim=1), k)
 
 
 def top_dict(stream: TextStream, top: list[tuple[int, float]], k: int) -> dict[str, float]:

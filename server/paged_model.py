@@ -337,8 +337,14 @@ class PagedModel:
         return padded, -(-length // self.block_size)
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """One token for each sequence at its position (its blocks in ``tables``); logits (B, vocab)."""
+    def decode(
+        self, tokens: list[int], positions: list[int], tables: list[list[int]], on_device: tuple[torch.Tensor, list[int]] | None = None
+    ) -> torch.Tensor:
+        """One token for each sequence at its position (its blocks in ``tables``); logits (B, vocab).
+
+        ``on_device`` (ids, src): the first ``len(src)`` sequences' tokens are ``ids[src]``, the previous
+        step's samples still on the device (their entries in ``tokens`` are placeholders), so this step
+        can be enqueued before they are read back (``--overlap_decode``)."""
         B = len(tokens)
         if not 0 < B <= self.max_batch or max(positions) >= self.max_len:
             raise ValueError(f"decode needs 1..{self.max_batch} sequences at positions < {self.max_len}")
@@ -350,6 +356,11 @@ class PagedModel:
         self._positions[:padded].copy_(torch.tensor(positions + [0] * fill), non_blocking=True)
         self._slots[:padded].copy_(torch.tensor(slots + [0] * fill), non_blocking=True)
         self._tables[:padded, :blocks].copy_(torch.tensor(rows), non_blocking=True)
+        if on_device is not None:  # after the copy above on the same stream: these rows get the device's ids
+            ids, src = on_device
+            # (a blocking host-to-device copy of the index would wait for the steps still running)
+            taken = ids[: len(src)] if src == list(range(len(src))) else ids[torch.tensor(src).to(ids.device, non_blocking=True)]
+            self._tokens[: len(src)].copy_(taken)
         if not self.cuda_graphs:
             return self._decode_step(padded, blocks)
         key = (padded, blocks)

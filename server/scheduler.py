@@ -343,6 +343,19 @@ class Scheduler:
         job.state = "recompute" if job.tail else "decode"
         return copies
 
+    def hold(self, job: Job, pos: int) -> bool:
+        """Whether each of decoding ``job``'s sequences holds the block of position ``pos``, taking it now if
+        the pool has it free (lazy; never by preempting). The engine's ``--overlap_decode`` asks this for
+        the step after next: the block the next schedule's ``_grow`` would hand out, one step early."""
+        need = self.pool.blocks_for(pos + 1) - len(job.tables[0])
+        if need <= 0:
+            return True
+        if not self.lazy or self.pool.available < need * job.n:
+            return False
+        for table in job.tables:
+            table.extend(self.pool.allocate(need))
+        return True
+
     def recomputed(self, job: Job, tokens: int) -> bool:
         """Each of resumed ``job``'s sequences had ``tokens`` more generated tokens computed again; True
         when all are (it decodes on from the position it was preempted at)."""

@@ -185,7 +185,7 @@ def worst_steps(runner: PagedModel, max_batch: int, prefill_tokens: int, echo_to
     req = ProcessRequest(prompt="x", temperature=1.0, top_k=200, top_p=0.9, top_k_per_token=MAX_TOP_LOGPROBS)
     with torch.inference_mode():
         logits = runner.decode([0] * max_batch, [runner.max_len - 1] * max_batch, [table] * max_batch)
-        pick(logits, [(slice(0, max_batch), req, new_generator(req, runner.device))])
+        _ = pick(logits, [(slice(0, max_batch), req, new_generator(req, runner.device))]).ids  # read back, as the engine does
     del logits
     yield f"decode of {max_batch} sequences with sampling"
 
