@@ -53,6 +53,24 @@ def test_bench_serve_runs_ours_with_and_without_compile_decode(make_tiny_checkpo
     assert report["greedy_agreement"] == {"vs_ours-compiled": 1.0}  # fp32: the compiled decode answers as the eager one
 
 
+def test_bench_serve_runs_ours_with_and_without_overlap_decode(make_tiny_checkpoint, tmp_path) -> None:
+    """The "ours-overlap" variant: the same server with --overlap_decode, side by side with ours in one run."""
+    report = main(
+        out_dir=tmp_path / "out", checkpoint_dir=make_tiny_checkpoint(), work_dir=tmp_path / "work", servers=["ours", "ours-overlap"],
+        requests=3, cap_new_tokens=3, decode_tokens=6, projection_requests_per_type=0, device="cpu",
+    )  # fmt: skip
+    for kind in ("ours", "ours-overlap"):
+        entry = report["servers"][kind]
+        assert "error" not in entry, entry
+        assert entry["batch1_decode"]["new_tokens"] == 6 and entry["c30"]["errors"] == 0
+    assert report["servers"]["ours-overlap"]["engine"]["overlap_decode"] and report["servers"]["ours-overlap"]["engine"]["overlapped_steps"] > 0
+    assert report["servers"]["ours"]["engine"]["overlapped_steps"] == 0 and not report["servers"]["ours"]["engine"]["overlap_decode"]
+    ratio = report["ratios"]["batch1_decode_overlap_vs_ours"]
+    ours, overlap = (report["servers"][k]["batch1_decode"]["tokens_per_s"] for k in ("ours", "ours-overlap"))
+    assert ratio == round(overlap / ours, 3) and "c30_requests_per_s_overlap_vs_ours" in report["ratios"]
+    assert report["greedy_agreement"] == {"vs_ours-overlap": 1.0}  # the same answers
+
+
 def test_serve_tracks_cases_are_litgpt_configs_and_unknown_ones_are_refused(tmp_path) -> None:
     from bench.serve_tracks import CASES, UNCAPPED, file_stem
     from bench.serve_tracks import main as tracks

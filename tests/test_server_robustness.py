@@ -149,8 +149,8 @@ def test_a_request_no_pool_could_hold_is_a_422_naming_the_field(generator, engin
 
 
 @pytest.mark.slow(reason="the acceptance count: 1,000 requests through the app")
-@pytest.mark.parametrize("reservation", ["up_front", "lazy"])
-def test_a_thousand_mixed_requests_leave_no_block_held(generator, engine, monkeypatch, make_tiny_checkpoint, reservation: str) -> None:
+@pytest.mark.parametrize(("reservation", "overlap"), [("up_front", False), ("lazy", False), ("lazy", True)], ids=["up_front", "lazy", "lazy-overlap"])
+def test_a_thousand_mixed_requests_leave_no_block_held(generator, engine, monkeypatch, make_tiny_checkpoint, reservation: str, overlap: bool) -> None:
     import server.batch_engine as batch_engine
 
     real_pick = batch_engine.pick
@@ -165,7 +165,7 @@ def test_a_thousand_mixed_requests_leave_no_block_held(generator, engine, monkey
         e = engine(kv_tokens=generator.max_seq_length + 512)
     else:  # a 256-token window (prompts are left-truncated) and a pool of two, which the sequences outgrow
         generator = load_generator(make_tiny_checkpoint(), device="cpu", max_seq_length=256)
-        e = engine(generator=generator, kv_tokens=512, kv_reservation="lazy")
+        e = engine(generator=generator, kv_tokens=512, kv_reservation="lazy", overlap_decode=overlap)
     rng = random.Random(0)
     kinds = ["greedy", "sampled", "echo", "stop", "fail", "leave"]
 
@@ -205,6 +205,8 @@ def test_a_thousand_mixed_requests_leave_no_block_held(generator, engine, monkey
     _wait_idle(e)
     assert e.stats["cancelled"] > 0 and e.stats["failed"] > 0
     assert (e.stats["preempted"] > 0) == (reservation == "lazy"), e.stats
+    if overlap:  # steps ran ahead, and those of requests that ended or left were dropped
+        assert e.stats["overlapped_steps"] > 0 and e.stats["overlap_discarded_rows"] > 0, e.stats
 
 
 def test_a_full_queue_answers_503_with_retry_after_then_recovers(generator, engine) -> None:
@@ -292,9 +294,10 @@ def _until(condition, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def test_500_requests_abandoned_by_their_clients_leave_nothing_held(http_server) -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-order", "overlap"])
+def test_500_requests_abandoned_by_their_clients_leave_nothing_held(http_server, overlap: bool) -> None:
     """500 long generations are all inside the engine (a few running, the rest queued) when their clients hang up."""
-    e, url = http_server(max_queue=10_000)
+    e, url = http_server(max_queue=10_000, overlap_decode=overlap)
     body = {"prompt": SHOTS + "Is 7 even or odd?\nAnswer:", "max_new_tokens": 1500, "temperature": 1.0}
 
     async def abandon(n: int) -> int:
@@ -317,6 +320,7 @@ def test_500_requests_abandoned_by_their_clients_leave_nothing_held(http_server)
     assert e.idle and e.pool.available == e.pool.num_blocks - 1
     assert stats["cancelled"] == 500 - answered, (answered, stats)  # every one the engine did not finish was cancelled
     assert stats["decoded_tokens"] < 500 * 1500 // 10  # they were stopped, not run to the end
+    assert (stats["overlapped_steps"] > 0 and stats["overlap_discarded_rows"] > 0) == overlap, stats  # cancelled while a step ran ahead
     ok = httpx.post(url + "/process", json={"prompt": "Is 4 even or odd?\nAnswer:", "max_new_tokens": 3}, timeout=30)
     assert ok.status_code == 200
 
