@@ -3,7 +3,8 @@
 - QLoRA trains on CUDA, and its in-block 4-bit layers are bit-identical to bitsandbytes' CUDA layers
   (weights quantized from float16, Lightning's storage, and from bf16), forward and input gradient;
   with ``--speed.dequantize_4bit in-block`` the loss on a fixed batch falls as with bitsandbytes' layers.
-- The batched server (paged KV cache, CUDA graphs) returns what the serial engine returns, in fp32 on CUDA.
+- The batched server (paged KV cache, CUDA graphs) returns what the serial engine returns, in fp32 on CUDA,
+  and with ``--overlap_decode`` what it returns without.
 - The finetune bench's tiny case runs every trainer on CUDA, QLoRA included.
 
 Deselected by default (``addopts = -m 'not gpu'``); each test skips without CUDA.
@@ -129,6 +130,18 @@ def test_batched_server_equals_serial_in_fp32_with_cuda_graphs(make_tiny_checkpo
             _same(a.json(), b.json(), f"request {i}")
         else:
             assert a.json() == b.json()
+
+
+@pytest.mark.parametrize(("concurrency", "kv_tokens"), [(1, 2560), (30, 160)], ids=["c1", "c30-small-pool"])
+def test_overlapped_decode_answers_as_decode_in_order_with_cuda_graphs(make_tiny_checkpoint, monkeypatch, concurrency: int, kv_tokens: int) -> None:
+    """--overlap_decode on CUDA (graphs replayed, ids fed on the device, readback to pinned memory waited on by its event,
+    device generators put back): tests/test_overlap_decode.py's trace and checks, in fp32."""
+    from server.loading import load_generator
+    from tests.test_batch_engine import _same
+    from tests.test_overlap_decode import WINDOW, check_overlap
+
+    generator = load_generator(make_tiny_checkpoint(), device="cuda", dtype="fp32", max_seq_length=WINDOW)  # kv_tokens: 16 windows, 1
+    check_overlap(generator, monkeypatch, concurrency, kv_tokens, _same)
 
 
 @pytest.mark.parametrize("quantize", [None, "bnb.nf4"], ids=["bf16", "qlora"])

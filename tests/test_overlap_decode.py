@@ -57,7 +57,7 @@ def _greedy_ids(generator, body: dict, steps: int) -> list[int]:
     ids = generator.prompt(ProcessRequest(**body)).ids
     with torch.inference_mode():
         for _ in range(steps):
-            ids = ids + [int(generator.model(torch.tensor([ids]))[0, -1].argmax())]
+            ids = ids + [int(generator.model(torch.tensor([ids], device=generator.device))[0, -1].argmax())]
     return ids[-steps:]
 
 
@@ -75,8 +75,16 @@ def _serve(generator, bodies: list[dict], concurrency: int, **options) -> tuple[
         engine.close()
 
 
-@pytest.mark.parametrize(("concurrency", "kv_tokens"), [(1, 16 * WINDOW), (30, WINDOW)], ids=["c1", "c30-small-pool"])
+CASES = pytest.mark.parametrize(("concurrency", "kv_tokens"), [(1, 16 * WINDOW), (30, WINDOW)], ids=["c1", "c30-small-pool"])
+
+
+@CASES
 def test_overlapped_decode_answers_as_decode_in_order(generator, monkeypatch, concurrency: int, kv_tokens: int) -> None:
+    check_overlap(generator, monkeypatch, concurrency, kv_tokens, _identical)
+
+
+def check_overlap(generator, monkeypatch, concurrency: int, kv_tokens: int, same) -> None:
+    """The trace with and without overlap_decode (answers compared by ``same``), and the counters; also the GPU lane's."""
     import server.batch_engine as batch_engine
 
     real_pick = batch_engine.pick
@@ -101,7 +109,7 @@ def test_overlapped_decode_answers_as_decode_in_order(generator, monkeypatch, co
     for i, (a, b) in enumerate(zip(responses, reference)):
         assert a.status_code == b.status_code == (500 if bodies[i].get("seed") == FAILS else 200), (i, a.text, b.text)
         if b.status_code == 200:
-            _identical(a.json(), b.json(), f"request {i}")
+            same(a.json(), b.json(), f"request {i}")
     ended_early = [r.json() for r, body in zip(reference, bodies) if r.status_code == 200 and 1 < len(r.json()["tokens"]) < body["max_new_tokens"]]
     assert len(ended_early) >= 3, "the trace must end requests mid-decode (stops, EOS)"
     assert reference[3].json()["tokens"] and len(reference[3].json()["tokens"]) < 6  # EOS
