@@ -33,8 +33,9 @@ that every sequence of step N goes on; it is checked when its turn comes (``_tak
   Requests that step N is certain to end (their last token) are left out of step N+1;
 - a request admitted meanwhile joins at the next step (its first decode one step later; nothing it
   returns changes);
-- a sampled request draws step N+1 from its own generator after step N, as without overlap; if its
-  rows are dropped while it goes on (preempted), its generator's state is put back before them;
+- a sampled request draws step N+1 from its own generator after step N, as without overlap; if step
+  N+1 is not used for a request that goes on (its sampling failed, or it no longer matches), its
+  generator's state is put back to before step N+1's draws;
 - step N+1 is enqueued only if every sequence in it already holds the block its position is in (or
   the pool has one free now, taken one step early as ``Scheduler.hold``): so the next schedule grows
   and preempts nothing for it, and otherwise the step runs in order, as without overlap.
