@@ -35,16 +35,22 @@ def test_bench_serve_runs_on_the_tiny_model(make_tiny_checkpoint, tmp_path) -> N
     assert report["greedy_agreement"] == {"vs_litgpt": 1.0, "vs_hf": 1.0}
 
 
-def test_bench_serve_runs_ours_with_and_without_compile_decode(make_tiny_checkpoint, tmp_path) -> None:
-    """The "ours-compiled" variant: the same server with --compile_decode, side by side with ours in one run."""
+def _ours_beside(checkpoint, tmp_path, variant: str, decode_tokens: int) -> dict:
+    """bench.serve on the tiny model with ours and one of its variants; both served every request."""
     report = main(
-        out_dir=tmp_path / "out", checkpoint_dir=make_tiny_checkpoint(), work_dir=tmp_path / "work", servers=["ours", "ours-compiled"],
-        requests=3, cap_new_tokens=3, decode_tokens=4, projection_requests_per_type=0, device="cpu",
+        out_dir=tmp_path / "out", checkpoint_dir=checkpoint, work_dir=tmp_path / "work", servers=["ours", variant],
+        requests=3, cap_new_tokens=3, decode_tokens=decode_tokens, projection_requests_per_type=0, device="cpu",
     )  # fmt: skip
-    for kind in ("ours", "ours-compiled"):
+    for kind in ("ours", variant):
         entry = report["servers"][kind]
         assert "error" not in entry, entry
-        assert entry["batch1_decode"]["new_tokens"] == 4 and entry["c30"]["errors"] == 0
+        assert entry["batch1_decode"]["new_tokens"] == decode_tokens and entry["c30"]["errors"] == 0
+    return report
+
+
+def test_bench_serve_runs_ours_with_and_without_compile_decode(make_tiny_checkpoint, tmp_path) -> None:
+    """The "ours-compiled" variant: the same server with --compile_decode, side by side with ours in one run."""
+    report = _ours_beside(make_tiny_checkpoint(), tmp_path, "ours-compiled", decode_tokens=4)
     assert "compile_decode: compiling decode_before" in (tmp_path / "out" / "server_ours-compiled.log").read_text()
     assert "compile_decode" not in (tmp_path / "out" / "server_ours.log").read_text()
     ratio = report["ratios"]["batch1_decode_compiled_vs_ours"]
@@ -55,14 +61,7 @@ def test_bench_serve_runs_ours_with_and_without_compile_decode(make_tiny_checkpo
 
 def test_bench_serve_runs_ours_with_and_without_overlap_decode(make_tiny_checkpoint, tmp_path) -> None:
     """The "ours-overlap" variant: the same server with --overlap_decode, side by side with ours in one run."""
-    report = main(
-        out_dir=tmp_path / "out", checkpoint_dir=make_tiny_checkpoint(), work_dir=tmp_path / "work", servers=["ours", "ours-overlap"],
-        requests=3, cap_new_tokens=3, decode_tokens=6, projection_requests_per_type=0, device="cpu",
-    )  # fmt: skip
-    for kind in ("ours", "ours-overlap"):
-        entry = report["servers"][kind]
-        assert "error" not in entry, entry
-        assert entry["batch1_decode"]["new_tokens"] == 6 and entry["c30"]["errors"] == 0
+    report = _ours_beside(make_tiny_checkpoint(), tmp_path, "ours-overlap", decode_tokens=6)
     assert report["servers"]["ours-overlap"]["engine"]["overlap_decode"] and report["servers"]["ours-overlap"]["engine"]["overlapped_steps"] > 0
     assert report["servers"]["ours"]["engine"]["overlapped_steps"] == 0 and not report["servers"]["ours"]["engine"]["overlap_decode"]
     ratio = report["ratios"]["batch1_decode_overlap_vs_ours"]
