@@ -393,7 +393,7 @@ class BatchEngine:
         groups = self._groups(lives, counts)
         states = {live: live.generator.get_state() for live in lives if live.generator is not None}
         try:
-            picked = pick(logits, groups)
+            picked = pick(logits, groups, defer=self.overlap_decode)
         except Exception:
             self._restore(states)
             results = []
@@ -463,7 +463,7 @@ class BatchEngine:
             return None
         if speculative:
             try:
-                picked = pick(logits, self._groups(lives, [live.req.n for live in lives]))
+                picked = pick(logits, self._groups(lives, [live.req.n for live in lives]), defer=True)
             except Exception:  # sampled again in order, where a failure is answered
                 self._restore(states)
                 return None

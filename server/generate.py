@@ -54,13 +54,14 @@ class Picked:
     """What the sampler chose for a batch of rows.
 
     ``device_ids`` (B,) stay where they were sampled: the next decode step can take them as its input
-    with no host round trip (``--overlap_decode``). The ids, logprobs and top logprobs are copied back in
-    one transfer, to pinned host memory without blocking, and waited for (their CUDA event only, not the
-    whole device) when first read: so a decode step enqueued after this pick keeps running meanwhile."""
+    with no host round trip (``--overlap_decode``). The ids, logprobs and top logprobs come back in one
+    transfer: at once (one ``.tolist()``, the step's sync point), or with ``defer`` on CUDA to pinned host
+    memory without blocking, waited for (their CUDA event only, not the whole device) when first read, so
+    a decode step enqueued after this pick keeps running meanwhile."""
 
-    def __init__(self, device_ids: torch.Tensor, table: torch.Tensor, k: int) -> None:
+    def __init__(self, device_ids: torch.Tensor, table: torch.Tensor, k: int, defer: bool = False) -> None:
         self.device_ids, self._k, self._event = device_ids, k, None
-        if table.device.type == "cuda":
+        if defer and table.device.type == "cuda":
             self._host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
             self._host.copy_(table, non_blocking=True)
             self._event = torch.cuda.Event()
@@ -68,6 +69,8 @@ class Picked:
         else:
             self._host = table
         self._rows: tuple | None = None
+        if not defer:  # read back now, in one .tolist(): the sync point of every step without --overlap_decode
+            self._read()
 
     def _read(self) -> tuple:
         if self._rows is None:
@@ -136,12 +139,12 @@ def new_generator(req: ProcessRequest, device: torch.device) -> torch.Generator 
     return generator
 
 
-def pick(logits: torch.Tensor, groups: list[tuple[slice, ProcessRequest, torch.Generator | None]]) -> Picked:
+def pick(logits: torch.Tensor, groups: list[tuple[slice, ProcessRequest, torch.Generator | None]], defer: bool = False) -> Picked:
     """Sample every row of ``logits`` (B, V); ``groups`` says which rows belong to which request.
 
     Greedy rows share one argmax; a sampled request draws its rows together from its own generator
-    (as when it runs alone). Logprobs are of the raw logits. Everything comes back in one transfer
-    (when first read: see ``Picked``).
+    (as when it runs alone). Logprobs are of the raw logits. Everything comes back in one transfer:
+    now, or with ``defer`` (``--overlap_decode`` on CUDA) when first read (see ``Picked``).
     """
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
@@ -155,7 +158,7 @@ def pick(logits: torch.Tensor, groups: list[tuple[slice, ProcessRequest, torch.G
     if k > 0:
         values, ids = torch.topk(logprobs, k, dim=-1)
         parts += [ids.to(logprobs.dtype), values]
-    return Picked(next_ids, torch.cat(parts, dim=1), k)
+    return Picked(next_ids, torch.cat(parts, dim=1), k, defer)
 
 
 def top_dict(stream: TextStream, top: list[tuple[int, float]], k: int) -> dict[str, float]:

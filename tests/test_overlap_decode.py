@@ -91,8 +91,8 @@ def check_overlap(generator, monkeypatch, concurrency: int, kv_tokens: int, same
 
     calls: dict[int, int] = {}
 
-    def pick(logits, groups):  # from its 3rd pick (decoding), after the batch's other requests drew their samples
-        picked = real_pick(logits, groups)
+    def pick(logits, groups, **options):  # from its 3rd pick (decoding), after the batch's other requests drew their samples
+        picked = real_pick(logits, groups, **options)
         for _, req, _ in groups:
             if req.seed == FAILS and calls.setdefault(id(req), 0) >= 2:
                 raise RuntimeError("sampler exploded")

@@ -93,10 +93,10 @@ def test_a_failing_sampler_fails_only_its_request(generator, engine, monkeypatch
 
     real_pick = batch_engine.pick
 
-    def pick(logits, groups):
+    def pick(logits, groups, **options):
         if any(req.seed == 666 for _, req, _ in groups):
             raise RuntimeError("sampler exploded")
-        return real_pick(logits, groups)
+        return real_pick(logits, groups, **options)
 
     monkeypatch.setattr(batch_engine, "pick", pick)
     e = engine()
@@ -155,10 +155,10 @@ def test_a_thousand_mixed_requests_leave_no_block_held(generator, engine, monkey
 
     real_pick = batch_engine.pick
 
-    def pick(logits, groups):
+    def pick(logits, groups, **options):
         if any(req.seed == 666 for _, req, _ in groups):
             raise RuntimeError("sampler exploded")
-        return real_pick(logits, groups)
+        return real_pick(logits, groups, **options)
 
     monkeypatch.setattr(batch_engine, "pick", pick)
     if reservation == "up_front":
