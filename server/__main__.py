@@ -110,8 +110,8 @@ def serve(
         cuda_graphs: replay each decode step as a CUDA graph (CUDA only).
         compile_decode: run each decode layer's work around its attention through torch.compile (inductor), so
             its small kernels fuse, then capture it in the same CUDA graphs (``server.compiled_decode``).
-            Batched engine only; not with --quantize. Off until a GPU bench shows it faster; compiling adds
-            start-up time (warmup compiles it).
+            Batched engine only; not with --quantize. Off: on an H200 it decoded 1.19x faster at batch 1
+            but 0.97x at 30 clients (BENCHMARKS.md, 2026-12-04); compiling adds start-up time (warmup compiles it).
         overlap_decode: enqueue each decode step before the previous one's samples are read back, so the host's
             work per token (readback, texts and stops, scheduling, inputs) runs while the GPU decodes (vLLM v1's
             async scheduling; ``server.batch_engine``). Same answers. Batched engine only. Off until a GPU bench

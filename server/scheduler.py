@@ -228,15 +228,14 @@ class Scheduler:
         for job in list(self.running):
             if job.state != "decode":  # not decoding, or preempted by an older one just now
                 continue
-            if len(job.tables[0]) >= pool.blocks_for(job.pos + 1):  # the n tables are always equally long
+            if self._missing(job, job.pos) <= 0:
                 continue
             while pool.available < job.n and self.running[-1] is not job:
                 self.preempt(self.running[-1], step)
             if pool.available < job.n:  # it is the youngest: it gives way
                 self.preempt(job, step)
                 continue
-            for table, block in zip(job.tables, pool.allocate(job.n)):
-                table.append(block)
+            self._extend(job, 1)
 
     def _covered(self, job: Job, up_front: bool) -> int:
         """Positions each sequence's blocks cover when its prompt forks."""
@@ -347,14 +346,22 @@ class Scheduler:
         """Whether each of decoding ``job``'s sequences holds the block of position ``pos``, taking it now if
         the pool has it free (lazy; never by preempting). The engine's ``--overlap_decode`` asks this for
         the step after next: the block the next schedule's ``_grow`` would hand out, one step early."""
-        need = self.pool.blocks_for(pos + 1) - len(job.tables[0])
+        need = self._missing(job, pos)
         if need <= 0:
             return True
         if not self.lazy or self.pool.available < need * job.n:
             return False
-        for table in job.tables:
-            table.extend(self.pool.allocate(need))
+        self._extend(job, need)
         return True
+
+    def _missing(self, job: Job, pos: int) -> int:
+        """Blocks each of ``job``'s sequences lacks to write position ``pos`` (its n tables are always equally long)."""
+        return self.pool.blocks_for(pos + 1) - len(job.tables[0])
+
+    def _extend(self, job: Job, blocks: int) -> None:
+        """``blocks`` more blocks at the end of each of ``job``'s tables (the caller checked the pool has them)."""
+        for table in job.tables:
+            table.extend(self.pool.allocate(blocks))
 
     def recomputed(self, job: Job, tokens: int) -> bool:
         """Each of resumed ``job``'s sequences had ``tokens`` more generated tokens computed again; True
