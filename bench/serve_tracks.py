@@ -4,6 +4,7 @@
     python -m bench.serve_tracks --out_dir $OUT --cases '[mistral-7b-uncapped]'  (the no-regression run, < 10 min)
     python -m bench.serve_tracks --out_dir $OUT --cases '[llama2-7b@24]' --kv_reservation '[up_front, lazy]'   (both, side by side)
     python -m bench.serve_tracks --out_dir $OUT --cases '[llama2-7b@24]' --attention_tokens '[0, 16384]'   (unbounded vs bounded attention)
+    python -m bench.serve_tracks --out_dir $OUT --cases '[mistral-7b@24]' --compile_decode '[false, true]'   (eager vs compiled decode)
 
 Each case is a litgpt config with random bf16 weights (speed and memory don't depend on values)
 served by ``python -m server --gpu_memory_gib N`` in its own process: the server caps its CUDA
@@ -93,16 +94,16 @@ class GpuMemoryPeak:
 
 def run_case(case: str, out_dir: Path, work_dir: Path, requests: int, cap_new_tokens: int, decode_tokens: int, seed: int, device: str,
              kv_reservations: list[KVReservation] = ["lazy"], concurrency: tuple[int, ...] = (HELM_RUN_THREADS, HELM_CONCURRENCY),
-             attention_tokens: list[int] | None = None) -> dict:  # fmt: skip
+             attention_tokens: list[int] | None = None, compile_decode: list[bool] | None = None) -> dict:  # fmt: skip
     """One case: its random checkpoint and traces built once, then one server per variant: each KV reservation
-    policy, with each of ``attention_tokens`` if given (None: the server's default, no flag).
+    policy, with each of ``attention_tokens`` and of ``compile_decode`` if given (None: the server's default, no flag).
 
     With one variant the entry is that server's; with several, ``by_reservation`` (policies only) or ``by_variant``
     holds each (named by ``variant_name``), served the same checkpoint and traces one after another in this
     process, and ``ratios`` compares each to the first."""
     variants = {
-        variant_name(policy, tokens, kv_reservations, attention_tokens): (policy, tokens)
-        for policy in kv_reservations for tokens in (attention_tokens or [None])
+        variant_name(policy, tokens, compiled, kv_reservations, attention_tokens, compile_decode): (policy, tokens, compiled)
+        for policy in kv_reservations for tokens in (attention_tokens or [None]) for compiled in (compile_decode or [None])
     }  # fmt: skip
     config_name, gib = CASES[case]
     case_dir = work_dir / case
@@ -114,8 +115,9 @@ def run_case(case: str, out_dir: Path, work_dir: Path, requests: int, cap_new_to
         traces = build_traces(ckpt, requests, cap_new_tokens, seed)
         served = {
             name: serve_case(case, ckpt, traces, out_dir, case_dir, decode_tokens, device, policy, concurrency,
-                             **({} if tokens is None else {"attention_tokens": tokens}))
-            for name, (policy, tokens) in variants.items()
+                             **({} if tokens is None else {"attention_tokens": tokens}),
+                             **({} if compiled is None else {"compile_decode": compiled}))
+            for name, (policy, tokens, compiled) in variants.items()
         }  # fmt: skip
     except Exception as e:  # one case failing still reports the others
         entry["error"] = f"{type(e).__name__}: {e}"
@@ -126,17 +128,19 @@ def run_case(case: str, out_dir: Path, work_dir: Path, requests: int, cap_new_to
     if len(variants) == 1 and served:
         entry.update(served[first])
     elif served:
-        entry["by_reservation" if attention_tokens is None else "by_variant"] = served
+        entry["by_reservation" if attention_tokens is None and compile_decode is None else "by_variant"] = served
         entry["ratios"] = variant_ratios(served, first)
     entry["total_s"] = round(time.perf_counter() - t0, 1)
     return entry
 
 
-def variant_name(policy: KVReservation, tokens: int | None, policies: list[KVReservation], attention_tokens: list[int] | None) -> str:
-    """A variant's name in the report and its server log's: the policy (unless only --attention_tokens varies),
-    then ``att<N>`` for its --attention_tokens (``att0``: unbounded)."""
-    parts = [policy] if attention_tokens is None or len(policies) > 1 else []
-    return "_".join(parts + ([] if tokens is None else [f"att{tokens}"]))
+def variant_name(policy: KVReservation, tokens: int | None, compiled: bool | None, policies: list[KVReservation],
+                 attention_tokens: list[int] | None, compile_decode: list[bool] | None = None) -> str:  # fmt: skip
+    """A variant's name in the report and its server log's: the policy (unless only the other options vary),
+    then ``att<N>`` for its --attention_tokens (``att0``: unbounded), then ``compiled`` or ``eager`` for its --compile_decode."""
+    parts = [policy] if (attention_tokens is None and compile_decode is None) or len(policies) > 1 else []
+    parts += [] if tokens is None else [f"att{tokens}"]
+    return "_".join(parts + ([] if compiled is None else ["compiled" if compiled else "eager"]))
 
 
 def variant_ratios(served: dict[str, dict], base: str) -> dict:
@@ -159,19 +163,25 @@ def variant_ratios(served: dict[str, dict], base: str) -> dict:
 
 def serve_case(case: str, ckpt: Path, traces: dict, out_dir: Path, case_dir: Path, decode_tokens: int, device: str,
                kv_reservation: KVReservation, concurrency: tuple[int, ...] = (HELM_RUN_THREADS, HELM_CONCURRENCY),
-               attention_tokens: int | None = None) -> dict:  # fmt: skip
-    """Start the capped server with one KV reservation policy (and ``--attention_tokens`` unless None: the
-    server's default), replay the traces, read its memory; its entry."""
+               attention_tokens: int | None = None, compile_decode: bool | None = None) -> dict:  # fmt: skip
+    """Start the capped server with one KV reservation policy (and ``--attention_tokens``, ``--compile_decode``
+    unless None: the server's default), replay the traces, read its memory; its entry."""
     gib = CASES[case][1]
     entry: dict = {"kv_reservation": kv_reservation}
     args = ["--gpu_memory_gib", str(gib), "--kv_reservation", kv_reservation]
     if attention_tokens is not None:
         entry["attention_tokens"] = attention_tokens
         args += ["--attention_tokens", str(attention_tokens)]
+    if compile_decode is not None:
+        entry["compile_decode"] = compile_decode
+        args += ["--compile_decode", str(compile_decode).lower()]
+    suffix = ("" if attention_tokens is None else f"_att{attention_tokens}") + (
+        "" if compile_decode is None else "_compiled" if compile_decode else "_eager"
+    )
     try:
         port = _free_port()
         command = server_command("ours", ckpt, port, device, case_dir, ours_args=args)
-        log = out_dir / f"server_{file_stem(case)}_{kv_reservation}{'' if attention_tokens is None else f'_att{attention_tokens}'}.log"
+        log = out_dir / f"server_{file_stem(case)}_{kv_reservation}{suffix}.log"
         with Server(command, port, log) as server, GpuMemoryPeak(server.process.pid) as smi:
             entry["startup_s"] = round(server.startup_s, 1)
             asyncio.run(replay(server.url, traces[1][:2], 1))  # warm-up
@@ -238,6 +248,7 @@ def main(
     kv_reservation: list[KVReservation] = ["lazy"],
     concurrency: list[int] = [HELM_RUN_THREADS, HELM_CONCURRENCY],
     attention_tokens: list[int] | None = None,
+    compile_decode: list[bool] | None = None,
 ) -> dict:
     """Run the cases one after another; print and write the JSON.
 
@@ -257,6 +268,8 @@ def main(
         attention_tokens: the server's --attention_tokens for the capped cases: unset, its default (no flag); a list,
             each served (with each --kv_reservation) one after another on the same checkpoint and traces, with
             ratios to the first (``'[0, 16384]'``: unbounded, then bounded; named ``att0``, ``att16384``).
+        compile_decode: the server's --compile_decode for the capped cases, like ``attention_tokens`` (``'[false, true]'``:
+            eager, then compiled; named ``eager``, ``compiled``).
     """
     unknown = [c for c in cases if c not in CASES and c != UNCAPPED]
     if unknown:
@@ -267,15 +280,17 @@ def main(
         raise ValueError(f"kv_reservation: give one or more distinct policies, got {kv_reservation}")
     if attention_tokens is not None and (not attention_tokens or len(set(attention_tokens)) != len(attention_tokens) or min(attention_tokens) < 0):
         raise ValueError(f"attention_tokens: give one or more distinct budgets, each at least 0 (0: unbounded), got {attention_tokens}")
+    if compile_decode is not None and (not compile_decode or len(set(compile_decode)) != len(compile_decode)):
+        raise ValueError(f"compile_decode: give false, true or both, each once, got {compile_decode}")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"device": _device_name(device), "date": time.strftime("%Y-%m-%d"), "requests": requests, "cap_new_tokens": cap_new_tokens,
-              "kv_reservation": kv_reservation, "attention_tokens": attention_tokens, "cases": {}}  # fmt: skip
+              "kv_reservation": kv_reservation, "attention_tokens": attention_tokens, "compile_decode": compile_decode, "cases": {}}  # fmt: skip
     for case in cases:
         if case == UNCAPPED:
             entry = no_regression(out_dir / file_stem(case), work_dir / case, decode_tokens, seed, device)
         else:
             entry = run_case(case, out_dir, work_dir, requests, cap_new_tokens, decode_tokens, seed, device, kv_reservation, tuple(concurrency),
-                             attention_tokens)  # fmt: skip
+                             attention_tokens, compile_decode)  # fmt: skip
         report["cases"][case] = entry
         (out_dir / f"{file_stem(case)}.json").write_text(json.dumps(entry, indent=2))
         variants = entry.get("by_variant") or entry.get("by_reservation") or {}

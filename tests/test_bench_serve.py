@@ -93,6 +93,22 @@ def test_paged_check_logic_holds_on_the_cpu(compile_decode: bool) -> None:
     assert check("sliding_window", torch.device("cpu"), compile_decode)["ok"]  # every architecture: tests/test_batch_engine.py
 
 
+def refused_server(commands: list) -> type:
+    """A stand-in for ``bench.serve.Server`` that records the command and log name serve_case would start, then fails."""
+
+    class Refused:
+        def __init__(self, command, port, log) -> None:
+            commands.append((command, log.name))
+
+        def __enter__(self):
+            raise RuntimeError("not started")
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+    return Refused
+
+
 def test_serve_tracks_compares_reservations_side_by_side_and_refuses_bad_lists(tmp_path, monkeypatch) -> None:
     """Several --kv_reservation policies serve one checkpoint and one set of traces; ratios are to the first."""
     import bench.serve_tracks as tracks
@@ -155,21 +171,48 @@ def test_serve_tracks_compares_attention_budgets_side_by_side_and_refuses_bad_li
         with pytest.raises(ValueError, match="attention_tokens"):
             tracks.main(out_dir=tmp_path, cases=["llama2-7b@24"], attention_tokens=bad)
 
-    class Refused:  # the server command serve_case would start, not a server
-        def __init__(self, command, port, log) -> None:
-            commands.append((command, log.name))
-
-        def __enter__(self):
-            raise RuntimeError("not started")
-
-        def __exit__(self, *exc) -> None:
-            pass
-
     monkeypatch.undo()
-    monkeypatch.setattr(tracks, "Server", Refused)
+    monkeypatch.setattr(tracks, "Server", refused_server(commands))
     entry = tracks.serve_case("llama2-7b@24", tmp_path / "ckpt", {}, tmp_path, tmp_path, 4, "cpu", "lazy", (30,), attention_tokens=0)
     ((command, log),) = commands
     assert entry["attention_tokens"] == 0 and "not started" in entry["error"] and log == "server_llama2-7b_24gib_lazy_att0.log"
     assert command[-6:] == ["--gpu_memory_gib", "24", "--kv_reservation", "lazy", "--attention_tokens", "0"]
     tracks.serve_case("llama2-7b@24", tmp_path / "ckpt", {}, tmp_path, tmp_path, 4, "cpu", "lazy", (30,))
     assert "--attention_tokens" not in commands[-1][0] and commands[-1][1] == "server_llama2-7b_24gib_lazy.log"  # unset: the server's default
+
+
+def test_serve_tracks_compares_compiled_decode_side_by_side(tmp_path, monkeypatch) -> None:
+    """--compile_decode '[false, true]': eager then compiled servers on one checkpoint and traces, each started with
+    its flag, named ``eager``/``compiled``; a repeated or empty list is refused naming the option."""
+    import pytest
+
+    import bench.serve_tracks as tracks
+
+    calls, commands = [], []
+
+    def fake_serve(case, ckpt, traces, out_dir, case_dir, decode_tokens, device, policy, concurrency, compile_decode=None):
+        calls.append((ckpt, id(traces), compile_decode))
+        return {
+            "summary": {
+                "requests_per_s": {f"c{c}": 2.0 + compile_decode for c in concurrency},
+                "batch1_decode_tokens_per_s": 100.0 * (1 + compile_decode),
+            }
+        }
+
+    monkeypatch.setattr(tracks, "prepare_checkpoint", lambda name, _, case_dir: case_dir / "ckpt")
+    monkeypatch.setattr(tracks, "build_traces", lambda *a: {1: [], 4: [], 30: []})
+    monkeypatch.setattr(tracks, "serve_case", fake_serve)
+    report = tracks.main(out_dir=tmp_path, work_dir=tmp_path / "w", cases=["mistral-7b@24"], compile_decode=[False, True], concurrency=[30])
+    entry = report["cases"]["mistral-7b@24"]
+    assert [c[2] for c in calls] == [False, True] and len({c[:2] for c in calls}) == 1
+    assert set(entry["by_variant"]) == {"eager", "compiled"} and entry["ratios"] == {"compiled_vs_eager": {"c30": 1.5, "batch1_decode": 2.0}}
+    for bad in ([], [True, True]):
+        with pytest.raises(ValueError, match="compile_decode"):
+            tracks.main(out_dir=tmp_path, cases=["mistral-7b@24"], compile_decode=bad)
+
+    monkeypatch.undo()
+    monkeypatch.setattr(tracks, "Server", refused_server(commands))
+    entry = tracks.serve_case("mistral-7b@24", tmp_path / "ckpt", {}, tmp_path, tmp_path, 4, "cpu", "lazy", (30,), compile_decode=True)
+    ((command, log),) = commands
+    assert entry["compile_decode"] is True and log == "server_mistral-7b_24gib_lazy_compiled.log"
+    assert command[-2:] == ["--compile_decode", "true"]
