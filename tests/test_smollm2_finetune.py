@@ -1,7 +1,7 @@
 """LoRA on the real SmolLM2-135M: a few steps on real text lower the loss, and the merged and exported
 model reloads in transformers computing what our litgpt checkpoint computes.
 
-One run for the module (CPU, float32, 8 steps of 4 rows of at most 64 tokens); merge and export
+One run for the module (CPU, float32, 8 steps of 3 packed rows of 64 tokens); merge and export
 write a new 0.65 GB checkpoint each into a temporary directory.
 """
 
@@ -39,7 +39,9 @@ TEXTS = ["Question: Which planet is known as the red planet?\nAnswer:", "naïve 
 
 
 def short_lora_run(checkpoint_dir: Path, root: Path, **options) -> Path:
-    """STEPS LoRA steps on FACTS into ``root / "run"`` (``options`` override LoRARun fields); the final adapter."""
+    """STEPS LoRA steps on FACTS into ``root / "run"`` (``options`` override LoRARun fields); the final adapter.
+
+    The 7 training rows (one of 8 is held out) pack into 3 rows of 64 tokens: 3 a step, each step one epoch."""
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in FACTS))
     return lora.setup(
@@ -49,7 +51,13 @@ def short_lora_run(checkpoint_dir: Path, root: Path, **options) -> Path:
         lora=lora.LoRAArgs(r=8, alpha=16, dropout=0.0),
         data=DataArgs(train_file=data, max_seq_length=64),
         train=TrainArgs(
-            save_interval=None, log_interval=1, global_batch_size=4, micro_batch_size=4, lr_warmup_steps=1, max_steps=STEPS, max_norm=1.0
+            save_interval=None,
+            log_interval=1,
+            global_batch_size=3,
+            micro_batch_size=3,
+            lr_warmup_steps=1,
+            max_steps=STEPS,
+            max_norm=1.0,
         ),
         eval=EvalArgs(interval=0),
         **options,
@@ -67,7 +75,7 @@ def test_a_few_lora_steps_lower_the_loss_on_real_text(run) -> None:
     run_dir, _ = run
     losses = [float(r["loss"]) for r in csv.DictReader((run_dir / "metrics.csv").open())]
     assert len(losses) == STEPS
-    # two epochs over the same 8 rows: the second must be clearly better than the first
+    # 8 epochs over the same 7 rows: the last two steps must be clearly better than the first two
     first, second = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
     assert second < first - 0.3, losses
 
