@@ -5,10 +5,13 @@
 
 Servers over the same checkpoint, each started as its own process and replayed with the same
 requests over HTTP, like HELM:
-  ours    ``python -m server`` (continuous batching, prefix reuse, CUDA graphs);
-  ours-compiled  the same with ``--compile_decode`` (inductor-fused decode layers in the same CUDA
-          graphs), not run by default: ``--servers '[ours, ours-compiled]'`` puts the two side by side
-          (ratios ``*_compiled_vs_ours``; its startup_s includes the compile);
+  ours    ``python -m server`` (continuous batching, prefix reuse, CUDA graphs; on CUDA its default
+          ``--compile_decode`` fuses the decode layers with inductor);
+  ours-eager  the same with ``--compile_decode false``, not run by default: ``--servers '[ours, ours-eager]'``
+          (ratios ``*_eager_vs_ours``: below 1 where compiling helps);
+  ours-compiled  the same with ``--compile_decode true`` (inductor-fused decode layers in the same CUDA
+          graphs; on CUDA what ours does by default, on the CPU not), not run by default:
+          ``--servers '[ours, ours-compiled]'`` (ratios ``*_compiled_vs_ours``; its startup_s includes the compile);
   ours-overlap  the same with ``--overlap_decode`` (each decode step enqueued before the previous one's
           samples are read back), not run by default: ``--servers '[ours, ours-overlap]'`` (ratios
           ``*_overlap_vs_ours``; its ``engine`` counters say how many steps overlapped);
@@ -46,9 +49,14 @@ import httpx
 from core.workload import HELM_CONCURRENCY, HELM_RUN_THREADS, HELM_WINDOW, TYPES, TraceRequest, build_trace, calibrate_tokens_per_word
 from submission.eval_time import _percentile, evaluate
 
-SERVERS = ("ours", "ours-compiled", "ours-overlap", "litgpt", "hf")
+SERVERS = ("ours", "ours-eager", "ours-compiled", "ours-overlap", "litgpt", "hf")
 DEFAULT_SERVERS = ("ours", "litgpt", "hf")
-OURS_VARIANTS = {"ours": [], "ours-compiled": ["--compile_decode", "true"], "ours-overlap": ["--overlap_decode", "true"]}  # python -m server options
+OURS_VARIANTS = {  # python -m server options
+    "ours": [],
+    "ours-eager": ["--compile_decode", "false"],
+    "ours-compiled": ["--compile_decode", "true"],
+    "ours-overlap": ["--overlap_decode", "true"],
+}
 CONCURRENCIES = (1, HELM_RUN_THREADS, HELM_CONCURRENCY)
 SEED_OFFSETS = {1: 1, HELM_CONCURRENCY: 2, HELM_RUN_THREADS: 3}  # c1 and c30 keep the seeds of earlier reports
 TARGETS = {"c30_speedup_vs_litgpt": 10.0, "batch1_decode_tokens_per_s": 150.0, "projected_final_eval_s": 15 * 60.0}
@@ -226,7 +234,8 @@ def main(
         model: litgpt config name for the random-weight checkpoint (ignored with checkpoint_dir).
         checkpoint_dir: benchmark this checkpoint instead (e.g. the tiny one on CPU).
         work_dir: scratch space for the random checkpoint and the HF export.
-        servers: which of ours, ours-compiled, ours-overlap, litgpt, hf to run (ours with --compile_decode, with --overlap_decode).
+        servers: which of ours, ours-eager, ours-compiled, ours-overlap, litgpt, hf to run (ours with --compile_decode
+            false, true, with --overlap_decode).
         requests: trace length (each of the two traces).
         cap_new_tokens: cap on generated tokens in the traces.
         decode_tokens: new tokens for the batch-1 decode measurement.
@@ -313,7 +322,7 @@ def _agreement(servers: dict) -> dict:
     tests/test_batch_engine.py in fp32)."""
     ours = servers.get("ours", {}).get("c1", {}).get("_texts")
     out = {}
-    for base in ("ours-compiled", "ours-overlap", "litgpt", "hf"):
+    for base in ("ours-eager", "ours-compiled", "ours-overlap", "litgpt", "hf"):
         theirs = servers.get(base, {}).get("c1", {}).get("_texts")
         if ours and theirs:
             pairs = [(a, b) for a, b in zip(ours, theirs) if a is not None and b is not None]
@@ -327,6 +336,7 @@ def _ratios(servers: dict) -> dict:
     for base in ("litgpt", "hf"):
         ratios |= _speedups(ours, servers.get(base, {}), f"vs_{base}", digits=2)
     # the other way round: > 1 when compiling (overlapping) helps
+    ratios |= _speedups(servers.get("ours-eager", {}), ours, "eager_vs_ours", digits=3)
     ratios |= _speedups(servers.get("ours-compiled", {}), ours, "compiled_vs_ours", digits=3)
     ratios |= _speedups(servers.get("ours-overlap", {}), ours, "overlap_vs_ours", digits=3)
     return ratios

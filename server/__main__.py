@@ -63,7 +63,7 @@ def serve(
     prefill_tokens: int = 4096,
     attention_tokens: int | None = ATTENTION_TOKENS,
     cuda_graphs: bool = True,
-    compile_decode: bool = False,
+    compile_decode: bool | None = None,
     overlap_decode: bool = False,
     warmup: bool = True,
     drain_s: float = 30.0,
@@ -110,8 +110,10 @@ def serve(
         cuda_graphs: replay each decode step as a CUDA graph (CUDA only).
         compile_decode: run each decode layer's work around its attention through torch.compile (inductor), so
             its small kernels fuse, then capture it in the same CUDA graphs (``server.compiled_decode``).
-            Batched engine only; not with --quantize. Off: on an H200 it decoded 1.19x faster at batch 1
-            but 0.97x at 30 clients (BENCHMARKS.md, 2026-12-04); compiling adds start-up time (warmup compiles it).
+            Batched engine only; not with --quantize. Default (null): on with CUDA where torch.compile can build
+            it, off on the CPU and with --quantize: on Mistral-7B (H200, BENCHMARKS.md 2026-12-04) batch-1 decode
+            was 1.09-1.19x, 4 clients 1.04-1.26x and 30 clients 0.97-1.27x the eager decode, under a 24 GiB cap
+            too; compiling adds ~5 s of start-up (warmup compiles it). false: the eager decode.
         overlap_decode: enqueue each decode step before the previous one's samples are read back, so the host's
             work per token (readback, texts and stops, scheduling, inputs) runs while the GPU decodes (vLLM v1's
             async scheduling; ``server.batch_engine``). Same answers. Batched engine only. Off until a GPU bench

@@ -113,7 +113,53 @@ def test_the_cli_option_reaches_the_engine(make_tiny_checkpoint, monkeypatch) ->
         raise ValueError("stop here")
 
     monkeypatch.setattr(main, "make_engine", fake_make_engine)
-    for args, want in (([], False), (["--compile_decode", "true"], True)):
+    for args, want in (([], None), (["--compile_decode", "true"], True), (["--compile_decode", "false"], False)):
         with pytest.raises(SystemExit, match="stop here"):
             run_cli(main.serve, args=["--checkpoint_dir", str(make_tiny_checkpoint()), "--device", "cpu", *args])
         assert seen["compile_decode"] is want
+
+
+def test_the_default_compiles_on_cuda_where_it_can_and_never_on_the_cpu(make_tiny_checkpoint, monkeypatch, capsys) -> None:
+    """--compile_decode unset (None): on for a CUDA model inductor can build, off (with the reason) where it cannot,
+    off on the CPU; a value given is kept. The serial engine takes the default without refusing it."""
+    import server.compiled_decode as compiled_decode
+    from server.compiled_decode import resolve
+
+    generator = load_generator(make_tiny_checkpoint(), device="cpu")
+    assert resolve(None, generator.model) is False and resolve(True, generator.model) is True and resolve(False, generator.model) is False
+
+    cuda_param = type("P", (), {"device": torch.device("cuda")})()  # only the parameters' device is read here
+    model = type("M", (), {"parameters": lambda self: iter([cuda_param])})()
+    monkeypatch.setattr(compiled_decode, "unavailable_reason", lambda m: None)
+    assert resolve(None, model) is True
+    monkeypatch.setattr(compiled_decode, "unavailable_reason", lambda m: "inductor needs Triton for CUDA kernels and it is not installed")
+    assert resolve(None, model) is False and "compile_decode: off by default here: inductor needs Triton" in capsys.readouterr().err
+    assert resolve(True, model) is True  # asked for: PagedModel then refuses it with the reason
+
+    monkeypatch.undo()
+    assert type(make_engine(generator, "serial", compile_decode=None)).__name__ == "SerialEngine"
+    engine = make_engine(generator, "batched", compile_decode=None, kv_tokens=2048)
+    try:
+        assert engine.model.compile_decode is False
+    finally:
+        engine.close()
+
+
+def test_on_cuda_a_missing_triton_toolchain_is_a_reason_not_a_crash_at_warmup(monkeypatch, tmp_path) -> None:
+    """Triton builds a launcher with a C compiler and Python's headers on first use (the CUDA runtime Docker image
+    has neither): without them the default stays eager with that reason instead of failing at warmup."""
+    import sysconfig
+
+    import torch.utils._triton
+
+    cuda_param = type("P", (), {"device": torch.device("cuda")})()
+    model = type("M", (), {"parameters": lambda self: iter([cuda_param]), "modules": lambda self: iter([])})()
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert "C compiler (CC, gcc or clang)" in unavailable_reason(model)
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    assert "Python.h is missing" in unavailable_reason(model)
+    (tmp_path / "Python.h").write_text("")
+    assert unavailable_reason(model) is None
