@@ -106,7 +106,9 @@ def test_qlora_trains_and_in_block_follows_bitsandbytes(tiny, tmp_path: Path) ->
     assert ours[-1] == pytest.approx(theirs[-1], rel=0.15, abs=0.05)
 
 
-def test_batched_server_equals_serial_in_fp32_with_cuda_graphs(make_tiny_checkpoint) -> None:
+@pytest.mark.parametrize("compile_decode", [False, True], ids=["eager", "compiled"])
+def test_batched_server_equals_serial_in_fp32_with_cuda_graphs(make_tiny_checkpoint, compile_decode: bool) -> None:
+    """Both decodes in the CUDA graphs: eager, and compiled by inductor (the server's default on CUDA)."""
     from server.app import create_app
     from server.batch_engine import BatchEngine
     from server.engine import SerialEngine
@@ -116,9 +118,9 @@ def test_batched_server_equals_serial_in_fp32_with_cuda_graphs(make_tiny_checkpo
     generator = load_generator(make_tiny_checkpoint(), device="cuda", dtype="fp32")
     bodies = _requests()
     serial = asyncio.run(_send_all(create_app(SerialEngine(generator), generator.codec), bodies, concurrency=1))
-    engine = BatchEngine(generator, max_batch=16, prefill_tokens=96, kv_block_size=8, kv_tokens=2048, cuda_graphs=True)
+    engine = BatchEngine(generator, max_batch=16, prefill_tokens=96, kv_block_size=8, kv_tokens=2048, cuda_graphs=True, compile_decode=compile_decode)
     try:
-        assert engine.model.cuda_graphs
+        assert engine.model.cuda_graphs and engine.model.compile_decode is compile_decode
         batched = asyncio.run(_send_all(create_app(engine, generator.codec), bodies, concurrency=30))
         graphs = len(engine.model._graphs)
     finally:
