@@ -3,7 +3,7 @@
 - QLoRA trains on CUDA, and its in-block 4-bit layers are bit-identical to bitsandbytes' CUDA layers
   (weights quantized from float16, Lightning's storage, and from bf16), forward and input gradient;
   with ``--speed.dequantize_4bit in-block`` the loss on a fixed batch falls as with bitsandbytes' layers.
-- The batched server (paged KV cache, CUDA graphs) returns what the serial engine returns, in fp32 on CUDA,
+- The batched server (paged KV cache, CUDA graphs; eager and compiled decode) returns what the serial engine returns, in fp32 on CUDA,
   and with ``--overlap_decode`` what it returns without.
 - The finetune bench's tiny case runs every trainer on CUDA, QLoRA included.
 
