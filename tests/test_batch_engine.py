@@ -187,6 +187,16 @@ async def _send_all(app, bodies: list[dict], concurrency: int) -> list[httpx.Res
         return await asyncio.gather(*(send(b) for b in bodies))
 
 
+def assert_same_answers(batched: list, serial: list, bodies: list[dict]) -> None:
+    """Each batched response is the serial engine's: the same status, a 200's body by ``_same``, an error's exactly."""
+    for i, (a, b) in enumerate(zip(batched, serial, strict=True)):
+        assert a.status_code == b.status_code, (i, a.text)
+        if b.status_code == 200:
+            _same(a.json(), b.json(), f"request {i}: {bodies[i]['prompt'][-30:]!r}")
+        else:
+            assert a.json() == b.json()
+
+
 @pytest.mark.parametrize("backend", ["huggingface", "sentencepiece"])
 def test_thirty_in_flight_equal_one_at_a_time(make_tiny_checkpoint, backend: str) -> None:
     generator = load_generator(make_tiny_checkpoint(backend), device="cpu")
@@ -198,12 +208,7 @@ def test_thirty_in_flight_equal_one_at_a_time(make_tiny_checkpoint, backend: str
         stats = dict(engine.stats)
     finally:
         engine.close()
-    for i, (a, b) in enumerate(zip(batched, serial)):
-        assert a.status_code == b.status_code, (i, a.text)
-        if b.status_code == 200:
-            _same(a.json(), b.json(), f"request {i}: {bodies[i]['prompt'][-30:]!r}")
-        else:
-            assert a.json() == b.json()
+    assert_same_answers(batched, serial, bodies)
     # the shared few-shot prefix was computed once, not per request
     assert stats["computed_prompt_tokens"] < 0.6 * stats["prompt_tokens"], stats
     assert stats["decode_steps"] < sum(b["max_new_tokens"] for b in bodies[:-1]), stats

@@ -19,7 +19,7 @@ from server.engine import SerialEngine, make_engine
 from server.kv_pool import KVPool
 from server.loading import load_generator
 from server.paged_model import PagedModel, Segment
-from tests.test_batch_engine import ARCHITECTURES, _model, _requests, _same, _send_all, _tables
+from tests.test_batch_engine import ARCHITECTURES, _model, _requests, _send_all, _tables, assert_same_answers
 
 
 @pytest.fixture(autouse=True)
@@ -76,10 +76,7 @@ def test_engine_with_compile_decode_equals_the_serial_engine(make_tiny_checkpoin
         batched = asyncio.run(_send_all(create_app(engine, generator.codec), bodies, concurrency=30))
     finally:
         engine.close()
-    for i, (a, b) in enumerate(zip(batched, serial)):
-        assert a.status_code == b.status_code, (i, a.text)
-        if b.status_code == 200:
-            _same(a.json(), b.json(), f"request {i}")
+    assert_same_answers(batched, serial, bodies)
     made = {name: n - before.get(name, 0) for name, n in _graphs().items()}
     assert 1 <= made["decode_before"] <= 2 and 1 <= made["decode_after"] <= 2, made  # the compiled parts ran
 

@@ -113,7 +113,7 @@ def test_batched_server_equals_serial_in_fp32_with_cuda_graphs(make_tiny_checkpo
     from server.batch_engine import BatchEngine
     from server.engine import SerialEngine
     from server.loading import load_generator
-    from tests.test_batch_engine import _requests, _same, _send_all
+    from tests.test_batch_engine import _requests, _send_all, assert_same_answers
 
     generator = load_generator(make_tiny_checkpoint(), device="cuda", dtype="fp32")
     bodies = _requests()
@@ -126,12 +126,7 @@ def test_batched_server_equals_serial_in_fp32_with_cuda_graphs(make_tiny_checkpo
     finally:
         engine.close()
     assert graphs > 0  # decode steps replayed captured graphs
-    for i, (a, b) in enumerate(zip(batched, serial)):
-        assert a.status_code == b.status_code, (i, a.text)
-        if b.status_code == 200:
-            _same(a.json(), b.json(), f"request {i}")
-        else:
-            assert a.json() == b.json()
+    assert_same_answers(batched, serial, bodies)
 
 
 @pytest.mark.parametrize(("concurrency", "kv_tokens"), [(1, 2560), (30, 160)], ids=["c1", "c30-small-pool"])
