@@ -54,10 +54,8 @@ def unavailable_reason(model: torch.nn.Module) -> str | None:
             return "inductor needs Triton for CUDA kernels and it is not installed"
         if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):  # as triton.runtime.build looks
             return "Triton builds its CUDA launcher with a C compiler (CC, gcc or clang) and none was found"
-        if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
-            return (
-                f"Triton builds its CUDA launcher against Python's headers and {sysconfig.get_paths()['include']}/Python.h is missing (python3-dev)"
-            )
+        if not (header := Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+            return f"Triton builds its CUDA launcher against Python's headers and {header} is missing (python3-dev)"
     elif device.type == "cpu":
         from torch._inductor import config
 
@@ -72,7 +70,7 @@ def unavailable_reason(model: torch.nn.Module) -> str | None:
     return None
 
 
-def resolve(requested: bool | None, model: torch.nn.Module) -> bool:
+def resolve_compile_decode(requested: bool | None, model: torch.nn.Module) -> bool:
     """``--compile_decode``'s value: as given, or by default (None) on for a CUDA model that torch.compile can
     build, where it was measured faster (Mistral-7B on an H200, BENCHMARKS.md 2026-12-04: batch-1 decode 1.09-1.19x,
     4 clients 1.04-1.26x, 30 clients 0.97-1.27x, under a 24 GiB cap too). Off on the CPU (inductor's C++ build is

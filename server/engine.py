@@ -129,8 +129,5 @@ def make_engine(generator: Generator, kind: EngineKind = "auto", **batch_options
             print(f"engine: serving one request at a time: the batched engine does not support {reason}", file=sys.stderr)
         return SerialEngine(generator)
     from server.batch_engine import BatchEngine
-    from server.compiled_decode import resolve
 
-    if "compile_decode" in batch_options:  # None: the default, on where it was measured faster
-        batch_options["compile_decode"] = resolve(batch_options["compile_decode"], generator.model)
     return BatchEngine(generator, **batch_options)

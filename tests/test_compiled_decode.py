@@ -120,7 +120,7 @@ def test_the_default_compiles_on_cuda_where_it_can_and_never_on_the_cpu(make_tin
     """--compile_decode unset (None): on for a CUDA model inductor can build, off (with the reason) where it cannot,
     off on the CPU; a value given is kept. The serial engine takes the default without refusing it."""
     import server.compiled_decode as compiled_decode
-    from server.compiled_decode import resolve
+    from server.compiled_decode import resolve_compile_decode as resolve
 
     generator = load_generator(make_tiny_checkpoint(), device="cpu")
     assert resolve(None, generator.model) is False and resolve(True, generator.model) is True and resolve(False, generator.model) is False
