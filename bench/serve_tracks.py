@@ -134,13 +134,16 @@ def run_case(case: str, out_dir: Path, work_dir: Path, requests: int, cap_new_to
     return entry
 
 
+def option_tags(tokens: int | None, compiled: bool | None) -> list[str]:
+    """``att<N>`` for a --attention_tokens (``att0``: unbounded), ``compiled`` or ``eager`` for a --compile_decode; none unset."""
+    return ([] if tokens is None else [f"att{tokens}"]) + ([] if compiled is None else ["compiled" if compiled else "eager"])
+
+
 def variant_name(policy: KVReservation, tokens: int | None, compiled: bool | None, policies: list[KVReservation],
                  attention_tokens: list[int] | None, compile_decode: list[bool] | None = None) -> str:  # fmt: skip
-    """A variant's name in the report and its server log's: the policy (unless only the other options vary),
-    then ``att<N>`` for its --attention_tokens (``att0``: unbounded), then ``compiled`` or ``eager`` for its --compile_decode."""
+    """A variant's name in the report: the policy (unless only the other options vary), then its ``option_tags``."""
     parts = [policy] if (attention_tokens is None and compile_decode is None) or len(policies) > 1 else []
-    parts += [] if tokens is None else [f"att{tokens}"]
-    return "_".join(parts + ([] if compiled is None else ["compiled" if compiled else "eager"]))
+    return "_".join(parts + option_tags(tokens, compiled))
 
 
 def variant_ratios(served: dict[str, dict], base: str) -> dict:
@@ -175,13 +178,10 @@ def serve_case(case: str, ckpt: Path, traces: dict, out_dir: Path, case_dir: Pat
     if compile_decode is not None:
         entry["compile_decode"] = compile_decode
         args += ["--compile_decode", str(compile_decode).lower()]
-    suffix = ("" if attention_tokens is None else f"_att{attention_tokens}") + (
-        "" if compile_decode is None else "_compiled" if compile_decode else "_eager"
-    )
     try:
         port = _free_port()
         command = server_command("ours", ckpt, port, device, case_dir, ours_args=args)
-        log = out_dir / f"server_{file_stem(case)}_{kv_reservation}{suffix}.log"
+        log = out_dir / ("_".join(["server", file_stem(case), kv_reservation, *option_tags(attention_tokens, compile_decode)]) + ".log")
         with Server(command, port, log) as server, GpuMemoryPeak(server.process.pid) as smi:
             entry["startup_s"] = round(server.startup_s, 1)
             asyncio.run(replay(server.url, traces[1][:2], 1))  # warm-up

@@ -137,14 +137,14 @@ def set_bos(out_dir: Path, add_bos: bool, bos_token: str) -> None:
     post = tokenizer.get("post_processor")
     if post is not None and post.get("type") != "TemplateProcessing":
         raise Smollm2Error(f"{tokenizer_path}: post_processor {post.get('type')!r}, expected TemplateProcessing or none; cannot set its BOS")
-    bos = [{"SpecialToken": {"id": bos_token, "type_id": 0}}] if add_bos else []
+    bos, bos_b = ([{"SpecialToken": {"id": bos_token, "type_id": t}}] if add_bos else [] for t in (0, 1))
     bos_id = next((t["id"] for t in tokenizer["added_tokens"] if t["content"] == bos_token), None)
     if add_bos and bos_id is None:
         raise Smollm2Error(f"{tokenizer_path}: BOS {bos_token!r} is not among its added tokens")
     tokenizer["post_processor"] = {
         "type": "TemplateProcessing",
         "single": [*bos, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [*bos, {"Sequence": {"id": "A", "type_id": 0}}, *[{"SpecialToken": {"id": bos_token, "type_id": 1}}] * add_bos,
+        "pair": [*bos, {"Sequence": {"id": "A", "type_id": 0}}, *bos_b,
                  {"Sequence": {"id": "B", "type_id": 1}}],
         "special_tokens": {bos_token: {"id": bos_token, "ids": [bos_id], "tokens": [bos_token]}} if add_bos else {},
     }  # fmt: skip
