@@ -113,7 +113,8 @@ def serve(
             Batched engine only; not with --quantize. Default (null): on with CUDA where torch.compile can build
             it, off on the CPU and with --quantize: on Mistral-7B (H200, BENCHMARKS.md 2026-12-04) batch-1 decode
             was 1.09-1.19x, 4 clients 1.04-1.26x and 30 clients 0.97-1.27x the eager decode, under a 24 GiB cap
-            too; compiling adds ~5 s of start-up (warmup compiles it). false: the eager decode.
+            too. It compiles at start-up (~5 s): if that fails, the default stays eager with the error printed and
+            an explicit true is refused with it. false: the eager decode.
         overlap_decode: enqueue each decode step before the previous one's samples are read back, so the host's
             work per token (readback, texts and stops, scheduling, inputs) runs while the GPU decodes (vLLM v1's
             async scheduling; ``server.batch_engine``). Same answers. Batched engine only. Off until a GPU bench

@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.compiled_decode import resolve_compile_decode
+from server.compiled_decode import resolve_compile_decode, trial_compile
 from server.engine import Busy, FieldError, RequestFailed, Unavailable, until_done_or_gone
 from server.generate import Generator, Picked, Prompt, Sequence, advance, completions, echo_scores, echo_tokens, new_generator, pick
 from server.kv_pool import KVPool
@@ -150,7 +150,8 @@ class BatchEngine:
         if kv_tokens is not None and kv_tokens < window:
             raise ValueError(f"kv_tokens: {kv_tokens} cannot hold one {window}-token sequence (--max_seq_length); ask for at least {window}")
         block_bytes = kv_block_size * kv_bytes_per_token(generator.model)
-        compile_decode = resolve_compile_decode(compile_decode, generator.model)  # None: on where it was measured faster
+        trial = functools.partial(trial_compile, generator.model, kv_block_size)  # a build that fails: refused, or eager by default
+        compile_decode = resolve_compile_decode(compile_decode, generator.model, trial)  # None: on where it was measured faster
 
         def runner(blocks: int) -> PagedModel:
             return PagedModel(

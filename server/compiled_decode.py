@@ -70,19 +70,64 @@ def unavailable_reason(model: torch.nn.Module) -> str | None:
     return None
 
 
-def resolve_compile_decode(requested: bool | None, model: torch.nn.Module) -> bool:
+def resolve_compile_decode(requested: bool | None, model: torch.nn.Module, trial: Callable[[], None] | None = None) -> bool:
     """``--compile_decode``'s value: as given, or by default (None) on for a CUDA model that torch.compile can
     build, where it was measured faster (Mistral-7B on an H200, BENCHMARKS.md 2026-12-04: batch-1 decode 1.09-1.19x,
     4 clients 1.04-1.26x, 30 clients 0.97-1.27x, under a 24 GiB cap too). Off on the CPU (inductor's C++ build is
-    slow and unmeasured there) and where ``unavailable_reason`` says why, which is printed."""
-    if requested is not None:
-        return requested
-    if next(model.parameters()).device.type != "cuda":
+    slow and unmeasured there) and where ``unavailable_reason`` says why, which is printed.
+
+    ``trial`` (``trial_compile``), run where the answer would be on, compiles the decode before anything is
+    served: a build that fails is refused with its error when the option was asked for, and by default leaves
+    the decode eager with that error printed, so an architecture not yet compiled on a GPU (Llama-2 and
+    Qwen2.5 have compiled only on the CPU) still serves instead of failing at start-up."""
+    if requested is False or (requested is None and not default_on(model)):
         return False
-    if (reason := unavailable_reason(model)) is not None:
-        print(f"compile_decode: off by default here: {reason}", file=sys.stderr, flush=True)
-        return False
-    return True
+    reason = unavailable_reason(model)
+    if reason is None and trial is not None:
+        try:
+            trial()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # whatever dynamo, inductor or Triton raised is the reason
+            reason = f"compiling the decode failed: {_first_cause(e)}"
+            if requested:
+                raise ValueError(f"compile_decode: {reason}") from e
+    if reason is None:
+        return True
+    if requested:
+        raise ValueError(f"compile_decode: {reason}")
+    print(f"compile_decode: off by default here: {reason}", file=sys.stderr, flush=True)
+    return False
+
+
+def _first_cause(error: BaseException) -> str:
+    """The error at the bottom of dynamo's wrapping (BackendCompilerFailed says only "backend=... raised:"), in one line."""
+    for _ in range(8):  # a chain, not a cycle
+        if (cause := error.__cause__ or getattr(error, "inner_exception", None)) is None:
+            break
+        error = cause
+    first_line = next(iter(str(error).strip().splitlines()), "")
+    return f"{type(error).__name__}: {first_line[:300]}"
+
+
+def default_on(model: torch.nn.Module) -> bool:
+    """Where ``--compile_decode`` is on unless told otherwise: a CUDA model (the only place it was measured)."""
+    return next(model.parameters()).device.type == "cuda"
+
+
+def trial_compile(model: torch.nn.Module, block_size: int) -> None:
+    """Decode batch 1 and batch 2 through the compiled parts on a two-block pool: every graph a decode needs
+    (batch 1 and the dynamic batch, ``CompiledPart``) is built here, and dynamo's cache serves them to the
+    engine's own pools, so this costs no compile of its own. ``compiled_parts`` refuses with its reason."""
+    from server.paged_model import PagedModel
+
+    paged = PagedModel(model, 3, block_size, max_batch=2, max_len=block_size, cuda_graphs=False, compile_decode=True)
+    with torch.inference_mode():
+        for batch in (1, 2):
+            paged.decode([0] * batch, [0] * batch, [[1 + b] for b in range(batch)])
+    del paged
+    if next(model.parameters()).device.type == "cuda":
+        torch.cuda.empty_cache()  # the trial pool's few blocks, before the engine measures its memory
 
 
 class _Counted:

@@ -78,7 +78,58 @@ def test_engine_with_compile_decode_equals_the_serial_engine(make_tiny_checkpoin
         engine.close()
     assert_same_answers(batched, serial, bodies)
     made = {name: n - before.get(name, 0) for name, n in _graphs().items()}
-    assert 1 <= made["decode_before"] <= 2 and 1 <= made["decode_after"] <= 2, made  # the compiled parts ran
+    assert made == {"decode_before": 2, "decode_after": 2}, made  # the trial's graphs served every batch: none after it
+
+
+def test_the_trial_compiles_every_graph_before_serving(make_tiny_checkpoint) -> None:
+    """The engine's start-up trial builds batch 1's and the dynamic batch's graphs; decoding on the engine's own
+    pool (another PagedModel) reuses them through dynamo's cache."""
+    generator = load_generator(make_tiny_checkpoint(), device="cpu")
+    before = _graphs()
+    engine = BatchEngine(generator, max_batch=16, prefill_tokens=96, kv_block_size=8, kv_tokens=2048, compile_decode=True)
+    try:
+        made = {name: n - before.get(name, 0) for name, n in _graphs().items()}
+        assert made == {"decode_before": 2, "decode_after": 2}, made
+    finally:
+        engine.close()
+
+
+def _failing_inductor(monkeypatch) -> None:
+    """Every compile of a decode part raises, as a Triton build would where its toolchain is broken."""
+    import server.compiled_decode as compiled_decode
+
+    def fail(self, gm, example_inputs):
+        raise RuntimeError("triton: the launcher did not build\n(the rest of its log)")
+
+    monkeypatch.setattr(compiled_decode._Counted, "__call__", fail)
+
+
+def test_a_decode_that_fails_to_compile_is_refused_when_asked_for(make_tiny_checkpoint, monkeypatch) -> None:
+    generator = load_generator(make_tiny_checkpoint(), device="cpu")
+    _failing_inductor(monkeypatch)
+    with pytest.raises(ValueError, match="compile_decode: compiling the decode failed: .*triton: the launcher did not build"):
+        BatchEngine(generator, max_batch=16, kv_block_size=8, kv_tokens=2048, compile_decode=True)
+
+
+def test_by_default_a_decode_that_fails_to_compile_serves_eager(make_tiny_checkpoint, monkeypatch, capsys) -> None:
+    """The default on a platform where it would be on (CUDA, faked here) with a compile that fails: the reason is
+    printed, the decode stays eager, and the answers are the serial engine's."""
+    import server.compiled_decode as compiled_decode
+
+    generator = load_generator(make_tiny_checkpoint(), device="cpu")
+    bodies = _requests()[:6]
+    serial = asyncio.run(_send_all(create_app(SerialEngine(generator), generator.codec), bodies, concurrency=1))
+    _failing_inductor(monkeypatch)
+    monkeypatch.setattr(compiled_decode, "default_on", lambda model: True)
+    engine = BatchEngine(generator, max_batch=16, prefill_tokens=96, kv_block_size=8, kv_tokens=2048)
+    try:
+        assert engine.model.compile_decode is False
+        err = capsys.readouterr().err
+        assert "compile_decode: off by default here: compiling the decode failed: " in err and "the launcher did not build" in err
+        batched = asyncio.run(_send_all(create_app(engine, generator.codec), bodies, concurrency=6))
+    finally:
+        engine.close()
+    assert_same_answers(batched, serial, bodies)
 
 
 def test_compile_decode_is_refused_where_it_cannot_run(make_tiny_checkpoint, monkeypatch) -> None:
@@ -131,7 +182,8 @@ def test_the_default_compiles_on_cuda_where_it_can_and_never_on_the_cpu(make_tin
     assert resolve(None, model) is True
     monkeypatch.setattr(compiled_decode, "unavailable_reason", lambda m: "inductor needs Triton for CUDA kernels and it is not installed")
     assert resolve(None, model) is False and "compile_decode: off by default here: inductor needs Triton" in capsys.readouterr().err
-    assert resolve(True, model) is True  # asked for: PagedModel then refuses it with the reason
+    with pytest.raises(ValueError, match="compile_decode: inductor needs Triton"):
+        resolve(True, model)  # asked for: refused with the reason
 
     monkeypatch.undo()
     assert type(make_engine(generator, "serial", compile_decode=None)).__name__ == "SerialEngine"
