@@ -6,7 +6,7 @@ A run on N devices must be the run on one with the same global batch, only faste
   micro-batches (``RankBatches``): a global step trains on exactly the rows the 1-process run's
   step does (accumulation over ranks instead of over micro-steps), and the data position is one
   number that every rank holds alike, which is what resume restores.
-- The step's loss is averaged over micro-batches and ranks, and its token count is the world's.
+- The step's loss is the mean over every labelled token of all micro-batches and ranks, and its token count is the world's.
 - Decisions a rank makes from its own clock (the time budget, the budget plan) are made once for
   all: the stop is voted every few steps (``finetune.budget.BudgetStop``: the least steps that fit
   any rank's budget), the plan is rank 0's.
@@ -97,12 +97,14 @@ class RankBatches:
 
     Each ``next`` draws ``world_size`` micro-batches from the shared order and returns the ``rank``-th;
     the 1-process run takes the same ``world_size`` micro-batches one after the other in its
-    accumulation. ``tokens`` is what all of them hold (the world's tokens of that micro-step).
+    accumulation. ``tokens`` is what all of them hold (the world's tokens of that micro-step), ``targets`` their
+    labelled targets (per row: ``targets[i]``), which weight each micro-batch's loss (``finetune.loop.loss_weights``).
     """
 
-    def __init__(self, batches, rank: int, world_size: int, lengths: list[int]) -> None:
+    def __init__(self, batches, rank: int, world_size: int, lengths: list[int], targets: list[int] | None = None) -> None:
         self.batches, self.rank, self.world_size, self.lengths = batches, rank, world_size, lengths
-        self.tokens = 0
+        self.row_targets = targets
+        self.tokens = self.targets = 0
 
     @property
     def batches_per_epoch(self) -> int:
@@ -111,6 +113,8 @@ class RankBatches:
     def next(self):
         drawn = [self.batches.next() for _ in range(self.world_size)]
         self.tokens = sum(self.lengths[i] for batch in drawn for i in _flat(batch))
+        if self.row_targets is not None:
+            self.targets = sum(self.row_targets[i] for batch in drawn for i in _flat(batch))
         return drawn[self.rank]
 
     def state_dict(self) -> dict:

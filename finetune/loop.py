@@ -19,6 +19,7 @@ from tqdm import tqdm
 from finetune import distributed
 from finetune.budget import BudgetPlanner, BudgetStop, Schedule
 from finetune.config import EvalArgs, TrainArgs
+from finetune.data import IGNORE_INDEX
 from finetune.forward import training_loss
 
 
@@ -55,10 +56,30 @@ def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], checkpoin
     DDP needs to sync gradients and FSDP to gather weights.
     """
     clear_prefix_caches(model)
-    inputs = {k: v for k, v in batch.items() if k not in ("mask", "tokens")}  # counted on the host, not model inputs
+    inputs = {k: v for k, v in batch.items() if k not in ("mask", "tokens", "targets")}  # counted on the host, not model inputs
     if "training_loss" in getattr(model, "_forward_methods", ()):
         return model.training_loss(inputs, checkpoint_blocks)
     return training_loss(getattr(model, "module", model), inputs, checkpoint_blocks)
+
+
+def target_count(batch: dict[str, torch.Tensor]) -> int:
+    """Labelled targets in a micro-batch (what its mean loss is over), known on the host."""
+    if "target_index" in batch:
+        return batch["target_index"].numel()
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def loss_weights(batches: list[dict], world_size: int = 1) -> list[float]:
+    """What each micro-batch's mean loss is multiplied by, so the step's gradient is the mean over every target
+    of the global batch, however it is split into micro-batches and ranks (rows and packed rows hold unequal
+    numbers of labelled tokens: a plain mean of micro-batch means would weight a token by its micro-batch's size).
+
+    A batch's ``targets`` (from ``finetune.distributed.RankBatches``) is the world's count for that micro-step;
+    DDP averages the ranks' gradients, hence ``world_size``. Without it every rank's share counts alike.
+    """
+    counts = [target_count(b) for b in batches]
+    world = sum(b["targets"] for b in batches) if all("targets" in b for b in batches) else world_size * sum(counts)
+    return [n * world_size / max(world, 1) for n in counts]
 
 
 @torch.no_grad()
@@ -213,13 +234,13 @@ def fit(
         for group in optimizer.param_groups:
             group["lr"] = base_lr * schedule.factor(progress.step)
         step_tokens, step_loss = 0, 0.0
-        for micro in range(accumulate):
-            batch = next_batch()
+        drawn = [next_batch() for _ in range(accumulate)]  # host-side batches: their target counts weight the losses
+        for micro, (batch, weight) in enumerate(zip(drawn, loss_weights(drawn, fabric.world_size))):
             with fabric.no_backward_sync(model, enabled=micro < accumulate - 1):
                 with fabric.autocast():
                     loss = batch_loss(model, batch, checkpoint_blocks)
-                fabric.backward(loss / accumulate)
-            step_loss = step_loss + loss.detach() / accumulate
+                fabric.backward(loss * weight)
+            step_loss = step_loss + loss.detach() * weight
             step_tokens += batch["tokens"] if "tokens" in batch else int(batch["mask"].sum())  # host numbers: no device sync
         if fabric.world_size > 1:
             step_loss = distributed.mean_over_ranks(step_loss, fabric.world_size)  # over every rank's micro-batches

@@ -292,8 +292,9 @@ def run(config: RunConfig) -> Path:
     else:
         batches = EpochBatches(len(train_set), mb, config.seed)
         make_batch = lambda drawn: collate([train_set[i] for i in drawn])  # noqa: E731
-    batches = distributed.RankBatches(batches, fabric.global_rank, fabric.world_size, [len(e["input_ids"]) for e in train_set])
-    next_batch = lambda: {**to_device(make_batch(batches.next())), "tokens": batches.tokens}  # noqa: E731
+    targets = [int((e["labels"][1:] != IGNORE_INDEX).sum()) for e in train_set]  # a row's first token is never a target, packed or not
+    batches = distributed.RankBatches(batches, fabric.global_rank, fabric.world_size, [len(e["input_ids"]) for e in train_set], targets)
+    next_batch = lambda: {**to_device(make_batch(batches.next())), "tokens": batches.tokens, "targets": batches.targets}  # noqa: E731
     accumulate = train.gradient_accumulation_iters(devices=1)  # micro-batches per step, all ranks together
     planned = train.max_steps or max(1, math.ceil(train.epochs * batches.batches_per_epoch / accumulate))
     warmup = train.lr_warmup_steps if train.lr_warmup_steps is not None else round(train.lr_warmup_fraction * planned)

@@ -309,7 +309,9 @@ def test_each_logged_loss_is_its_own_steps_though_read_a_step_later(tiny, monkey
         log=logged.append,
     )
     train_losses = [c for i, c in enumerate(computed) if i not in (6, 13)]  # validation's own batch_loss calls come after steps 3 and 6
-    step_losses = [(a + b) / 2 for a, b in zip(train_losses[::2], train_losses[1::2])]  # a step logs its micro-batches' mean
+    n = [b["target_index"].numel() for b in (Collate()(rows[i : i + 4]) for i in range(0, 48, 4))]
+    pairs = zip(train_losses[::2], train_losses[1::2], n[::2], n[1::2])
+    step_losses = [(a * na + b * nb) / (na + nb) for a, b, na, nb in pairs]  # a step logs the mean over its micro-batches' targets
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in logged] == pytest.approx(step_losses, rel=1e-6, abs=0)
     assert not any(r["loss"] == pytest.approx(c, rel=1e-4) for r, c in zip(logged, train_losses[1::2]))  # not the last micro-batch's
