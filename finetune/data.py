@@ -106,28 +106,30 @@ def encode_row(
     """Token ids and labels for one row; the response ends with EOS so the model learns to stop.
 
     With ``chat`` every row is a conversation in that template, labelled on its assistant turns;
-    without, a conversation is an error and instruction rows take ``style``.
+    without, a conversation is an error and instruction rows take ``style``. A row longer than
+    ``max_seq_length`` is cut to it; ``labels_cut`` says how many labelled tokens that took off its end.
     """
     if chat is not None:
         try:
             ids, assistant = encode_conversation(tokenizer, chat, as_messages(row))
         except ChatTemplateError as e:
             raise DataError(f"{getattr(row, 'where', 'a row')}: {e}") from None
-        input_ids = torch.tensor(ids[:max_seq_length], dtype=torch.long)
+        input_ids = torch.tensor(ids, dtype=torch.long)
         labels = input_ids.clone()
         if mask_prompt:
-            labels[~torch.tensor(assistant[:max_seq_length], dtype=torch.bool)] = IGNORE_INDEX
-        return {"input_ids": input_ids, "labels": labels}
-    if "messages" in row:
-        raise DataError(f"{getattr(row, 'where', 'a row')}: a conversation needs a chat template (--data.chat_template)")
-    prompt = style.apply(row["instruction"], input=row["input"])
-    prompt_ids = tokenizer.encode(prompt, max_length=max_seq_length)
-    response_ids = tokenizer.encode(row["output"], bos=False, eos=True, max_length=max_seq_length)
-    input_ids = torch.cat((prompt_ids, response_ids))[:max_seq_length].long()
-    labels = input_ids.clone()
-    if mask_prompt:
-        labels[: len(prompt_ids)] = IGNORE_INDEX
-    return {"input_ids": input_ids, "labels": labels}
+            labels[~torch.tensor(assistant, dtype=torch.bool)] = IGNORE_INDEX
+    else:
+        if "messages" in row:
+            raise DataError(f"{getattr(row, 'where', 'a row')}: a conversation needs a chat template (--data.chat_template)")
+        prompt = style.apply(row["instruction"], input=row["input"])
+        prompt_ids = tokenizer.encode(prompt, max_length=max_seq_length)
+        response_ids = tokenizer.encode(row["output"], bos=False, eos=True, max_length=max_seq_length)
+        input_ids = torch.cat((prompt_ids, response_ids)).long()
+        labels = input_ids.clone()
+        if mask_prompt:
+            labels[: len(prompt_ids)] = IGNORE_INDEX
+    cut = int((labels[max_seq_length:] != IGNORE_INDEX).sum())
+    return {"input_ids": input_ids[:max_seq_length], "labels": labels[:max_seq_length], "labels_cut": cut}
 
 
 @dataclass

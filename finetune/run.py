@@ -103,12 +103,17 @@ def load_training_rows(data: DataArgs, tokenizer: Tokenizer, seed: int) -> tuple
 
 
 def keep_trainable(encoded: list[dict], max_seq_length: int, fabric: L.Fabric) -> list[dict]:
-    """Drop rows whose response was cut off entirely by ``max_seq_length`` (nothing to learn; NaN loss)."""
+    """Drop rows whose response was cut off entirely by ``max_seq_length`` (nothing to learn; NaN loss); count those cut short."""
     kept = [e for e in encoded if bool((e["labels"] != IGNORE_INDEX).any())]
     if not kept and encoded:
         raise ValueError(f"data.max_seq_length: {max_seq_length} tokens leave no response tokens in any row; raise it")
     if dropped := len(encoded) - len(kept):
         fabric.print(f"dropped {dropped} of {len(encoded)} rows: their prompt fills all {max_seq_length} tokens (data.max_seq_length)")
+    if cut := [e["labels_cut"] for e in kept if e.get("labels_cut")]:
+        fabric.print(
+            f"cut {len(cut)} of {len(encoded)} rows to data.max_seq_length {max_seq_length} tokens: {sum(cut):,} labelled tokens "
+            "past it (a response's end and EOS, a conversation's later turns) are not trained on"
+        )
     return kept
 
 

@@ -256,6 +256,35 @@ def test_rows_without_response_tokens_are_dropped_or_refused(tiny, tmp_path):
         )
 
 
+def test_rows_cut_by_max_seq_length_are_counted(tiny, tmp_path, capsys):
+    """A row longer than data.max_seq_length loses its end (its EOS, a conversation's later turns): the run says how many."""
+    import re
+
+    base_dir, train_file = tiny
+    tokenizer, style, limit = Tokenizer(base_dir), get_style("qa"), 16
+    full = [
+        (len(tokenizer.encode(style.apply(r["instruction"], input=r["input"]))), len(tokenizer.encode(r["output"], bos=False, eos=True)))
+        for r in load_rows(train_file)
+    ]
+    cut = sum(1 for prompt, response in full if prompt < limit < prompt + response)  # some response left, not all of it
+    lost = sum(prompt + response - limit for prompt, response in full if prompt < limit < prompt + response)
+    assert cut > 0
+    lora.setup(
+        checkpoint_dir=base_dir,
+        out_dir=tmp_path / "r",
+        data=DataArgs(train_file=train_file, max_seq_length=limit),
+        train=small_train(max_steps=1),
+        eval=EvalArgs(interval=0, final_validation=False),
+    )
+    out = capsys.readouterr().out
+    said = [
+        (int(n), int(t.replace(",", "")))
+        for n, t in re.findall(r"cut (\d+) of \d+ rows to data.max_seq_length 16 tokens: ([\d,]+) labelled tokens", out)
+    ]
+    assert len(said) == 2, out  # the training rows, the validation rows
+    assert (sum(n for n, _ in said), sum(t for _, t in said)) == (cut, lost)
+
+
 def test_planner_shortens_the_schedule_to_the_budget_and_warns(capsys):
     planner = BudgetPlanner(max_seconds=100.0, planned_steps=1000, measure_steps=4, skip_steps=2)
     answers = [planner.observe(step, elapsed=0.5 * step, tokens_per_step=1000) for step in range(1, 7)]
