@@ -45,7 +45,7 @@ class DataArgs:
     val_fraction: float = 0.05
     """the share of the training rows held out for validation when there is no val_file"""
     prompt_style: str | None = None
-    """None: "qa" for a file; a recipe names its own template (setting both is refused)"""
+    """None: "qa" for a file; a recipe names its own template (setting both is refused); a chat run has none (refused)"""
     chat_template: str | None = None
     """conversations ({"messages": [...]}) and, once there is one, every row: None = the base model's own chat template (tokenizer_config.json), or one of core.chat.NAMED ("chatml", "qa"), or a .jinja file"""
     max_seq_length: int = 2048

@@ -252,6 +252,11 @@ def run(config: RunConfig) -> Path:
     chat = None
     if data.chat_template is not None or any("messages" in r for r in (*rows, *val_rows)):
         chat = ChatTemplate.for_checkpoint(checkpoint_dir, tokenizer, data.chat_template)
+        if data.prompt_style is not None:
+            raise ValueError(
+                f"data.prompt_style: {data.prompt_style!r} would not be used: this run renders every row with the chat template "
+                f"({chat.origin}), and the server its prompts; drop --data.prompt_style (or --data.chat_template, for instruction rows)"
+            )
         fabric.print(f"chat template: {chat.origin}; every row is rendered as a conversation, the loss on its assistant turns")
     encode = lambda r: encode_row(r, tokenizer, style, data.max_seq_length, data.mask_prompt, chat)  # noqa: E731
     train_set = keep_trainable([encode(r) for r in rows], data.max_seq_length, fabric)

@@ -167,7 +167,7 @@ def test_template_that_is_not_prefix_stable_is_refused(tiny: Path) -> None:
         ChatTemplate("{% for m in messages %}", {}, "broken")
 
 
-def _chat_run(base: Path, train_file: Path, out_dir: Path, chat_template: str | None):
+def _chat_run(base: Path, train_file: Path, out_dir: Path, chat_template: str | None, prompt_style: str | None = None):
     from finetune.config import DataArgs
     from finetune.lora import LoRAArgs, setup
 
@@ -176,7 +176,7 @@ def _chat_run(base: Path, train_file: Path, out_dir: Path, chat_template: str | 
         out_dir=out_dir,
         lr=3e-3,
         lora=LoRAArgs(r=4, alpha=8),
-        data=DataArgs(train_file=train_file, chat_template=chat_template, max_seq_length=128, val_fraction=0.25),
+        data=DataArgs(train_file=train_file, chat_template=chat_template, prompt_style=prompt_style, max_seq_length=128, val_fraction=0.25),
         train=TrainArgs(save_interval=None, log_interval=1, global_batch_size=4, micro_batch_size=4, lr_warmup_steps=1, max_steps=2, max_norm=1.0),
         eval=EvalArgs(interval=0, max_iters=1),
     )
@@ -227,3 +227,14 @@ def test_chat_run_takes_the_base_model_own_template_or_asks_for_one(tiny: Path, 
     final = _chat_run(own, chat_file, tmp_path / "own", None)
     assert (final / CHAT_TEMPLATE_FILE).read_text() == INST
     assert (tmp_path / "own" / "metrics.csv").is_file()
+
+
+@pytest.mark.parametrize("rows", ["conversations", "instructions"])
+def test_a_prompt_style_a_chat_run_would_not_use_is_refused(tiny: Path, chat_file: Path, tmp_path: Path, rows: str) -> None:
+    """A chat run renders every row (and the server every prompt) with its chat template: --data.prompt_style would do nothing."""
+    train_file = chat_file
+    if rows == "instructions":  # rendered as conversations all the same, since a chat template is given
+        train_file = tmp_path / "rows.jsonl"
+        train_file.write_text("".join(json.dumps({"instruction": f"{i}+{i}?", "output": str(2 * i)}) + "\n" for i in range(16)))
+    with pytest.raises(ValueError, match=r"data.prompt_style: .*chat template"):
+        _chat_run(tiny, train_file, tmp_path / "run", "chatml", prompt_style="alpaca")
