@@ -82,6 +82,8 @@ def prepare(
         raise ValueError(f"speed.micro_batch: 'auto' or 'fixed', got {speed.micro_batch!r}")
     if speed.gpu_memory_gib is not None and fabric.device.type != "cuda":
         raise ValueError(f"speed.gpu_memory_gib: caps GPU memory, and this run is on {fabric.device.type}; drop it")
+    if speed.lora_addmm and method_name != "lora":
+        raise ValueError(f"speed.lora_addmm: adds each LoRA term inside its GEMM, and {method_name} has no LoRA layers; drop it")
     gpt = model.module
     packing = speed.packing
     if packing and (reason := unsupported_reason(gpt)) is not None:
@@ -149,6 +151,10 @@ def choose_dequantize_4bit(gpt: torch.nn.Module, mode: str, compiled: bool, log=
         raise ValueError(f"speed.dequantize_4bit: 'bitsandbytes', 'in-block', 'auto' or 'compiled', got {mode!r}")
     layers = four_bit_layers(gpt)
     if not layers:
+        if mode != "auto":  # set, it would change nothing
+            raise ValueError(
+                f"speed.dequantize_4bit: {mode!r} is how 4-bit weights dequantize (--quantize bnb.nf4 or bnb.fp4), and this model has none; drop it"
+            )
         return None
     if mode == "bitsandbytes" or (mode == "auto" and not compiled):
         return "bitsandbytes"

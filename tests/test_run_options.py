@@ -118,6 +118,23 @@ def test_each_refused_option_stops_the_run_naming_it_and_what_to_use(tiny, tmp_p
     assert not (tmp_path / "run").exists()  # refused before anything ran
 
 
+@pytest.mark.parametrize(
+    "method, flags, expected",
+    [
+        ("full", ["--speed.lora_addmm", "true"], "error: speed.lora_addmm: adds each LoRA term inside its GEMM, and full has no LoRA layers"),
+        ("adapter", ["--speed.lora_addmm", "true"], "error: speed.lora_addmm: adds each LoRA term inside its GEMM, and adapter has no LoRA layers"),
+        ("lora", ["--speed.dequantize_4bit", "in-block"], "error: speed.dequantize_4bit: 'in-block' is how 4-bit weights dequantize"),
+        ("full", ["--speed.dequantize_4bit", "bitsandbytes"], "error: speed.dequantize_4bit: 'bitsandbytes' is how 4-bit weights dequantize"),
+    ],
+)
+def test_a_speed_option_with_nothing_to_act_on_is_refused(tiny, tmp_path, capsys, method, flags, expected):
+    """Set, it would change nothing in this run: refused naming it instead of silently unused."""
+    with pytest.raises(SystemExit) as stopped:
+        main(CONFIGS[method], [*tiny_args(tiny, tmp_path / "run", method), "--train.max_steps", "1", *flags])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip().startswith(expected)
+
+
 def test_one_time_budget(tiny, tmp_path, capsys):
     assert "max_time" in {f.name for f in dataclasses.fields(LoRARun)}
     with pytest.raises(SystemExit):
