@@ -180,6 +180,7 @@ class BatchEngine:
         self._wake = threading.Condition()
         self._submitted = 0  # requests in the inbox or the scheduler's queue (guarded by _wake)
         self._stop = self._draining = False
+        self._closed = False  # _fail_all has emptied the inbox for the last time: nothing joins it after (guarded by _wake)
         self._error: BaseException | None = None  # what killed the engine thread
         self._step_started: float | None = None  # monotonic start of the step in progress
         self.counters = {"requests": 0, "prompt_tokens": 0, "computed_prompt_tokens": 0, "prefill_rounds": 0, "decode_steps": 0,
@@ -222,6 +223,8 @@ class BatchEngine:
             raise FieldError("num_return_sequences", f"{request.n} sequences of this request {refusal}; ask for fewer (or fewer max_new_tokens)")
         live.future.add_done_callback(lambda f: f.cancelled() and self._cancel(live))
         with self._wake:
+            if self._closed:  # the engine thread stopped while this prompt was tokenized: nobody would answer it
+                raise Unavailable(self.health() or "the engine thread stopped")
             self.counters["requests"] += 1
             self.counters["prompt_tokens"] += len(prompt.ids)
             self._inbox.append(live)
@@ -545,6 +548,7 @@ class BatchEngine:
 
     def _fail_all(self, error: Exception) -> None:
         with self._wake:
+            self._closed = True
             lives = list(self._inbox)
             self._inbox.clear()
             self._submitted = 0

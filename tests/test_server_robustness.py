@@ -241,6 +241,37 @@ def test_health_is_503_with_the_reason_once_the_engine_thread_is_gone(generator,
     assert health.status_code == 503 and "scheduler bug" in health.json()["reason"]
 
 
+def test_a_request_tokenized_while_the_engine_thread_dies_gets_503_not_a_wait_forever(generator, engine, monkeypatch) -> None:
+    """A request past the health check whose prompt is still being tokenized when the engine thread stops is
+    answered 503: it used to join the inbox after the thread's last look at it, and nobody ever answered it."""
+    e = engine()
+
+    def broken():
+        raise RuntimeError("scheduler bug")
+
+    e.scheduler.schedule = broken
+    real, late_started = generator.prompt, threading.Event()
+
+    def prompt(req: ProcessRequest):
+        if req.prompt == "late":
+            late_started.set()
+            e._thread.join(30)  # tokenized until the engine thread is gone
+        else:
+            late_started.wait(30)  # the late request is past the health check before the first reaches the engine
+        return real(req)
+
+    monkeypatch.setattr(generator, "prompt", prompt)
+
+    async def main():
+        async with _client(create_app(e, generator.codec)) as client:
+            posts = [client.post("/process", json={"prompt": p, "max_new_tokens": 2}) for p in ("first", "late")]
+            return await asyncio.wait_for(asyncio.gather(*posts), timeout=10)
+
+    first, late = asyncio.run(main())
+    assert first.status_code == 503 and "scheduler bug" in first.json()["detail"]
+    assert late.status_code == 503 and "scheduler bug" in late.json()["detail"], late.text
+
+
 @pytest.mark.parametrize(
     ("path", "body", "loc"),
     [
