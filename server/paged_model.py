@@ -135,7 +135,9 @@ class PagedModel:
         self._k_slots, self._v_slots = by_slot[:, :, 0], by_slot[:, :, 1]  # (layer, slot, kv_head, hs)
         chunk = block_size * 2 * c.n_query_groups * c.head_size * self.kv.element_size()  # bytes of one layer's block
         self._word = torch.int64 if chunk % 8 == 0 and self.kv.element_size() < 8 else self.kv.dtype  # what the gather copies
-        self.scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
+        # litgpt's attention scale, YaRN's mscale (rope_adjustments with mscale_all_dim) included
+        mscale = getattr(model.transformer.h[0].attn, "mscale", 1.0)
+        self.scale = mscale * mscale / math.sqrt(c.attention_scores_scalar or c.head_size)
         # a window at least as long as the served window can't exclude anything (Mistral-7B-v0.1: 4096)
         self.windows = [
             c.sliding_window_size if block.attn.apply_sliding_window_attention and c.sliding_window_size < self.max_len else None

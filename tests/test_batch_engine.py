@@ -101,6 +101,28 @@ def test_paged_forward_matches_litgpt(arch: str, short_segment: int, monkeypatch
     torch.testing.assert_close(logits[0], refs[2][20], atol=1e-5, rtol=1e-5)
 
 
+def test_paged_forward_scales_attention_as_litgpt_with_yarn_mscale() -> None:
+    """YaRN ``rope_adjustments`` with ``mscale_all_dim`` scale litgpt's attention by ``mscale**2``; the paged
+    prefill and decode must too (they used ``1/sqrt(head_size)`` alone)."""
+    yarn = {"factor": 4.0, "beta_fast": 32, "beta_slow": 1, "original_max_seq_len": 16, "mscale_all_dim": 1.0}
+    torch.manual_seed(0)
+    config = Config(n_layer=2, n_embd=64, block_size=64, vocab_size=97, padded_vocab_size=97, norm_class_name="RMSNorm",
+                    mlp_class_name="LLaMAMLP", intermediate_size=96, bias=False, n_head=4, n_query_groups=2, rope_adjustments=yarn)  # fmt: skip
+    model = GPT(config).eval()
+    assert model.transformer.h[0].attn.mscale != 1.0 and unsupported_reason(model) is None
+    pool = KVPool(num_blocks=20, block_size=4)
+    paged = PagedModel(model, pool.num_blocks, pool.block_size, max_batch=4)
+    ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.inference_mode():
+        ref = model(torch.tensor([ids]))[0]
+    table = pool.allocate(pool.blocks_for(len(ids)))
+    out = paged.prefill([Segment(table, 0, ids[:20], all_logits=True)])[0]  # flash path (starts empty)
+    torch.testing.assert_close(out, ref[:20], atol=1e-5, rtol=1e-5)
+    out = paged.prefill([Segment(table, 20, ids[20:29])])[0]  # masked path (continues)
+    torch.testing.assert_close(out[0], ref[28], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(paged.decode([ids[29]], [29], [table])[0], ref[29], atol=1e-5, rtol=1e-5)
+
+
 class _PoolReads(TorchDispatchMode):
     """The ops of a step that take the KV pool (a view of its storage) as an input."""
 
