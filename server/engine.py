@@ -110,6 +110,20 @@ class SerialEngine:
         self._worker.shutdown(wait=False, cancel_futures=True)
 
 
+BATCH_ONLY = ("max_batch", "prefill_tokens", "kv_block_size", "kv_tokens", "max_queue", "kv_reservation", "attention_tokens")
+# the batched engine's scheduling and KV options: the serial engine has no pool, batch or queue, so a value given
+# for it would change nothing (--gpu_memory_gib caps the process for both; --cuda_graphs off is what serial does)
+
+
+def batch_default(name: str):
+    """``BatchEngine``'s default for one of its options (read from its signature, not restated)."""
+    import inspect
+
+    from server.batch_engine import BatchEngine
+
+    return inspect.signature(BatchEngine.__init__).parameters[name].default
+
+
 def make_engine(generator: Generator, kind: EngineKind = "auto", **batch_options) -> Engine:
     """``kind``: "batched", "serial", or "auto" (batched unless the model needs the serial path).
 
@@ -125,6 +139,9 @@ def make_engine(generator: Generator, kind: EngineKind = "auto", **batch_options
             raise ValueError(f"compile_decode: only the batched engine compiles its decode ({why}); leave it off")
         if batch_options.get("overlap_decode"):
             raise ValueError(f"overlap_decode: only the batched engine overlaps its decode steps ({why}); leave it off")
+        for name, value in batch_options.items():
+            if name in BATCH_ONLY and value != (default := batch_default(name)):
+                raise ValueError(f"{name}: only the batched engine uses it ({why}); leave it at its default ({default!r})")
         if reason is not None:
             print(f"engine: serving one request at a time: the batched engine does not support {reason}", file=sys.stderr)
         return SerialEngine(generator)

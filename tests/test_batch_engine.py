@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 import httpx
 import pytest
@@ -264,6 +265,34 @@ def test_adapter_models_fall_back_to_the_serial_engine(make_tiny_checkpoint) -> 
     assert isinstance(make_engine(generator), SerialEngine)
     with pytest.raises(ValueError, match="--engine serial"):
         make_engine(generator, "batched")
+
+
+def test_the_serial_engine_refuses_the_batched_engines_options(make_tiny_checkpoint, monkeypatch) -> None:
+    """--engine serial has no pool, batch or queue: a value given for one of them is refused naming it, and the
+    server's own defaults (which must be BatchEngine's) pass, through the CLI as a user runs it."""
+    from core.cli import run_cli
+    from server import __main__ as main
+    from server.engine import BATCH_ONLY
+
+    generator = load_generator(make_tiny_checkpoint(), device="cpu")
+    for name, value in (("max_batch", 64), ("kv_tokens", 4096), ("kv_reservation", "up_front"), ("attention_tokens", 0), ("max_queue", 8)):
+        with pytest.raises(ValueError, match=f"^{name}: only the batched engine uses it \\(--engine serial\\)"):
+            make_engine(generator, "serial", **{name: value})
+    served = {}
+
+    def stop_at_the_app(engine, *args, **kwargs):
+        served["engine"] = engine
+        raise SystemExit("stop here")
+
+    monkeypatch.setattr(main, "create_app", stop_at_the_app)
+
+    ckpt = ["--checkpoint_dir", str(make_tiny_checkpoint()), "--device", "cpu", "--engine", "serial", "--warmup", "false"]
+    with pytest.raises(SystemExit, match="stop here"):
+        run_cli(main.serve, args=ckpt)
+    assert isinstance(served["engine"], SerialEngine)
+    with pytest.raises(SystemExit, match="error: prefill_tokens: only the batched engine uses it"):
+        run_cli(main.serve, args=[*ckpt, "--prefill_tokens", "512"])
+    assert set(BATCH_ONLY) <= set(inspect.signature(main.serve).parameters)
 
 
 def test_health_reports_engine_counters(make_tiny_checkpoint, serve) -> None:
