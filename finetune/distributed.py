@@ -98,13 +98,13 @@ class RankBatches:
     Each ``next`` draws ``world_size`` micro-batches from the shared order and returns the ``rank``-th;
     the 1-process run takes the same ``world_size`` micro-batches one after the other in its
     accumulation. ``tokens`` is what all of them hold (the world's tokens of that micro-step), ``targets`` their
-    labelled targets (per row: ``targets[i]``), which weight each micro-batch's loss (``finetune.loop.loss_weights``).
+    labelled targets (per row: ``targets[i]``) and ``rank_targets`` this rank's, which weight each micro-batch's loss (``finetune.loop.loss_weights``).
     """
 
     def __init__(self, batches, rank: int, world_size: int, lengths: list[int], targets: list[int] | None = None) -> None:
         self.batches, self.rank, self.world_size, self.lengths = batches, rank, world_size, lengths
         self.row_targets = targets
-        self.tokens = self.targets = 0
+        self.tokens = self.targets = self.rank_targets = 0
 
     @property
     def batches_per_epoch(self) -> int:
@@ -115,6 +115,7 @@ class RankBatches:
         self.tokens = sum(self.lengths[i] for batch in drawn for i in _flat(batch))
         if self.row_targets is not None:
             self.targets = sum(self.row_targets[i] for batch in drawn for i in _flat(batch))
+            self.rank_targets = sum(self.row_targets[i] for i in _flat(drawn[self.rank]))
         return drawn[self.rank]
 
     def state_dict(self) -> dict:

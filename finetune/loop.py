@@ -48,6 +48,9 @@ def clear_prefix_caches(model: torch.nn.Module) -> None:
             module.adapter_kv_cache = None
 
 
+HOST_COUNTS = ("mask", "tokens", "targets", "rank_targets")  # a batch's numbers counted on the host, not model inputs
+
+
 def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], checkpoint_blocks: bool = False) -> torch.Tensor:
     """Next-token cross-entropy over the labelled (response) positions of a padded or packed batch.
 
@@ -56,14 +59,17 @@ def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], checkpoin
     DDP needs to sync gradients and FSDP to gather weights.
     """
     clear_prefix_caches(model)
-    inputs = {k: v for k, v in batch.items() if k not in ("mask", "tokens", "targets")}  # counted on the host, not model inputs
+    inputs = {k: v for k, v in batch.items() if k not in HOST_COUNTS}
     if "training_loss" in getattr(model, "_forward_methods", ()):
         return model.training_loss(inputs, checkpoint_blocks)
     return training_loss(getattr(model, "module", model), inputs, checkpoint_blocks)
 
 
 def target_count(batch: dict[str, torch.Tensor]) -> int:
-    """Labelled targets in a micro-batch (what its mean loss is over), known on the host."""
+    """Labelled targets in a micro-batch (what its mean loss is over): the host's count where the batch carries it
+    (``rank_targets``, from ``finetune.distributed.RankBatches``), so the step does not wait on the device to read it."""
+    if "rank_targets" in batch:
+        return batch["rank_targets"]
     if "target_index" in batch:
         return batch["target_index"].numel()
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -234,7 +240,7 @@ def fit(
         for group in optimizer.param_groups:
             group["lr"] = base_lr * schedule.factor(progress.step)
         step_tokens, step_loss = 0, 0.0
-        drawn = [next_batch() for _ in range(accumulate)]  # host-side batches: their target counts weight the losses
+        drawn = [next_batch() for _ in range(accumulate)]  # all of the step's micro-batches first: their target counts weight the losses
         for micro, (batch, weight) in enumerate(zip(drawn, loss_weights(drawn, fabric.world_size))):
             with fabric.no_backward_sync(model, enabled=micro < accumulate - 1):
                 with fabric.autocast():

@@ -304,7 +304,12 @@ def run(config: RunConfig) -> Path:
         make_batch = lambda drawn: collate([train_set[i] for i in drawn])  # noqa: E731
     targets = [int((e["labels"][1:] != IGNORE_INDEX).sum()) for e in train_set]  # a row's first token is never a target, packed or not
     batches = distributed.RankBatches(batches, fabric.global_rank, fabric.world_size, [len(e["input_ids"]) for e in train_set], targets)
-    next_batch = lambda: {**to_device(make_batch(batches.next())), "tokens": batches.tokens, "targets": batches.targets}  # noqa: E731
+
+    def next_batch() -> dict:
+        """The next micro-batch on the device, with its counts from the host: the step never reads them back."""
+        batch = to_device(make_batch(batches.next()))
+        return {**batch, "tokens": batches.tokens, "targets": batches.targets, "rank_targets": batches.rank_targets}
+
     accumulate = train.gradient_accumulation_iters(devices=1)  # micro-batches per step, all ranks together
     planned = train.max_steps or max(1, math.ceil(train.epochs * batches.batches_per_epoch / accumulate))
     warmup = train.lr_warmup_steps if train.lr_warmup_steps is not None else round(train.lr_warmup_fraction * planned)

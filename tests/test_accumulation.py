@@ -87,7 +87,7 @@ def test_two_ranks_gradients_averaged_as_ddp_does_are_the_token_mean_of_the_glob
     each rank's weighted loss, gradients averaged over ranks (what DDP's all-reduce does), is one process's step."""
     from finetune.batching import EpochBatches
     from finetune.distributed import RankBatches
-    from finetune.loop import batch_loss, loss_weights
+    from finetune.loop import batch_loss, loss_weights, target_count
 
     rows = _rows()
     lengths, targets = [len(r["input_ids"]) for r in rows], [int((r["labels"][1:] != IGNORE_INDEX).sum()) for r in rows]
@@ -98,7 +98,9 @@ def test_two_ranks_gradients_averaged_as_ddp_does_are_the_token_mean_of_the_glob
         for _ in range(2):  # accumulation: global 8 = 2 ranks x 2 micro-batches x 2 rows
             ids = order.next()
             drawn_rows += [rows[i] for i in ids]
-            drawn.append({**Collate()([rows[i] for i in ids]), "targets": order.targets})
+            batch = Collate()([rows[i] for i in ids])
+            assert order.rank_targets == target_count(batch)  # the host's count is the labels' (no device read in the step)
+            drawn.append({**batch, "targets": order.targets, "rank_targets": order.rank_targets})
         model = _model()
         sum(batch_loss(model, b) * w for b, w in zip(drawn, loss_weights(drawn, world_size=2))).backward()
         for n, p in model.named_parameters():
