@@ -13,6 +13,7 @@ and errors the app maps to HTTP statuses (``Busy`` 503 with Retry-After, ``Unava
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -117,8 +118,6 @@ BATCH_ONLY = ("max_batch", "prefill_tokens", "kv_block_size", "kv_tokens", "max_
 
 def batch_default(name: str):
     """``BatchEngine``'s default for one of its options (read from its signature, not restated)."""
-    import inspect
-
     from server.batch_engine import BatchEngine
 
     return inspect.signature(BatchEngine.__init__).parameters[name].default
