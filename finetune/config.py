@@ -111,11 +111,11 @@ class EvalArgs:
     score_interval: int | None = None
     """score the checkpoint saved every this many steps (a multiple of train.save_interval), and final/"""
     score_tasks: list[Path] | None = None
-    """evals task files (MMLU .csv, GSM8K .jsonl, rows); default: the run's held-out rows"""
+    """evals task files (MMLU .csv, GSM8K .jsonl, rows); default: the run's held-out rows (with score_interval only)"""
     score_max_items: int | None = 200
-    """items scored per task (the intervals in eval.json say how much that resolves)"""
+    """items scored per task (the intervals in eval.json say how much that resolves); with score_interval only"""
     score_device: str = "auto"
-    """where the scorer loads the checkpoint: auto (the GPU when there is one), cpu, cuda, cuda:1"""
+    """where the scorer loads the checkpoint: auto (the GPU when there is one), cpu, cuda, cuda:1; with score_interval only"""
     # refused (REFUSED says what to use)
     max_new_tokens: int | None = None
     """refused: validation generates nothing; use --eval.score_interval or make eval"""

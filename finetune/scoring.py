@@ -28,10 +28,20 @@ BEST_LINK = "best"
 HELDOUT_FILE = "heldout.jsonl"
 
 
+SCORING_ONLY = ("score_tasks", "score_max_items", "score_device")  # read only when eval.score_interval scores checkpoints
+
+
 def check(eval: EvalArgs, save_interval: int | None) -> None:
-    """Refuse scoring options that cannot work, naming the flag, before the run starts."""
+    """Refuse scoring options that cannot work, or would not be used (no --eval.score_interval), naming the flag."""
     interval = eval.score_interval
     if interval is None:
+        defaults = EvalArgs()
+        for name in SCORING_ONLY:
+            if getattr(eval, name) != getattr(defaults, name):
+                raise ValueError(
+                    f"eval.{name}: only read when checkpoints are scored while training, and --eval.score_interval is not set; "
+                    "give it (a multiple of train.save_interval) or score after training with make eval"
+                )
         return
     if interval < 1:
         raise ValueError(f"eval.score_interval: must be a positive number of steps, got {interval}")

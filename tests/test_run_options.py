@@ -135,6 +135,22 @@ def test_a_speed_option_with_nothing_to_act_on_is_refused(tiny, tmp_path, capsys
     assert capsys.readouterr().err.strip().startswith(expected)
 
 
+def refused_before_the_run(tiny, tmp_path, capsys, flags: list[str], expected: str) -> None:
+    rows = str(tiny[1])
+    with pytest.raises(SystemExit) as stopped:
+        main(LoRARun, [*tiny_args(tiny, tmp_path / "run", "lora"), *(f.format(rows=rows) for f in flags)])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip().startswith(expected.format(rows=rows))
+    assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+@pytest.mark.parametrize("name, value", [("score_tasks", "[{rows}]"), ("score_max_items", "5"), ("score_device", "cpu")])
+def test_a_scoring_option_without_score_interval_is_refused(tiny, tmp_path, capsys, name, value):
+    """Only --eval.score_interval scores checkpoints while training: without it these would go unread."""
+    expected = f"error: eval.{name}: only read when checkpoints are scored while training, and --eval.score_interval is not set"
+    refused_before_the_run(tiny, tmp_path, capsys, [f"--eval.{name}", value], expected)
+
+
 def test_one_time_budget(tiny, tmp_path, capsys):
     assert "max_time" in {f.name for f in dataclasses.fields(LoRARun)}
     with pytest.raises(SystemExit):
