@@ -39,11 +39,11 @@ class DataArgs:
     train_file: Path | None = Path("data/generated/tiny/train.jsonl")
     """local JSON/JSONL"""
     recipe: Path | None = None
-    """a data recipe YAML (data/recipes/); wins over train_file"""
+    """a data recipe YAML (data/recipes/), instead of train_file (a train_file of its own beside it is refused)"""
     val_file: Path | None = None
     """None: hold out val_fraction of the training rows"""
     val_fraction: float = 0.05
-    """the share of the training rows held out for validation when there is no val_file"""
+    """the share of the training rows held out for validation when there is no val_file (set beside one: refused)"""
     prompt_style: str | None = None
     """None: "qa" for a file; a recipe names its own template (setting both is refused); a chat run has none (refused)"""
     chat_template: str | None = None
@@ -71,13 +71,13 @@ class TrainArgs:
     micro_batch_size: int = 4
     """rows per forward pass on each device; with speed.micro_batch auto the memory plan picks it on a GPU"""
     lr_warmup_steps: int | None = None
-    """warmup steps; given, it replaces lr_warmup_fraction"""
+    """warmup steps; given, it replaces lr_warmup_fraction (a fraction of its own beside it is refused)"""
     lr_warmup_fraction: float = 0.03
     """warmup as a fraction of the planned optimizer steps"""
     epochs: float | None = 1
-    """passes over the training data (when max_steps is None)"""
+    """passes over the training data (when max_steps is None; a number of its own beside max_steps is refused)"""
     max_steps: int | None = None
-    """optimizer steps; wins over epochs"""
+    """optimizer steps, instead of epochs (>= 1)"""
     max_norm: float | None = 1.0
     """gradient clipping (global L2 norm); None: off"""
     min_lr: float | None = None
@@ -216,8 +216,38 @@ def refuse_unread(config: RunConfig) -> None:
         raise ValueError(f"train.micro_batch_size: {train.micro_batch_size} must divide train.global_batch_size ({train.global_batch_size})")
     if train.max_steps is None and train.epochs is None:
         raise ValueError("train.epochs: give the length of the run, --train.epochs or --train.max_steps")
+    refuse_overridden(train, data)
     if data.recipe is not None and data.prompt_style is not None:
         raise ValueError(f"data.prompt_style: {data.recipe} names its own template; drop --data.prompt_style or edit the recipe's template")
+
+
+def refuse_overridden(train: TrainArgs, data: DataArgs) -> None:
+    """An option another one replaces, set to a value of its own, would be dropped unread: refused, naming both.
+
+    litgpt ends a run at whichever of max_steps and epochs comes first; here max_steps wins, so a user
+    passing both would silently get max_steps. Only values that differ from the default are refused."""
+    train_defaults, data_defaults = TrainArgs(), DataArgs()
+    if train.max_steps is not None and train.max_steps < 1:
+        raise ValueError(f"train.max_steps: a number of optimizer steps >= 1, got {train.max_steps}; or leave it unset to run train.epochs")
+    if train.epochs is not None and train.epochs <= 0:
+        raise ValueError(f"train.epochs: a positive number of passes over the data, got {train.epochs}")
+    if train.max_steps is not None and train.epochs is not None and train.epochs != train_defaults.epochs:
+        raise ValueError(
+            f"train.epochs: {train.epochs} would not be read: train.max_steps ({train.max_steps}) sets the length of the run; give one of them"
+        )
+    if train.lr_warmup_steps is not None and train.lr_warmup_fraction != train_defaults.lr_warmup_fraction:
+        raise ValueError(
+            f"train.lr_warmup_fraction: {train.lr_warmup_fraction} would not be read: train.lr_warmup_steps ({train.lr_warmup_steps}) "
+            "replaces it; give one of them"
+        )
+    if data.val_file is not None and data.val_fraction != data_defaults.val_fraction:
+        raise ValueError(
+            f"data.val_fraction: {data.val_fraction} would not be read: data.val_file ({data.val_file}) holds the validation rows; give one of them"
+        )
+    if data.recipe is not None and data.train_file is not None and Path(data.train_file) != data_defaults.train_file:
+        raise ValueError(
+            f"data.train_file: {data.train_file} would not be read: data.recipe ({data.recipe}) builds the training rows; give one of them"
+        )
 
 
 def record(config: RunConfig) -> dict:

@@ -135,6 +135,28 @@ def test_a_speed_option_with_nothing_to_act_on_is_refused(tiny, tmp_path, capsys
     assert capsys.readouterr().err.strip().startswith(expected)
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--train.max_steps", "3", "--train.epochs", "2"], "error: train.epochs: 2.0 would not be read: train.max_steps (3) sets the length"),
+        (["--train.max_steps", "0"], "error: train.max_steps: a number of optimizer steps >= 1, got 0"),
+        (["--train.epochs", "0"], "error: train.epochs: a positive number of passes over the data, got 0.0"),
+        (
+            ["--train.lr_warmup_steps", "1", "--train.lr_warmup_fraction", "0.2"],
+            "error: train.lr_warmup_fraction: 0.2 would not be read: train.lr_warmup_steps (1) replaces it",
+        ),
+        (["--data.val_file", "{rows}", "--data.val_fraction", "0.2"], "error: data.val_fraction: 0.2 would not be read: data.val_file ({rows})"),
+        (
+            ["--data.recipe", "data/recipes/tiny_local.yaml"],
+            "error: data.train_file: {rows} would not be read: data.recipe (data/recipes/tiny_local.yaml) builds the training rows",
+        ),
+    ],
+)
+def test_an_option_another_one_replaces_is_refused(tiny, tmp_path, capsys, flags, expected):
+    """Set beside the option that replaces it (max_steps, lr_warmup_steps, val_file, recipe), it would be dropped unread."""
+    refused_before_the_run(tiny, tmp_path, capsys, flags, expected)
+
+
 def refused_before_the_run(tiny, tmp_path, capsys, flags: list[str], expected: str) -> None:
     rows = str(tiny[1])
     with pytest.raises(SystemExit) as stopped:
@@ -149,6 +171,12 @@ def test_a_scoring_option_without_score_interval_is_refused(tiny, tmp_path, caps
     """Only --eval.score_interval scores checkpoints while training: without it these would go unread."""
     expected = f"error: eval.{name}: only read when checkpoints are scored while training, and --eval.score_interval is not set"
     refused_before_the_run(tiny, tmp_path, capsys, [f"--eval.{name}", value], expected)
+
+
+def test_the_replaced_options_at_their_defaults_still_run(tiny, tmp_path):
+    """max_steps with the default epochs, warmup steps with the default fraction: the run goes ahead."""
+    final = main(LoRARun, [*tiny_args(tiny, tmp_path / "run", "lora"), "--train.max_steps", "2", "--train.lr_warmup_steps", "1"])
+    assert (final / "lit_model.pth.lora").is_file()
 
 
 def test_one_time_budget(tiny, tmp_path, capsys):
