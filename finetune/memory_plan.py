@@ -241,6 +241,21 @@ def probe_plan(step, plans: list[Plan], log=print, limit_gib: float | None = Non
     )
 
 
+LORA_R = 16  # main's --lora_r default
+
+
+def refuse_unplanned(method: str, quantize: str | None, lora_r: int, devices: int, strategy: str) -> None:
+    """Options the plan would not read for this method or device count: refused naming them, not planned without."""
+    if quantize is not None and quantize not in QUANTIZED_BYTES:
+        raise ValueError(f"quantize: choose one of {', '.join(QUANTIZED_BYTES)}, got {quantize!r}")
+    if quantize is not None and method == "full":
+        raise ValueError(f"quantize: full finetuning trains every weight and cannot train {quantize} ones (finetune refuses it); plan lora")
+    if lora_r != LORA_R and method != "lora":
+        raise ValueError(f"lora_r: {method} has no LoRA layers, so the rank changes nothing in its plan; drop it or plan --method lora")
+    if strategy == "fsdp" and devices == 1:
+        raise ValueError("strategy: fsdp shards over several GPUs and one device plans alone; give --devices N (N > 1) or drop it")
+
+
 def main(
     checkpoint_dir: Path | None = None,
     model_name: str | None = None,
@@ -248,7 +263,7 @@ def main(
     quantize: str | None = None,
     max_seq_length: int = 2048,
     global_batch_size: int = 16,
-    lora_r: int = 16,
+    lora_r: int = LORA_R,
     gpu_memory_gib: float | None = None,
     devices: int = 1,
     strategy: Literal["ddp", "fsdp"] = "ddp",
@@ -259,13 +274,13 @@ def main(
         checkpoint_dir: a converted checkpoint (only its model_config.yaml is read: no weights needed).
         model_name: or a litgpt config name (e.g. Mistral-7B-v0.1), before anything is downloaded.
         method: lora, adapter, adapter_v2 or full.
-        quantize: e.g. bnb.nf4 (QLoRA).
+        quantize: e.g. bnb.nf4 (QLoRA); not with method full, whose weights all train.
         max_seq_length: tokens per (packed) row.
         global_batch_size: rows per optimizer step; micro-batch sizes are its divisors.
-        lora_r: LoRA rank on every linear layer and the head (our default targets).
+        lora_r: LoRA rank on every linear layer and the head (our default targets); method lora only.
         gpu_memory_gib: plan for this much memory instead of the three tracks.
         devices: GPUs the run shares (finetune's --devices); the plan is one GPU's memory.
-        strategy: with devices > 1: ddp (replicated) or fsdp (weights, gradients and optimizer sharded).
+        strategy: with devices > 1: ddp (replicated) or fsdp (weights, gradients and optimizer sharded); fsdp needs devices > 1.
     """
     from core.checkpoints import load_config
     from core.configs import config_from_name
@@ -281,6 +296,7 @@ def main(
         raise ValueError(f"global_batch_size: {global_batch_size} rows do not split over --devices {devices}")
     if devices > 1 and quantize is not None:
         raise ValueError(f"quantize: {quantize} (QLoRA) trains on one device (finetune refuses it with --devices > 1); plan it with --devices 1")
+    refuse_unplanned(method, quantize, lora_r, devices, strategy)
     chosen = METHODS[method]
     config = load_config(Path(checkpoint_dir)) if checkpoint_dir is not None else config_from_name(model_name)
     extra = (

@@ -149,3 +149,24 @@ def test_several_devices_plan_one_devices_memory_replicated_or_sharded(tmp_path:
         main(tmp_path, quantize="bnb.nf4", devices=2)
     with pytest.raises(ValueError, match="global_batch_size: 16 rows do not split over --devices 3"):
         main(tmp_path, devices=3)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--method", "full", "--quantize", "bnb.nf4"], "error: quantize: full finetuning trains every weight and cannot train bnb.nf4 ones"),
+        (["--method", "adapter", "--lora_r", "8"], "error: lora_r: adapter has no LoRA layers, so the rank changes nothing in its plan"),
+        (["--strategy", "fsdp"], "error: strategy: fsdp shards over several GPUs and one device plans alone"),
+        (["--quantize", "bnb.nf3"], "error: quantize: choose one of bnb.nf4, bnb.fp4, bnb.nf4-dq, bnb.fp4-dq, bnb.int8-training, got 'bnb.nf3'"),
+    ],
+)
+def test_cli_refuses_an_option_the_plan_would_not_read(capsys, flags, expected) -> None:
+    """Accepted, each of these would print the plan without it (the full plan ignores quantize, adapters have no rank)."""
+    from core.cli import run_cli
+
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(main, args=["--model_name", "Mistral-7B-v0.1", *flags])
+    assert stopped.value.code == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip().startswith(expected) and "micro_batch_size" not in captured.out
+    assert main(model_name="Mistral-7B-v0.1", method="adapter", lora_r=16)  # the default rank with another method still plans
