@@ -197,6 +197,14 @@ def convert(
     return verified
 
 
+def refuse_unread(repo_id: str, dtype: str | None, data_dir: Path | None) -> None:
+    """The tiny model is built, not downloaded: only it writes data splits, and it is always float32."""
+    if repo_id == TINY and dtype is not None:
+        raise ValueError(f"dtype: the tiny model is built locally in float32 and never converted, so {dtype!r} would not be applied; drop it")
+    if repo_id != TINY and data_dir is not None:
+        raise ValueError(f"data_dir: only the tiny model writes its train/test splits; {repo_id} brings none, drop it")
+
+
 def download(
     repo_id: str,
     checkpoint_dir: Path = CHECKPOINTS_DIR,
@@ -218,6 +226,7 @@ def download(
     from litgpt with its message) and CheckpointError (the converted result does not verify).
     """
     checkpoint_dir = Path(checkpoint_dir)
+    refuse_unread(repo_id, dtype, data_dir)
     try:
         entry_config: str | None = lookup(repo_id).litgpt_config
     except UnlistedModelError:
@@ -301,8 +310,9 @@ def download_cli(
         allow_unlisted: download a model that is not in the manifest (needs --model_name). The challenge
             only accepts approved base models.
         model_name: litgpt config to convert with (default: the manifest's).
-        dtype: convert the weights to this dtype (e.g. bfloat16); default: keep the downloaded dtype.
-        data_dir: for "tiny" only: where its train/test splits go (default data/generated/tiny).
+        dtype: convert the weights to this dtype (e.g. bfloat16); default: keep the downloaded dtype. Not for "tiny"
+            (built in float32).
+        data_dir: for "tiny" only (refused for other models): where its train/test splits go (default data/generated/tiny).
         delete_hf_weights: once the converted checkpoint verifies, delete the downloaded *.safetensors /
             *.bin files (lit_model.pth holds the weights; the eval image keeps one copy).
     """

@@ -219,3 +219,17 @@ def test_convert_cli_errors_in_process(tmp_path: Path, capsys: pytest.CaptureFix
         err = capsys.readouterr().err
         assert err.startswith("error: ") and expected in err, err
         assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--repo_id", "tiny", "--dtype", "bfloat16"], "error: dtype: the tiny model is built locally in float32 and never converted"),
+        (["--repo_id", "mistralai/Mistral-7B-v0.1", "--data_dir", "data/x"], "error: data_dir: only the tiny model writes its train/test splits"),
+    ],
+)
+def test_cli_refuses_an_option_the_download_would_not_apply(tmp_path: Path, no_hub: None, capsys: pytest.CaptureFixture, flags, expected) -> None:
+    """Accepted, the tiny model would come in float32 whatever --dtype said; a hub model writes no data splits."""
+    assert hub.main(["download", "--checkpoint_dir", str(tmp_path), *flags]) == 1
+    assert capsys.readouterr().err.startswith(expected)
+    assert not any(tmp_path.iterdir())  # refused before anything was built or fetched
