@@ -151,14 +151,32 @@ def table(scores: dict) -> str:
     return "\n".join(lines)
 
 
+SHOTS, MAX_NEW_TOKENS = 5, 128  # main's defaults
+
+
+def refuse_unread(loaded: list[Task], url: str | None, shots: int, template: str | None, max_new_tokens: int, device: str, engine: str) -> None:
+    """An option none of these tasks (or a server already running) reads, set all the same, is refused naming it."""
+    if url is not None and (device, engine) != ("auto", "auto"):
+        name = "device" if device != "auto" else "engine"
+        raise SystemExit(f"error: --{name}: sets up the checkpoint served in this process; the server at {url} runs as it was started, drop it")
+    kinds = {t.kind for t in loaded}
+    if "generation" not in kinds and (template is not None or max_new_tokens != MAX_NEW_TOKENS):
+        name = "template" if template is not None else "max_new_tokens"
+        raise SystemExit(
+            f"error: --{name}: only row tasks (instruction/output) read it, and none of --tasks is one (MMLU and GSM8K use HELM's prompts)"
+        )
+    if kinds == {"generation"} and shots != SHOTS:
+        raise SystemExit("error: --shots: only MMLU and GSM8K tasks put solved examples in front, and every one of --tasks is rows")
+
+
 def main(
     tasks: list[Path],
     checkpoint_dir: Path | None = None,
     url: str | None = None,
-    shots: int = 5,
+    shots: int = SHOTS,
     max_items: int | None = None,
     template: str | None = None,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     threads: int = 4,
     device: str = "auto",
     engine: Literal["auto", "batched", "serial"] = "auto",
@@ -171,13 +189,15 @@ def main(
             as a recipe's held-out rows (see evals/tasks.py).
         checkpoint_dir: a checkpoint to serve in this process (merged, base, or an unmerged run directory).
         url: a server already running (make serve), instead of checkpoint_dir.
-        shots: solved examples, from the head of each MMLU/GSM8K file, put in front of every prompt (not scored).
+        shots: solved examples, from the head of each MMLU/GSM8K file, put in front of every prompt (not scored);
+            refused when every task is rows.
         max_items: score at most this many items per task (the first ones after the shots).
-        template: prompt style for row tasks; default the checkpoint's own (prompt_style.yaml), else qa.
-        max_new_tokens: generation budget for row tasks (MMLU uses 1, GSM8K 400, as HELM).
+        template: prompt style for row tasks; default the checkpoint's own (prompt_style.yaml), else qa. Refused
+            without a row task.
+        max_new_tokens: generation budget for row tasks (MMLU uses 1, GSM8K 400, as HELM); refused without a row task.
         threads: requests in flight (helm-run's default is 4).
-        device: where an in-process checkpoint runs (auto, cpu, cuda).
-        engine: the serving engine of an in-process checkpoint.
+        device: where an in-process checkpoint runs (auto, cpu, cuda); refused with --url.
+        engine: the serving engine of an in-process checkpoint; refused with --url.
         out: write the scores (and every item's output) to this JSON file.
     """
     from core.prompts import get_style, load_style
@@ -194,6 +214,7 @@ def main(
         loaded = [load_task(p, shots, style, max_new_tokens) for p in tasks]
     except TaskError as e:
         raise SystemExit(f"error: {e}") from None
+    refuse_unread(loaded, url, shots, template, max_new_tokens, device, engine)
     if max_items is not None:
         loaded = [Task(t.name, t.kind, t.items[:max_items], t.max_new_tokens, t.stop) for t in loaded]
     client_cm = in_process(Path(checkpoint_dir), device, engine) if checkpoint_dir else over_http(url)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from jsonargparse import CLI
 
 from core.prompts import get_style
 from evals import run as evals_run
@@ -147,6 +148,28 @@ def test_main_scores_mmlu_gsm_and_rows_and_writes_json(make_tiny_checkpoint, tmp
     assert lo <= mc["metrics"]["accuracy"]["value"] <= hi
     with pytest.raises(SystemExit, match="exactly one of --checkpoint_dir"):
         evals_run.main(tasks=[mmlu])
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--url", "http://127.0.0.1:9", "--device", "cpu"], "error: --device: sets up the checkpoint served in this process; the server at"),
+        (["--url", "http://127.0.0.1:9", "--engine", "serial"], "error: --engine: sets up the checkpoint served in this process"),
+        (["--url", "http://127.0.0.1:9", "--template", "alpaca"], "error: --template: only row tasks (instruction/output) read it"),
+        (["--url", "http://127.0.0.1:9", "--max_new_tokens", "8"], "error: --max_new_tokens: only row tasks (instruction/output) read it"),
+        (["--url", "http://127.0.0.1:9", "--tasks", "[{rows}]", "--shots", "2"], "error: --shots: only MMLU and GSM8K tasks put solved examples"),
+    ],
+)
+def test_an_option_none_of_the_tasks_or_a_running_server_reads_is_refused(tmp_path, capsys, flags, expected):
+    """Accepted, each would be dropped: a running server is not set up here; MMLU/GSM8K keep HELM's prompts; rows take no shots."""
+    mmlu = write_mmlu(tmp_path / "parity_test.csv", [[f"Is {n} even or odd?", "even", "odd", "AB"[n % 2]] for n in range(7)])
+    rows = tmp_path / "heldout.jsonl"
+    rows.write_text(json.dumps({"instruction": "Is 3 even or odd?", "input": "", "output": "odd"}) + "\n")
+    flags = [f.format(rows=rows) for f in flags]
+    tasks = [] if "--tasks" in flags else ["--tasks", f"[{mmlu}]"]
+    with pytest.raises(SystemExit, match=".") as stopped:
+        CLI(evals_run.main, as_positional=False, args=[*tasks, *flags])  # what python -m evals runs
+    assert str(stopped.value.code).startswith(expected)  # refused before any request (nothing listens on port 9)
 
 
 @pytest.mark.slow(reason="the acceptance check: a real 30-step LoRA finetune on the CPU, then two evals of 50 held-out items")
