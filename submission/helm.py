@@ -449,6 +449,17 @@ def _last_error(log_text: str) -> str:
     return lines[-1] if lines else (log_text.strip().splitlines() or ["(no output)"])[-1]
 
 
+SERVER_WAIT_S = 30.0  # main's --server_wait_s default
+
+
+def refuse_unread(smoke: bool, conf: Path, skip_health_check: bool, server_wait_s: float) -> None:
+    """An option the chosen mode skips, set all the same, is refused naming it (before HELM is installed)."""
+    if smoke and Path(conf).resolve() != DEFAULT_CONF.resolve():
+        raise SystemExit(f"error: --conf: --smoke runs HELM's built-in simple_mcqa scenario, so {conf} would not be read; drop one of them")
+    if skip_health_check and server_wait_s != SERVER_WAIT_S:
+        raise SystemExit("error: --server_wait_s: how long the server health check waits, and --skip_health_check skips it; drop one of them")
+
+
 def main(
     server_url: str = "http://127.0.0.1:8080",
     suite: str = "onegpu",
@@ -461,7 +472,7 @@ def main(
     smoke: bool = False,
     install_only: bool = False,
     skip_health_check: bool = False,
-    server_wait_s: float = 30.0,
+    server_wait_s: float = SERVER_WAIT_S,
     verbose: bool = False,
     helm_args: list[str] | None = None,
 ) -> None:
@@ -472,7 +483,7 @@ def main(
         suite: HELM suite name; results in ``<out_dir>/benchmark_output/runs/<suite>/``.
         max_eval_instances: at most this many eval instances per run spec (the conf's own caps are
             lowered to it; 1000, HELM's usual default, keeps the conf as the organizers ran it).
-        conf: HELM run-spec conf (default: the challenge's specs, data/helm/run_specs_challenge.conf).
+        conf: HELM run-spec conf (default: the challenge's specs, data/helm/run_specs_challenge.conf); refused with smoke.
         out_dir: where HELM's output, state and console logs go.
         venv: HELM's own virtual environment (created if missing; never our .venv).
         helm_version: crfm-helm version to install.
@@ -481,10 +492,11 @@ def main(
             checks HELM <-> server offline).
         install_only: install HELM and stop.
         skip_health_check: do not check the server before running HELM.
-        server_wait_s: how long to wait for the server to answer before giving up.
+        server_wait_s: how long to wait for the server to answer before giving up; refused with skip_health_check.
         verbose: echo all of HELM's output, not only progress lines.
         helm_args: extra arguments for ``helm-run``, e.g. ``[--skip-completed-runs]``.
     """
+    refuse_unread(smoke, conf, skip_health_check, server_wait_s)
     out_dir = Path(out_dir)
     ensure_helm(Path(venv), helm_version, out_dir / "install.log")
     if install_only:

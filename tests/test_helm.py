@@ -279,6 +279,23 @@ def test_main_success_runs_summarize(tmp_path, capsys):
     assert "summarized" in (out / "s-helm-summarize.log").read_text()
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--smoke", "true", "--conf", "my.conf"], "error: --conf: --smoke runs HELM's built-in simple_mcqa scenario, so my.conf would not be read"),
+        (["--skip_health_check", "true", "--server_wait_s", "120"], "error: --server_wait_s: how long the server health check waits"),
+    ],
+)
+def test_main_refuses_an_option_its_mode_skips(tmp_path, capsys, flags, expected):
+    """Accepted, --smoke would run simple_mcqa whatever --conf said, and no check would wait --server_wait_s."""
+    from core.cli import run_cli
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli(helm.main, args=["--out_dir", str(tmp_path / "out"), "--venv", str(tmp_path / "venv"), *flags])
+    assert str(exc.value.code).startswith(expected)
+    assert not (tmp_path / "venv").exists() and not (tmp_path / "out").exists()  # refused before HELM is installed
+
+
 def test_main_other_helm_failure_is_reported_without_offline_advice(tmp_path):
     venv = _fake_helm(tmp_path, "Traceback (most recent call last):\nValueError: bad conf: something\n", 1)
     with pytest.raises(SystemExit) as exc:
