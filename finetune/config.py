@@ -103,7 +103,7 @@ class EvalArgs:
     interval: int = 200
     """optimizer steps between validations; 0: none"""
     max_iters: int = 10
-    """validation batches"""
+    """validation batches (refused when no validation runs)"""
     initial_validation: bool = False
     """validate once before the first step"""
     final_validation: bool = True
@@ -217,6 +217,12 @@ def refuse_unread(config: RunConfig) -> None:
     if train.max_steps is None and train.epochs is None:
         raise ValueError("train.epochs: give the length of the run, --train.epochs or --train.max_steps")
     refuse_overridden(train, data)
+    evaluation = config.eval
+    if not (evaluation.interval or evaluation.initial_validation or evaluation.final_validation) and evaluation.max_iters != EvalArgs().max_iters:
+        raise ValueError(
+            f"eval.max_iters: {evaluation.max_iters} validation batches, and no validation runs (eval.interval 0, "
+            "eval.initial_validation and eval.final_validation off); drop it or turn one of them on"
+        )
     if data.recipe is not None and data.prompt_style is not None:
         raise ValueError(f"data.prompt_style: {data.recipe} names its own template; drop --data.prompt_style or edit the recipe's template")
 

@@ -173,6 +173,12 @@ def test_a_scoring_option_without_score_interval_is_refused(tiny, tmp_path, caps
     refused_before_the_run(tiny, tmp_path, capsys, [f"--eval.{name}", value], expected)
 
 
+def test_validation_batches_without_any_validation_are_refused(tiny, tmp_path, capsys):
+    """eval.interval 0 with both end validations off runs none: a number of batches of its own would go unread."""
+    flags = ["--eval.interval", "0", "--eval.final_validation", "false", "--eval.max_iters", "3"]
+    refused_before_the_run(tiny, tmp_path, capsys, flags, "error: eval.max_iters: 3 validation batches, and no validation runs")
+
+
 def test_the_replaced_options_at_their_defaults_still_run(tiny, tmp_path):
     """max_steps with the default epochs, warmup steps with the default fraction: the run goes ahead."""
     final = main(LoRARun, [*tiny_args(tiny, tmp_path / "run", "lora"), "--train.max_steps", "2", "--train.lr_warmup_steps", "1"])
@@ -213,7 +219,8 @@ def test_initial_and_final_validation(tiny, tmp_path, capsys):
     assert "(eval.initial_validation)" in out
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert [bool(r["val_loss"]) for r in rows] == [False, False, True]  # eval.final_validation (default true)
-    main(LoRARun, [*tiny_args(tiny, tmp_path / "off", "lora"), "--train.max_steps", "3", "--eval.interval", "0", "--eval.final_validation", "false"])
+    off = ["--train.max_steps", "3", "--eval.interval", "0", "--eval.final_validation", "false", "--eval.max_iters", "10"]  # tiny_args' 1: unread
+    main(LoRARun, [*tiny_args(tiny, tmp_path / "off", "lora"), *off])
     assert not any(r["val_loss"] for r in csv.DictReader((tmp_path / "off" / "metrics.csv").open()))
 
 
