@@ -34,12 +34,15 @@ def merge(checkpoint_dir: Path, out_dir: Path | None = None, base_checkpoint_dir
     Args:
         checkpoint_dir: a finetune output directory holding ``lit_model.pth.lora`` and ``hyperparameters.yaml``.
         out_dir: optional clean directory the merged checkpoint is written to (instead of ``checkpoint_dir``).
-        base_checkpoint_dir: the base model, if it moved since training (default: as recorded at training).
+        base_checkpoint_dir: the base model, if it moved since training (default: as recorded at training); given,
+            an earlier merge next to the adapter is redone from it; refused for a standalone checkpoint.
     """
     checkpoint_dir = Path(checkpoint_dir)
     files = {p.name for p in checkpoint_dir.iterdir()} if checkpoint_dir.is_dir() else set()
     method = unmerged_method(files)
     if method is None and WEIGHTS in files and LORA not in files:
+        if base_checkpoint_dir is not None:
+            raise ValueError(f"base_checkpoint_dir: {checkpoint_dir} is already standalone ({WEIGHTS}, no adapter), so no base is read; drop it")
         verify_checkpoint(checkpoint_dir)  # already standalone (full finetune or base): link or copy
         return _link_out(checkpoint_dir, out_dir) if out_dir is not None else checkpoint_dir
     if method is not None and not method.mergeable:
@@ -58,8 +61,8 @@ def merge(checkpoint_dir: Path, out_dir: Path | None = None, base_checkpoint_dir
         copy_side_files(checkpoint_dir, target)
         _merge_atomically(checkpoint_dir, target, base_checkpoint_dir)  # an earlier merge's output is replaced
     else:
-        if merged.is_file() and merged.stat().st_mtime < (target / LORA).stat().st_mtime:
-            merged.unlink()  # merged from an older adapter; litgpt would skip the merge and keep it
+        if merged.is_file() and (base_checkpoint_dir is not None or merged.stat().st_mtime < (target / LORA).stat().st_mtime):
+            merged.unlink()  # merged from an older adapter (or another base); litgpt would skip the merge and keep it
             sidecar(merged).unlink(missing_ok=True)
         if not merged.is_file():
             _merge_atomically(checkpoint_dir, target, base_checkpoint_dir)

@@ -79,8 +79,9 @@ def serve(
         quantize: bitsandbytes weights on a CUDA GPU (dtype is then the compute dtype). Fits a 13B model on a 24 GB card.
         use_template: wrap prompts in the template saved with the checkpoint (prompt_style.yaml).
             Off by default because HELM sends complete few-shot prompts.
-        base_checkpoint_dir: for an unmerged LoRA output (lit_model.pth.lora only): the base model, if it
-            moved since training (default: as recorded in hyperparameters.yaml).
+        base_checkpoint_dir: for an unmerged finetune output (lit_model.pth.lora, .adapter or .adapter_v2 only): the
+            base model, if it moved since training (default: as recorded in hyperparameters.yaml); refused for a
+            standalone checkpoint, which has no base to read.
         engine: "auto" (continuous batching unless the model needs the serial path, e.g. adapter
             methods), "batched" or "serial" (one request at a time on litgpt's own forward).
         max_seq_length: the served window, prompt plus generation (HELM's neurips/local window is

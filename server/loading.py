@@ -61,6 +61,15 @@ def base_of(run_dir: Path, base_checkpoint_dir: Path | None) -> tuple[Path, dict
     return base, hparams
 
 
+def refuse_base_for_standalone(checkpoint_dir: Path, base_checkpoint_dir: Path | None) -> None:
+    """A standalone checkpoint (base, merged, full finetune) is served alone: a base given for it would go unread."""
+    if base_checkpoint_dir is not None:
+        raise ValueError(
+            f"base_checkpoint_dir: {checkpoint_dir} holds no unmerged finetune weights (lit_model.pth.lora, .adapter, .adapter_v2), "
+            f"so no base is read for it; drop --base_checkpoint_dir"
+        )
+
+
 def load_generator(
     checkpoint_dir: Path,
     device: str = "auto",
@@ -92,6 +101,7 @@ def load_generator(
         model_cls = method.litgpt.GPT
         weight_files = [base_dir / WEIGHTS, checkpoint_dir / method.weights_file]
     else:
+        refuse_base_for_standalone(checkpoint_dir, base_checkpoint_dir)
         verify_checkpoint(checkpoint_dir)
         config, model_cls = load_config(checkpoint_dir), GPT
         weight_files = [checkpoint_dir / WEIGHTS]

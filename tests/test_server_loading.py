@@ -73,6 +73,37 @@ def test_unmerged_lora_finds_a_moved_base(lora_run, tmp_path):
     assert out.text == _run(load_generator(unmerged, device="cpu"), PROMPTS[0]).text
 
 
+def test_a_base_for_a_standalone_checkpoint_is_refused_by_the_server_and_merge(lora_run, tmp_path):
+    """A merged (or base, or full) checkpoint is served and merged alone: --base_checkpoint_dir would go unread."""
+    from server.__main__ import serve
+
+    base, _, merged = lora_run
+    with pytest.raises(SystemExit, match=r"^error: base_checkpoint_dir: .*merged holds no unmerged finetune weights.*drop --base_checkpoint_dir"):
+        serve(checkpoint_dir=merged, device="cpu", base_checkpoint_dir=base, warmup=False)
+    with pytest.raises(ValueError, match=r"^base_checkpoint_dir: .*merged is already standalone"):
+        merge(merged, out_dir=tmp_path / "out", base_checkpoint_dir=base)
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_in_place_with_a_base_given_merges_again_from_it(lora_run, tmp_path):
+    """An earlier merge next to the adapter was kept as it was (litgpt skips it); given a base, it is redone from that base."""
+    from core.integrity import load_torch, save_torch
+
+    base, unmerged, _ = lora_run
+    in_place = tmp_path / "in_place"
+    shutil.copytree(unmerged, in_place)
+    merge(in_place)
+    other = tmp_path / "other-base"
+    shutil.copytree(base, other)
+    weights = dict(load_torch(other / WEIGHTS, mmap=False))
+    weights["transformer.wte.weight"] = weights["transformer.wte.weight"] * 2  # no adapter on it: the merge copies it from the base
+    save_torch(weights, other / WEIGHTS)
+    before = load_torch(in_place / WEIGHTS, mmap=False)["transformer.wte.weight"]
+    merge(in_place, base_checkpoint_dir=other)
+    after = load_torch(in_place / WEIGHTS, mmap=False)["transformer.wte.weight"]
+    assert torch.equal(after, weights["transformer.wte.weight"]) and not torch.equal(after, before)
+
+
 def test_fp16_and_bf16_load_on_cpu(make_tiny_checkpoint):
     for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         gen = load_generator(make_tiny_checkpoint(), device="cpu", dtype=dtype)
