@@ -216,6 +216,7 @@ def refuse_unread(config: RunConfig) -> None:
         raise ValueError(f"train.micro_batch_size: {train.micro_batch_size} must divide train.global_batch_size ({train.global_batch_size})")
     if train.max_steps is None and train.epochs is None:
         raise ValueError("train.epochs: give the length of the run, --train.epochs or --train.max_steps")
+    refuse_non_positive(config)
     refuse_overridden(train, data)
     evaluation = config.eval
     if not (evaluation.interval or evaluation.initial_validation or evaluation.final_validation) and evaluation.max_iters != EvalArgs().max_iters:
@@ -225,6 +226,19 @@ def refuse_unread(config: RunConfig) -> None:
         )
     if data.recipe is not None and data.prompt_style is not None:
         raise ValueError(f"data.prompt_style: {data.recipe} names its own template; drop --data.prompt_style or edit the recipe's template")
+
+
+def refuse_non_positive(config: RunConfig) -> None:
+    """Intervals and counts that must be at least 1 (0 would divide by zero or quietly turn a feature off)."""
+    train, evaluation = config.train, config.eval
+    if train.log_interval < 1:
+        raise ValueError(f"train.log_interval: optimizer steps between log lines, at least 1, got {train.log_interval}")
+    if train.save_interval is not None and train.save_interval < 1:
+        raise ValueError(f"train.save_interval: at least 1 step, got {train.save_interval}; or null to save only final/")
+    if evaluation.interval < 0:
+        raise ValueError(f"eval.interval: optimizer steps between validations, or 0 for none; got {evaluation.interval}")
+    if evaluation.max_iters < 1:
+        raise ValueError(f"eval.max_iters: at least 1 validation batch, got {evaluation.max_iters}; turn validation off with eval.interval 0 instead")
 
 
 def refuse_overridden(train: TrainArgs, data: DataArgs) -> None:

@@ -166,6 +166,20 @@ def refused_before_the_run(tiny, tmp_path, capsys, flags: list[str], expected: s
     assert not (tmp_path / "run").exists()  # refused before anything ran
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--train.log_interval", "0"], "error: train.log_interval: optimizer steps between log lines, at least 1, got 0"),
+        (["--train.save_interval", "0"], "error: train.save_interval: at least 1 step, got 0"),
+        (["--eval.interval", "-1"], "error: eval.interval: optimizer steps between validations, or 0 for none; got -1"),
+        (["--eval.max_iters", "0"], "error: eval.max_iters: at least 1 validation batch, got 0"),
+    ],
+)
+def test_an_interval_or_count_below_one_is_refused(tiny, tmp_path, capsys, flags, expected):
+    """0 log_interval divided by zero mid-run; 0 save_interval or max_iters quietly turned saving or validation off."""
+    refused_before_the_run(tiny, tmp_path, capsys, flags, expected)
+
+
 @pytest.mark.parametrize("name, value", [("score_tasks", "[{rows}]"), ("score_max_items", "5"), ("score_device", "cpu")])
 def test_a_scoring_option_without_score_interval_is_refused(tiny, tmp_path, capsys, name, value):
     """Only --eval.score_interval scores checkpoints while training: without it these would go unread."""
