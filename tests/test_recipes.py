@@ -414,6 +414,26 @@ def test_a_hub_source_must_pin_a_commit_or_say_why_not(tmp_path, revision, expec
     load_recipe(write_recipe(tmp_path, [src("f", f"hf://datasets/someone/qa@{SHA}/train.jsonl")]))  # pinned in the URL
 
 
+def test_a_revision_nothing_reads_is_refused(tmp_path):
+    """datasets reads revision for a hub repository only: on a builder over local files it changed nothing
+    and the card recorded the build as loaded at that commit."""
+    write_jsonl(tmp_path / "a.jsonl", qa_rows(3))
+    rows, card = run(tmp_path, [src("f", "a.jsonl")])
+    for revision, expected in [
+        (SHA, "sources[0].revision: 'json' is not a hub dataset, so no commit is loaded and revision would be ignored"),
+        ("unpinned: local", "sources[0].revision: 'json' reads no data from the hub, so nothing is unpinned"),
+    ]:
+        path = write_recipe(tmp_path, [src("f", "a.jsonl", revision=revision)])
+        with pytest.raises(DataError) as e:
+            load_recipe(path)
+        assert str(e.value).startswith(f"{path}: ") and expected in str(e.value)
+    remote = "hf://datasets/someone/qa/train.jsonl"
+    with pytest.raises(DataError, match=re.escape(f"pin hf:// data files with @<sha> in the URL ({remote})")):
+        load_recipe(write_recipe(tmp_path, [src("f", remote, revision=SHA)]))
+    load_recipe(write_recipe(tmp_path, [src("f", remote, revision="unpinned: no hub here")]))  # says why the URL is unpinned
+    assert card["sources"][0]["revision_resolved"] is None and len(rows) == 3
+
+
 def test_unpinned_sources_load_one_resolved_commit_recorded_and_replayed(tmp_path, monkeypatch):
     import datasets
 

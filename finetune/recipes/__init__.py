@@ -38,6 +38,8 @@ sources           non-empty list of mappings:
                     (the build then resolves the hub's current commit, loads exactly that one and records it in
                     the card as ``revision_resolved``, which ``submission.reproduce data`` loads again). A
                     branch or tag is refused: it moves. ``hf://`` data files pin with ``@<sha>`` in the URL.
+                    A builder or local folder takes none (``datasets`` would ignore it): refused there, except
+                    ``"unpinned: <why>"`` beside ``hf://`` files that have no ``@<sha>``.
   license           str, required: the data's license as you understand it (recorded in the card).
   note              str, optional: provenance or license caveats (recorded in the card).
   format            ``fields`` (default), ``multiple_choice`` or ``oasst`` (see below).

@@ -173,16 +173,22 @@ def _hub_dataset(dataset: str) -> bool:
 def _parse_revision(revision: str | None, dataset: str, data_files, where: str) -> tuple[str | None, str | None]:
     """(commit sha or None, why unpinned or None); a hub source must say one or the other."""
     how = f'a 40-hex commit sha (the "History" tab of the dataset on the hub), or "{UNPINNED} <why>"'
+    hub = _hub_dataset(dataset)
+    remote = [f for f in _flat_files(data_files) if f.startswith("hf://") and not re.search(r"@[0-9a-f]{40}(/|$)", f)]
     if revision is not None and revision.strip().lower().startswith(UNPINNED):
         why = revision.strip()[len(UNPINNED) :].strip()
         _check(bool(why), where, f'"{UNPINNED}" needs a reason after it, e.g. "{UNPINNED} no hub access when written"')
+        _check(hub or bool(remote), where, f"{dataset!r} reads no data from the hub, so nothing is unpinned; remove revision")
         return None, why
     if revision is not None:
         _check(bool(_SHA.fullmatch(revision.strip())), where, f"{revision!r} is not a commit: give {how} (a branch or tag moves)")
+        # datasets passes revision to hub repositories only: a builder (json, csv, ...) or a local folder
+        # ignores it, and the card would record a commit nothing was loaded at.
+        pin = f"; pin hf:// data files with @<sha> in the URL ({remote[0]})" if remote else ""
+        _check(hub, where, f"{dataset!r} is not a hub dataset, so no commit is loaded and revision would be ignored; remove it{pin}")
         return revision.strip(), None
-    if _hub_dataset(dataset):
+    if hub:
         raise DataError(f"{where}: required for hub dataset {dataset!r}: {how}")
-    remote = [f for f in _flat_files(data_files) if f.startswith("hf://") and not re.search(r"@[0-9a-f]{40}(/|$)", f)]
     _check(not remote, where, f"required for data files on the hub without @<sha> ({remote[0] if remote else ''}): {how}")
     return None, None
 
