@@ -434,6 +434,17 @@ def test_a_revision_nothing_reads_is_refused(tmp_path):
     assert card["sources"][0]["revision_resolved"] is None and len(rows) == 3
 
 
+def test_a_config_on_a_builder_is_refused(tmp_path):
+    """json/csv/... have no configurations: datasets took any config name (as a cache name) and read the same rows."""
+    write_jsonl(tmp_path / "a.jsonl", qa_rows(3))
+    path = write_recipe(tmp_path, [src("f", "a.jsonl", config="main")])
+    with pytest.raises(DataError) as e:
+        load_recipe(path)
+    expected = f"{path}: sources[0].config: 'json' is a datasets builder with no configurations, so config 'main' would change no row"
+    assert str(e.value).startswith(expected)
+    load_recipe(write_recipe(tmp_path, [hub_source(config="main", revision=SHA)]))  # a hub dataset's config is read
+
+
 def test_unpinned_sources_load_one_resolved_commit_recorded_and_replayed(tmp_path, monkeypatch):
     import datasets
 

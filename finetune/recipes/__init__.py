@@ -30,7 +30,8 @@ sources           non-empty list of mappings:
   name              str, required, unique: rows carry it as ``source``.
   dataset           str, required: a hub id (``databricks/databricks-dolly-15k``) or a ``datasets``
                     builder (``json``, ``csv``, ``parquet``, ...) used with ``data_files``.
-  config            str, optional: the dataset's configuration (``main`` for gsm8k).
+  config            str, optional: the dataset's configuration (``main`` for gsm8k); refused for a builder
+                    (``json``, ``csv``, ...), which has none.
   split             str (default ``train``); slicing such as ``train[:10%]`` is passed through.
   data_files        str, list of str, or {split: str | list}: local files (relative paths resolve
                     against the YAML file's folder; globs allowed) or URLs (``hf://...``).

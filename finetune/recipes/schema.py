@@ -216,6 +216,9 @@ def _parse_source(raw: object, i: int, base: Path, file: str) -> Source:
     _check(license_ is not None, f"{where}.license", "required")
     _check(isinstance(license_, str) and license_.strip() != "", f"{where}.license", f"must be a non-empty string, got {license_!r}")
     config, revision = _opt_str(raw, "config", where), _opt_str(raw, "revision", where)
+    # A builder (json, csv, ...) has no configurations: datasets takes any name as its cache's and reads the same rows.
+    builder = f"{dataset!r} is a datasets builder with no configurations, so config {config!r} would change no row; remove it"
+    _check(config is None or dataset not in _packaged_builders(), f"{where}.config", builder)
     data_files = _resolve_data_files(raw.get("data_files"), base, f"{where}.data_files")
     revision, unpinned = _parse_revision(revision, dataset, data_files, f"{where}.revision")
     split = raw.get("split", "train")
