@@ -445,6 +445,18 @@ def test_a_config_on_a_builder_is_refused(tmp_path):
     load_recipe(write_recipe(tmp_path, [hub_source(config="main", revision=SHA)]))  # a hub dataset's config is read
 
 
+def test_data_files_of_a_split_that_is_not_loaded_are_refused(tmp_path):
+    """{train: a, test: b} with split train read b's file and hashed it in the card, and no row of it was kept."""
+    write_jsonl(tmp_path / "a.jsonl", qa_rows(3))
+    write_jsonl(tmp_path / "b.jsonl", qa_rows(2, "b"))
+    path = write_recipe(tmp_path, [src("f", {"train": "a.jsonl", "extra": "b.jsonl"})])
+    with pytest.raises(DataError) as e:
+        load_recipe(path)
+    assert str(e.value).startswith(f"{path}: sources[0].data_files.extra: split 'extra' is not loaded (split: train)")
+    rows, card = run(tmp_path, [src("f", {"train": "a.jsonl", "extra": "b.jsonl"}, split="train[:2]+extra")])
+    assert len(rows) == 4 and card["sources"][0]["rows_loaded"] == 4  # both named in split: both read
+
+
 def test_unpinned_sources_load_one_resolved_commit_recorded_and_replayed(tmp_path, monkeypatch):
     import datasets
 

@@ -34,7 +34,8 @@ sources           non-empty list of mappings:
                     (``json``, ``csv``, ...), which has none.
   split             str (default ``train``); slicing such as ``train[:10%]`` is passed through.
   data_files        str, list of str, or {split: str | list}: local files (relative paths resolve
-                    against the YAML file's folder; globs allowed) or URLs (``hf://...``).
+                    against the YAML file's folder; globs allowed) or URLs (``hf://...``). A mapping names only
+                    splits that ``split`` loads (``{train: a.jsonl, test: b.jsonl}`` with ``split: train`` is refused).
   revision          str, required for a hub dataset: the 40-hex commit sha to load, or ``"unpinned: <why>"``
                     (the build then resolves the hub's current commit, loads exactly that one and records it in
                     the card as ``revision_resolved``, which ``submission.reproduce data`` loads again). A

@@ -223,6 +223,15 @@ def _parse_source(raw: object, i: int, base: Path, file: str) -> Source:
     revision, unpinned = _parse_revision(revision, dataset, data_files, f"{where}.revision")
     split = raw.get("split", "train")
     _check(isinstance(split, str) and split.strip() != "", f"{where}.split", f"must be a non-empty string, got {split!r}")
+    if isinstance(data_files, dict):
+        # datasets reads every split's files but returns only `split`'s rows: the others (listed and hashed in the card) are never trained on.
+        loaded = {re.sub(r"\[.*?\]$", "", part.strip()).strip() for part in split.split("+")}
+        for key in data_files:
+            _check(
+                key in loaded,
+                f"{where}.data_files.{key}",
+                f"split {key!r} is not loaded (split: {split}), so no row of its files would be kept; remove it or name it in split",
+            )
     fmt = raw.get("format", "fields")
     _check(fmt in FORMATS, f"{where}.format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
     fields = _parse_fields(raw.get("fields"), fmt, f"{where}.fields")
