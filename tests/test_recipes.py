@@ -674,6 +674,16 @@ def test_data_card_hashes_and_cli_output(tmp_path):
     assert [dict(r, source=rows[i]["source"]) for i, r in enumerate(load_rows(train))] == rows  # finetune.data reads it
 
 
+def test_cli_refuses_a_tokenizer_no_max_tokens_reads(tmp_path):
+    """--tokenizer_dir counts tokens for max_tokens only; without it the tokenizer was loaded and never asked."""
+    write_jsonl(tmp_path / "a.jsonl", qa_rows(3))
+    path = write_recipe(tmp_path, [src("a", "a.jsonl")], max_chars=100)
+    with pytest.raises(DataError) as e:
+        recipes.main(recipe=path, out_dir=tmp_path / "out", tokenizer_dir=tmp_path / "no_tokenizer_read")
+    assert str(e.value).startswith(f"--tokenizer_dir: {tmp_path / 'no_tokenizer_read'} would not be read: {path} sets no max_tokens")
+    assert not (tmp_path / "out").exists()
+
+
 def test_shipped_recipes_parse_and_avoid_eval_splits():
     paths = sorted(RECIPES_DIR.glob("*.yaml"))
     assert {p.name for p in paths} >= {"a100_mix.yaml", "rtx4090_mix.yaml", "tiny_local.yaml"}

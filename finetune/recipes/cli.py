@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune.data import DataError
 from finetune.recipes.card import write_data_card, write_rows
 from finetune.recipes.pipeline import build
 from finetune.recipes.schema import load_recipe
@@ -15,9 +16,11 @@ def main(recipe: Path, out_dir: Path | None = None, tokenizer_dir: Path | None =
     Args:
         recipe: the recipe YAML (see ``finetune/recipes/__init__.py`` for the schema), e.g. data/recipes/rtx4090_mix.yaml.
         out_dir: where to write (default: out/data/<recipe name>).
-        tokenizer_dir: a checkpoint directory whose tokenizer counts tokens (needed when the recipe sets max_tokens).
+        tokenizer_dir: a checkpoint directory whose tokenizer counts tokens (needed when the recipe sets max_tokens; refused otherwise).
     """
     r = load_recipe(recipe)
+    if tokenizer_dir is not None and r.max_tokens is None:  # only max_tokens counts tokens: the tokenizer would go unread
+        raise DataError(f"--tokenizer_dir: {tokenizer_dir} would not be read: {recipe} sets no max_tokens; drop it or set max_tokens")
     count_tokens = None
     if tokenizer_dir is not None:
         from litgpt import Tokenizer
