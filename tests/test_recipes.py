@@ -389,6 +389,19 @@ def test_forced_eval_split_is_recorded(tmp_path, monkeypatch):
     assert calls == [("truthful_qa", "generation", {"split": "validation", "data_files": None, "revision": SHA})]
 
 
+def test_force_eval_split_on_data_the_guard_allows_is_refused(tmp_path):
+    """On a source the guard does not refuse, force_eval_split changed nothing (the card said forced_eval_split: false)."""
+    write_jsonl(tmp_path / "a.jsonl", qa_rows(3))
+    path = write_recipe(tmp_path, [src("a", "a.jsonl"), src("b", "a.jsonl", force_eval_split=True)])
+    with pytest.raises(DataError) as e:
+        load_recipe(path)
+    assert str(e.value).startswith(f"{path}: sources[1].force_eval_split: 'b' is not evaluation data")
+    recipe = load_recipe(write_recipe(tmp_path, [src("a", "a.jsonl")]))
+    forced = dataclasses.replace(recipe, sources=[dataclasses.replace(recipe.sources[0], force_eval_split=True)])
+    with pytest.raises(DataError, match=re.escape("sources[0].force_eval_split")):
+        build(forced)  # build checks a Recipe made in code too
+
+
 # ----------------------------------------------------------------------------- revisions
 
 

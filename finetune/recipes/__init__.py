@@ -64,7 +64,8 @@ sources           non-empty list of mappings:
                     values: any of them; ``{file: path}``: the values a text file lists, one a line, ``#``
                     comments skipped), e.g. ``{subject: high_school_physics}``. Matching no row is
                     an error (the message shows values that do occur).
-  force_eval_split  bool (default false): allow a source the guard refuses (``finetune.eval_guard``; recorded in the card).
+  force_eval_split  bool (default false): allow a source the guard refuses (``finetune.eval_guard``; recorded in the card);
+                    refused on a source the guard does not refuse (it would change nothing).
   skip_bad_rows     bool (default false): drop rows that fail normalization instead of raising
                     (counted, first few reasons recorded in the card).
 

@@ -330,15 +330,23 @@ def load_recipe(path: Path | str) -> Recipe:
 
 
 def check_eval_splits(recipe: Recipe) -> None:
-    """Raise one ``DataError`` naming every source on an evaluation split that is not forced."""
+    """Raise one ``DataError`` naming every source on an evaluation split that is not forced.
+
+    ``force_eval_split`` on a source the guard does not refuse would change nothing (the card records
+    ``forced_eval_split: false``): refused too, naming the source."""
     bad = []
     base = recipe.path.parent if recipe.path else None
+    where = f"{recipe.path}: " if recipe.path else f"recipe {recipe.name!r}: "
     for i, s in enumerate(recipe.sources):
         reason = eval_split_reason(s.dataset, s.config, s.split, s.data_files, base)
         if reason and not s.force_eval_split:
             bad.append(f"  - sources[{i}] {s.name!r}: {reason}")
+        _check(
+            bool(reason) or not s.force_eval_split,
+            f"{where}sources[{i}].force_eval_split",
+            f"{s.name!r} is not evaluation data (finetune.eval_guard refuses nothing here), so it would change nothing; remove it",
+        )
     if bad:
-        where = f"{recipe.path}: " if recipe.path else f"recipe {recipe.name!r}: "
         raise DataError(
             f"{where}refusing to train on evaluation data (the score would measure memorization):\n"
             + "\n".join(bad)
