@@ -201,6 +201,40 @@ def test_multiple_choice_and_oasst_formats(tmp_path):
     assert (oasst["rows_loaded"], oasst["rows_after_filter"], oasst["rows_after_format"]) == (7, 5, 1)
 
 
+def test_oasst_counts_flagged_messages_and_prompts_left_unpaired(tmp_path):
+    """A root prompt whose top reply was deleted, failed review or was synthetic vanished from the mix uncounted."""
+
+    def msg(mid, parent, role, text, rank=None, **flags):
+        return {
+            "message_id": mid,
+            "parent_id": parent,
+            "role": role,
+            "text": text,
+            "rank": rank,
+            "deleted": False,
+            "review_result": True,
+            "synthetic": False,
+        } | flags
+
+    write_jsonl(
+        tmp_path / "oasst.jsonl",
+        [
+            msg("p1", None, "prompter", "Kept prompt?"),
+            msg("a1", "p1", "assistant", "Kept reply.", 0),
+            msg("p2", None, "prompter", "Prompt whose reply was deleted?"),
+            msg("a2", "p2", "assistant", "Deleted reply.", 0, deleted=True),
+            msg("p3", None, "prompter", "Prompt that failed review?", review_result=False),
+            msg("a3", "p3", "assistant", "Reply to it.", 0),
+            msg("p4", None, "prompter", "Prompt with a synthetic reply?"),
+            msg("a4", "p4", "assistant", "Model-written.", 0, synthetic=True),
+        ],
+    )
+    rows, card = run(tmp_path, [{"name": "oasst", "dataset": "json", "data_files": "oasst.jsonl", "license": "apache-2.0", "format": "oasst"}])
+    s = card["sources"][0]
+    assert [r["output"] for r in rows] == ["Kept reply."] and s["rows_after_format"] == 1
+    assert (s["oasst_messages_flagged"], s["oasst_prompts_unpaired"]) == (3, 2)  # a2, p3, a4; p2 and p4 lost their reply
+
+
 # ----------------------------------------------------------------------------- weights, caps, dedupe, filters
 
 

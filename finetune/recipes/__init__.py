@@ -75,7 +75,8 @@ letter as output, the shape of HELM's multiple-choice prompts. ``oasst`` reads O
 trees (``message_id``, ``parent_id``, ``role``, ``text``, ``rank``; ``deleted``, ``review_result`` and
 ``synthetic`` drop messages when present) and pairs each root prompt with its top-ranked (rank 0)
 assistant reply; ``filter`` applies to the messages before pairing (e.g. ``{lang: en}``); it takes no
-``fields``.
+``fields``. The card counts the messages those flags dropped (``oasst_messages_flagged``) and the root
+prompts left without a reply (``oasst_prompts_unpaired``).
 
 Pipeline of ``build``: per source load -> filter -> format -> cap -> map fields -> normalize
 (``finetune.data.normalize_row``; a bad row raises ``DataError`` naming ``<source> row <i>``, the row's

@@ -107,7 +107,10 @@ def _map_fields(s: Source, row: Mapping[str, Any], where: str) -> dict[str, Any]
     return {key: _render(spec, row) for key, spec in s.fields.items()}
 
 
-def _oasst_pairs(ds, idx: list[int], where: str) -> list[tuple[int, dict[str, Any]]]:
+def _oasst_pairs(ds, idx: list[int], where: str, stats: dict[str, Any] | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """(index of the reply, its row) for each root prompt and its rank-0 reply; ``stats`` gets what was left out:
+    ``oasst_messages_flagged`` (deleted, failed review, synthetic) and ``oasst_prompts_unpaired`` (root prompts kept
+    that no kept rank-0 reply answers), so a prompt whose reply was flagged is counted, not lost unseen."""
     needed = ["message_id", "parent_id", "role", "text", "rank"]
     missing = [c for c in needed if c not in ds.column_names]
     if missing:
@@ -128,6 +131,9 @@ def _oasst_pairs(ds, idx: list[int], where: str) -> list[tuple[int, dict[str, An
         parent = cols["parent_id"][i]
         if ok[i] and cols["role"][i] == "assistant" and cols["rank"][i] == 0 and parent in roots:
             pairs.append((i, {"instruction": cols["text"][roots[parent]], "input": "", "output": cols["text"][i]}))
+    if stats is not None:
+        stats["oasst_messages_flagged"] = sum(1 for i in keep if not ok[i])
+        stats["oasst_prompts_unpaired"] = len(roots) - len({cols["parent_id"][i] for i, _ in pairs})
     return pairs
 
 

@@ -74,7 +74,7 @@ def _source_rows(recipe: Recipe, s: Source, ds, stats: dict[str, Any]) -> list[d
     if unmatched := _unmatched_filter_values(s, ds):
         stats["filter_values_unmatched"] = unmatched  # listed values no row has: recorded, never dropped silently
     if s.format == "oasst":
-        candidates: list[tuple[int, Any]] = _oasst_pairs(ds, idx, f"source {s.name!r}")
+        candidates: list[tuple[int, Any]] = _oasst_pairs(ds, idx, f"source {s.name!r}", stats)
     else:
         _check_columns(s, ds)
         candidates = [(i, None) for i in idx]
