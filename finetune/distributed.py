@@ -114,8 +114,8 @@ class RankBatches:
         drawn = [self.batches.next() for _ in range(self.world_size)]
         self.tokens = sum(self.lengths[i] for batch in drawn for i in _flat(batch))
         if self.row_targets is not None:
-            self.targets = sum(self.row_targets[i] for batch in drawn for i in _flat(batch))
-            self.rank_targets = sum(self.row_targets[i] for i in _flat(drawn[self.rank]))
+            per_rank = [sum(self.row_targets[i] for i in _flat(batch)) for batch in drawn]
+            self.targets, self.rank_targets = sum(per_rank), per_rank[self.rank]
         return drawn[self.rank]
 
     def state_dict(self) -> dict:
